@@ -1,0 +1,41 @@
+# The two set-up commands are `make serve` and `make test`; both install on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install serve test check lint typecheck proto bench clean
+
+install: $(STAMP)
+
+# Re-install whenever the project's dependency list changes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $(STAMP)
+
+serve: install
+	$(BIN)/trackhouse serve $(ARGS)
+
+test: install check
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+check: lint typecheck
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy trackhouse ingest query compat benchmarks tests
+
+# Regenerate the committed protobuf code (tests fail when it is stale).
+proto: install
+	$(BIN)/python scripts/gen_proto.py
+
+bench: install
+	$(BIN)/python -m benchmarks.ingest $(ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,40 @@
+"""Runs an ASGI app with uvicorn on the caller's event loop, beside gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Generator
+
+import uvicorn
+from starlette.types import ASGIApp
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # The composition root owns SIGTERM/SIGINT: it drains the write path first.
+        yield
+
+
+class HttpServer:
+    def __init__(self, app: ASGIApp, host: str, port: int) -> None:
+        self._socket = socket.create_server((host, port), reuse_port=False)
+        self.port: int = self._socket.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+        self._server = _Server(config)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]), name="http")
+        while not self._server.started:
+            if self._task.done():
+                await self._task  # surfaces the start-up error
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        self._server.should_exit = True
+        if self._task is not None:
+            await self._task
+        self._socket.close()

@@ -1,0 +1,142 @@
+"""The columnar batch: the one type that crosses stage boundaries on the write path.
+
+Metric points are numpy columns with run and key dictionary-encoded, so no
+Python object exists per point. Runs, params and tags are few, and stay rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+Int32Array = npt.NDArray[np.int32]
+Int64Array = npt.NDArray[np.int64]
+Float64Array = npt.NDArray[np.float64]
+
+_EMPTY_I32: Int32Array = np.empty(0, np.int32)
+_EMPTY_I64: Int64Array = np.empty(0, np.int64)
+_EMPTY_F64: Float64Array = np.empty(0, np.float64)
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    """Points column by column. Point i belongs to run_ids[run_index[i]] and key keys[key_index[i]]."""
+
+    run_ids: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()
+    run_index: Int32Array = field(default_factory=lambda: _EMPTY_I32)
+    key_index: Int32Array = field(default_factory=lambda: _EMPTY_I32)
+    step: Int64Array = field(default_factory=lambda: _EMPTY_I64)
+    timestamp: Int64Array = field(default_factory=lambda: _EMPTY_I64)
+    value: Float64Array = field(default_factory=lambda: _EMPTY_F64)
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+    @staticmethod
+    def concat(parts: Sequence[Metrics]) -> Metrics:
+        parts = [p for p in parts if len(p)]
+        if len(parts) <= 1:
+            return parts[0] if parts else Metrics()
+        run_ids, run_index = union_dictionaries([p.run_ids for p in parts], [p.run_index for p in parts])
+        keys, key_index = union_dictionaries([p.keys for p in parts], [p.key_index for p in parts])
+        return Metrics(
+            run_ids=run_ids,
+            keys=keys,
+            run_index=run_index,
+            key_index=key_index,
+            step=np.concatenate([p.step for p in parts]),
+            timestamp=np.concatenate([p.timestamp for p in parts]),
+            value=np.concatenate([p.value for p in parts]),
+        )
+
+
+def union_dictionaries(
+    dictionaries: Sequence[tuple[str, ...]], indices: Sequence[Int32Array]
+) -> tuple[tuple[str, ...], Int32Array]:
+    """Merge dictionary-encoded columns: one dictionary without repeats, indices remapped.
+
+    The Python work is per dictionary entry, not per point; points are remapped by numpy.
+    """
+    merged: dict[str, int] = {}
+    remapped = []
+    for dictionary, index in zip(dictionaries, indices, strict=True):
+        remap = np.fromiter((merged.setdefault(v, len(merged)) for v in dictionary), np.int32, len(dictionary))
+        remapped.append(remap[index] if len(index) else _EMPTY_I32)
+    return tuple(merged), np.concatenate(remapped) if remapped else _EMPTY_I32
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentRow:
+    experiment_id: str
+    name: str
+    creation_time_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunRow:
+    run_id: str
+    experiment_id: str
+    name: str
+    status: str
+    start_time_ms: int
+    end_time_ms: int
+    user: str
+    version: int
+    #: Set on upserts that name their experiment instead of giving its id; the catalog resolves it.
+    experiment_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ParamRow:
+    run_id: str
+    key: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class TagRow:
+    run_id: str
+    key: str
+    value: str
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    metrics: Metrics = field(default_factory=Metrics)
+    experiments: tuple[ExperimentRow, ...] = ()
+    runs: tuple[RunRow, ...] = ()
+    params: tuple[ParamRow, ...] = ()
+    tags: tuple[TagRow, ...] = ()
+
+    @property
+    def points(self) -> int:
+        return len(self.metrics)
+
+    @property
+    def size(self) -> int:
+        """What the batch weighs against queue limits: points, plus one per metadata row."""
+        return len(self.metrics) + len(self.experiments) + len(self.runs) + len(self.params) + len(self.tags)
+
+    def run_ids(self) -> set[str]:
+        """Every run this batch writes to."""
+        ids = set(self.metrics.run_ids)
+        ids.update(p.run_id for p in self.params)
+        ids.update(t.run_id for t in self.tags)
+        return ids
+
+    @staticmethod
+    def merge(batches: Sequence[Batch]) -> Batch:
+        if len(batches) == 1:
+            return batches[0]
+        return Batch(
+            metrics=Metrics.concat([b.metrics for b in batches]),
+            experiments=tuple(r for b in batches for r in b.experiments),
+            runs=tuple(r for b in batches for r in b.runs),
+            params=tuple(r for b in batches for r in b.params),
+            tags=tuple(r for b in batches for r in b.tags),
+        )

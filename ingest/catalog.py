@@ -1,0 +1,162 @@
+"""Resolves what a write refers to before it is queued: experiments, runs, params.
+
+- A run upsert naming its experiment gets the experiment's id; an unknown name
+  creates the experiment, with an id derived from the name so that nodes agree.
+- Points, params and tags must belong to a run that exists, or is upserted in
+  the same request.
+- A param may be logged again with the same value, never with another.
+
+Answers are cached in bounded LRUs, so a steady stream of points costs no
+storage lookup. The lookups use a client of their own, so they never wait
+behind an insert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Generic, TypeVar
+
+from ingest.batch import Batch, ExperimentRow, RunRow
+from ingest.errors import InvalidArgumentError
+from query import catalog
+from query.connection import Client
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Lru(Generic[K, V]):
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._items: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def __contains__(self, key: K) -> bool:
+        return self.get(key) is not None
+
+    def put(self, key: K, value: V) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        if len(self._items) > self._capacity:
+            self._items.popitem(last=False)
+
+
+class Catalog:
+    def __init__(self, client: Client, database: str, cache_entries: int) -> None:
+        self._client = client
+        self._database = database
+        self._experiment_ids = _Lru[str, str](cache_entries)  # name -> id
+        self._known_experiments = _Lru[str, bool](cache_entries)
+        self._known_runs = _Lru[str, bool](cache_entries)
+        self._params = _Lru[tuple[str, str], str](cache_entries)
+
+    async def resolve(self, batch: Batch) -> Batch:
+        """Return `batch` with experiment ids filled in and new experiments added; raise on bad references."""
+        runs, experiments = await self._resolve_experiments(batch.runs)
+        await self._check_runs(batch.run_ids() - {r.run_id for r in runs})
+        await self._check_params(batch)
+        if not experiments and runs == batch.runs:
+            return batch
+        return dataclasses.replace(batch, runs=runs, experiments=experiments)
+
+    def remember(self, batch: Batch) -> None:
+        """Record what an accepted batch creates, so later requests need no lookup."""
+        for run in batch.runs:
+            self._known_runs.put(run.run_id, True)
+        for experiment in batch.experiments:
+            self._experiment_ids.put(experiment.name, experiment.experiment_id)
+            self._known_experiments.put(experiment.experiment_id, True)
+        for param in batch.params:
+            self._params.put((param.run_id, param.key), param.value)
+
+    async def _resolve_experiments(self, runs: tuple[RunRow, ...]) -> tuple[tuple[RunRow, ...], tuple[ExperimentRow, ...]]:
+        names = {r.experiment_name for r in runs if r.experiment_name}
+        await self._lookup(
+            (n for n in names if n not in self._experiment_ids),
+            lambda missing: catalog.experiment_ids_by_name(self._client, self._database, missing),
+            self._experiment_ids.put,
+        )
+        ids = {r.experiment_id for r in runs if r.experiment_id}
+        await self._lookup(
+            (i for i in ids if i not in self._known_experiments),
+            lambda missing: {i: True for i in catalog.existing_experiments(self._client, self._database, missing)},
+            self._known_experiments.put,
+        )
+        for experiment_id in ids:
+            if experiment_id not in self._known_experiments:
+                raise InvalidArgumentError(f"experiment {experiment_id!r} does not exist")
+        created: dict[str, ExperimentRow] = {}
+        resolved = []
+        for run in runs:
+            if run.experiment_name:
+                experiment_id = self._experiment_ids.get(run.experiment_name)
+                if experiment_id is None:
+                    experiment_id = catalog.experiment_id_for_name(run.experiment_name)
+                    created[run.experiment_name] = ExperimentRow(experiment_id, run.experiment_name, _now_ms())
+                run = dataclasses.replace(run, experiment_id=experiment_id, experiment_name="")
+            resolved.append(run)
+        return tuple(resolved), tuple(created.values())
+
+    async def _check_runs(self, run_ids: set[str]) -> None:
+        await self._lookup(
+            (r for r in run_ids if r not in self._known_runs),
+            lambda missing: {r: True for r in catalog.active_runs(self._client, self._database, missing)},
+            self._known_runs.put,
+        )
+        for run_id in sorted(run_ids):
+            if run_id not in self._known_runs:
+                raise InvalidArgumentError(
+                    f"run {run_id!r} does not exist or is deleted; send its run upsert first (in this or an earlier request)"
+                )
+
+    async def _check_params(self, batch: Batch) -> None:
+        if not batch.params:
+            return
+        seen: dict[tuple[str, str], str] = {}
+        for param in batch.params:
+            previous = seen.setdefault((param.run_id, param.key), param.value)
+            if previous != param.value:
+                raise _param_changed(param.run_id, param.key, previous, param.value)
+        unknown = [k for k in seen if k not in self._params]
+        await self._lookup(
+            unknown,
+            lambda missing: catalog.param_values(
+                self._client, self._database, {r for r, _ in missing}, {k for _, k in missing}
+            ),
+            self._params.put,
+        )
+        for (run_id, key), value in seen.items():
+            stored = self._params.get((run_id, key))
+            if stored is not None and stored != value:
+                raise _param_changed(run_id, key, stored, value)
+
+    async def _lookup(
+        self, keys: Iterable[K], fetch: Callable[[list[K]], dict[K, V]], store: Callable[[K, V], None]
+    ) -> None:
+        missing = list(dict.fromkeys(keys))
+        if not missing:
+            return
+        found = await asyncio.to_thread(fetch, missing)
+        for key, value in found.items():
+            store(key, value)
+
+
+def _param_changed(run_id: str, key: str, old: str, new: str) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        f"param {key!r} of run {run_id} was already logged as {old[:100]!r}; params are immutable,"
+        f" so it cannot change to {new[:100]!r}"
+    )
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000

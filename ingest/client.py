@@ -1,0 +1,630 @@
+"""The training-loop client: logging never waits on the network.
+
+    with Client("127.0.0.1:50051") as client:
+        run = client.start_run(experiment="sweep-42", params={"lr": 3e-4})
+        run.log_metrics({"loss": 0.3}, step=1)    # appends to a buffer and returns
+        run.finish()
+    # leaving the block waits until every point is acknowledged, or raises
+
+`log_*` calls append to per-run columnar buffers (array.array, no object kept
+per point). A background thread drains them every `linger_ms`, or sooner when
+`request_points` are waiting, into WriteRequests, and streams them over one
+gRPC WriteStream. A request stays in memory until the server acknowledges
+it, which it does only once the data is stored; after a disconnect or a
+retryable refusal the client reconnects with backoff and resends every
+unacknowledged request in order, with its original sequence number.
+
+Memory is bounded: buffered plus unacknowledged points never exceed
+`max_buffer_points`. When full, `full_policy="block"` (the default) makes the
+logging call wait for acknowledgements, and `full_policy="drop"` discards the
+new points and counts them in `stats().dropped_points`.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import atexit
+import contextlib
+import getpass
+import logging
+import random
+import threading
+import time
+import uuid
+import weakref
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from ingest import validation
+from ingest.codec import STATUS_VALUES, BlockColumns, encode_request
+from ingest.errors import IngestError, InvalidArgumentError
+from trackhouse.v1 import ingest_pb2
+
+log = logging.getLogger(__name__)
+
+FullPolicy = Literal["block", "drop"]
+_WRITE_STREAM = "/trackhouse.v1.Ingest/WriteStream"
+_RETRYABLE_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], grpc.StatusCode.UNAVAILABLE.value[0]})
+_COMPACT_KEYS_ABOVE = 1024  # a run with more keys than this sends only the keys each block uses
+
+
+class BufferFullError(IngestError):
+    """full_policy="block" waited `block_timeout_s` without room being freed."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    #: Bound on points buffered plus sent-but-unacknowledged (about 28 bytes each).
+    max_buffer_points: int = 2_000_000
+    #: What a logging call does when the bound is reached: "block" until room frees, or "drop" and count.
+    full_policy: FullPolicy = "block"
+    #: With "block": raise BufferFullError after waiting this long. None waits indefinitely.
+    block_timeout_s: float | None = None
+    #: Most points in one request.
+    request_points: int = 250_000
+    #: Buffered points are sent at least this often.
+    linger_ms: int = 50
+    #: Longest wait between reconnect attempts.
+    max_backoff_s: float = 5.0
+    #: How long close() (and so the context manager and atexit) waits for acknowledgements.
+    close_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.full_policy not in ("block", "drop"):
+            raise ValueError(f"full_policy must be 'block' or 'drop', not {self.full_policy!r}")
+        if not 0 < self.request_points <= self.max_buffer_points:
+            raise ValueError("request_points must be positive and at most max_buffer_points")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStats:
+    buffered_points: int
+    unacknowledged_points: int
+    acknowledged_points: int
+    dropped_points: int
+    rejected_requests: int
+    reconnects: int
+
+
+class _RunBuffer:
+    """One run's unsent points. log_metrics points share a step and timestamp per call, stored once."""
+
+    __slots__ = ("counts", "key_index", "key_list", "keys", "run_id", "series", "steps", "timestamps", "values")
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.keys: dict[str, int] = {}
+        self.key_list: list[str] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.key_index = array.array("I")
+        self.values = array.array("d")
+        self.steps = array.array("q")
+        self.timestamps = array.array("q")
+        self.counts = array.array("I")
+        self.series: list[tuple[int, npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.int64]]] = []
+
+    def key_id(self, key: str) -> int:
+        index = self.keys.get(key)
+        if index is None:
+            validation.check_key(key)
+            index = self.keys[key] = len(self.key_list)
+            self.key_list.append(key)
+        return index
+
+    def take(self) -> BlockColumns | None:
+        """Hand the buffered points over as columns and start empty."""
+        if not self.values and not self.series:
+            return None
+        counts = np.frombuffer(self.counts, np.uint32)
+        parts = [
+            (
+                np.frombuffer(self.key_index, np.uint32),
+                np.repeat(np.frombuffer(self.steps, np.int64), counts),
+                np.frombuffer(self.values, np.float64),
+                np.repeat(np.frombuffer(self.timestamps, np.int64), counts),
+            )
+        ]
+        parts += [(np.full(len(v), k, np.uint32), s, v, t) for k, s, v, t in self.series]
+        keys: list[str] = list(self.key_list)
+        columns = [np.concatenate(c) for c in zip(*parts, strict=True)]
+        self._reset()
+        if len(keys) > _COMPACT_KEYS_ABOVE:
+            used, columns[0] = np.unique(columns[0], return_inverse=True)
+            keys = [keys[i] for i in used]
+        return BlockColumns(self.run_id, keys, columns[0], columns[1], columns[2], columns[3])
+
+
+@dataclass(slots=True)
+class _Request:
+    raw: bytes
+    size: int
+
+
+class _RetryLater(Exception):
+    def __init__(self, reason: str, retry_after_ms: int = 0) -> None:
+        super().__init__(reason)
+        self.retry_after_ms = retry_after_ms
+
+
+class Client:
+    def __init__(self, target: str = "127.0.0.1:50051", config: ClientConfig | None = None) -> None:
+        self._target = target
+        self._config = config or ClientConfig()
+        self.writer_id = uuid.uuid4().hex
+        self._lock = threading.Condition()
+        # Guarded by _lock:
+        self._runs: dict[str, _RunBuffer] = {}
+        self._head = ingest_pb2.WriteRequest()  # run upserts, params, tags waiting to be sent
+        self._buffered = 0
+        self._inflight: OrderedDict[int, _Request] = OrderedDict()
+        self._inflight_size = 0
+        self._next_sequence = 1
+        self._drains = 0
+        self._acked = 0
+        self._dropped = 0
+        self._rejected: list[str] = []
+        self._rejected_total = 0
+        self._reconnects = 0
+        self._closing = False
+        self._stopped = False
+        self._wake_requested = False
+        self._loop = asyncio.new_event_loop()
+        self._wake = asyncio.Event()
+        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),), daemon=True)
+        self._thread.name = f"trackhouse-client-{self.writer_id[:8]}"
+        self._thread.start()
+        self._atexit = _close_at_exit(weakref.ref(self))
+        atexit.register(self._atexit)
+
+    # ----- the caller's side -----
+
+    def start_run(
+        self,
+        experiment: str = "Default",
+        name: str | None = None,
+        params: Mapping[str, object] | None = None,
+        tags: Mapping[str, object] | None = None,
+        run_id: str | None = None,
+    ) -> Run:
+        """Create a run (status RUNNING) in `experiment`, created if missing. Returns at once."""
+        validation.check_experiment_name(experiment)
+        run_id = run_id or uuid.uuid4().hex
+        validation.check_run_id(run_id)
+        upsert = ingest_pb2.RunUpsert(
+            run_id=run_id,
+            experiment_name=experiment,
+            name=name or f"run-{run_id[:8]}",
+            status=ingest_pb2.RUNNING,
+            start_time_ms=_now_ms(),
+            user=_user(),
+            version=time.time_ns(),
+        )
+        run = Run(self, run_id, upsert)
+        # MLflow keeps the run name as a tag too; its UI and clients read it there.
+        run._add_meta(upsert, params or {}, {"mlflow.runName": upsert.name, **(tags or {})})
+        return run
+
+    def attach_run(self, run_id: str) -> Run:
+        """Log into a run another process started (e.g. rank 0 of a distributed job).
+
+        The run must be stored before its points arrive: have the starting
+        process call `flush()` before it hands out the run id.
+        """
+        validation.check_run_id(run_id)
+        return Run(self, run_id, None)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until everything logged before this call is acknowledged.
+
+        Raises TimeoutError when `timeout` passes first, and IngestError when
+        the server permanently rejected requests since the last flush.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            drains = self._drains
+            self._request_send()
+            self._wait(lambda: self._drains > drains or self._stopped, deadline)
+            last = self._next_sequence - 1
+            self._wait(lambda: not self._inflight or next(iter(self._inflight)) > last or self._stopped, deadline)
+            self._raise_rejected()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush, then stop the sender. Raises if data could not be delivered within the timeout."""
+        timeout = self._config.close_timeout_s if timeout is None else timeout
+        atexit.unregister(self._atexit)
+        try:
+            if not self._stopped:
+                self.flush(timeout)
+        finally:
+            with self._lock:
+                self._closing = True
+                self._request_send()
+            self._thread.join(timeout=5)
+            with self._lock:
+                lost = self._buffered + self._inflight_size
+            if not self._thread.is_alive():
+                self._loop.close()
+            if lost:
+                raise IngestError(f"closed with {lost} points not acknowledged by {self._target}")
+
+    def stats(self) -> ClientStats:
+        with self._lock:
+            return ClientStats(
+                buffered_points=self._buffered,
+                unacknowledged_points=self._inflight_size,
+                acknowledged_points=self._acked,
+                dropped_points=self._dropped,
+                rejected_requests=self._rejected_total,
+                reconnects=self._reconnects,
+            )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # ----- buffering (called by Run under no lock) -----
+
+    def _append_metrics(self, run_id: str, metrics: Mapping[str, float], step: int, timestamp_ms: int) -> None:
+        n = len(metrics)
+        with self._lock:
+            if not self._reserve(n):
+                return
+            buffer = self._runs.get(run_id) or self._new_buffer(run_id)
+            key_index, values = buffer.key_index, buffer.values
+            mark = len(values)
+            try:
+                for key, value in metrics.items():
+                    if value.__class__ is bool:
+                        raise InvalidArgumentError(f"metric {key!r}: bool is not a metric value")
+                    key_index.append(buffer.key_id(key))
+                    values.append(value)
+            except (TypeError, InvalidArgumentError) as exc:
+                del key_index[mark:], values[mark:]  # all or nothing, as MLflow's log_metrics
+                self._buffered -= n
+                if isinstance(exc, TypeError):
+                    raise InvalidArgumentError(f"metric value {value!r} for {key!r} is not a number") from None
+                raise
+            buffer.steps.append(step)
+            buffer.timestamps.append(timestamp_ms)
+            buffer.counts.append(n)
+            if self._buffered >= self._config.request_points:
+                self._request_send()
+
+    def _append_series(
+        self,
+        run_id: str,
+        key: str,
+        steps: npt.NDArray[np.int64],
+        values: npt.NDArray[np.float64],
+        timestamps: npt.NDArray[np.int64],
+    ) -> None:
+        # In request-sized pieces, so a series larger than the whole buffer still fits piece by piece.
+        chunk = self._config.request_points
+        for start in range(0, len(values), chunk):
+            end = start + chunk
+            with self._lock:
+                if not self._reserve(len(values[start:end])):
+                    continue
+                buffer = self._runs.get(run_id) or self._new_buffer(run_id)
+                buffer.series.append((buffer.key_id(key), steps[start:end], values[start:end], timestamps[start:end]))
+                if self._buffered >= self._config.request_points:
+                    self._request_send()
+
+    def _append_meta(self, runs: list[ingest_pb2.RunUpsert], params: list[ingest_pb2.Param], tags: list[ingest_pb2.Tag]) -> None:
+        with self._lock:
+            if not self._reserve(len(runs) + len(params) + len(tags), droppable=False):
+                return
+            self._head.runs.extend(runs)
+            self._head.params.extend(params)
+            self._head.tags.extend(tags)
+
+    def _new_buffer(self, run_id: str) -> _RunBuffer:
+        buffer = self._runs[run_id] = _RunBuffer(run_id)
+        return buffer
+
+    def _reserve(self, n: int, droppable: bool = True) -> bool:
+        """Make room for n points under the bound (lock held). False when the points are dropped."""
+        if self._closing:
+            raise IngestError("client is closed")
+        limit = self._config.max_buffer_points
+        if self._buffered + self._inflight_size + n > limit:
+            if droppable and self._config.full_policy == "drop":
+                self._dropped += n
+                return False
+            self._request_send()
+            deadline = None if self._config.block_timeout_s is None else time.monotonic() + self._config.block_timeout_s
+            # Anything that fits alone is admitted once the rest has drained, so a large n cannot wait forever.
+            fits = lambda: self._buffered + self._inflight_size + n <= limit or (self._buffered + self._inflight_size == 0)  # noqa: E731
+            if not self._lock.wait_for(lambda: fits() or self._stopped, None if deadline is None else deadline - time.monotonic()):
+                raise BufferFullError(f"buffer full ({limit} points) for {self._config.block_timeout_s}s")
+            if self._stopped:
+                raise IngestError("client is closed")
+        self._buffered += n
+        return True
+
+    def _request_send(self) -> None:
+        if not self._wake_requested and not self._loop.is_closed():
+            self._wake_requested = True
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _wait(self, predicate: object, deadline: float | None) -> None:
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._lock.wait_for(predicate, remaining):  # type: ignore[arg-type]
+            raise TimeoutError(
+                f"{self._buffered + self._inflight_size} points still unacknowledged by {self._target}"
+            )
+
+    def _raise_rejected(self) -> None:
+        if self._rejected:
+            errors, self._rejected = self._rejected, []
+            raise InvalidArgumentError(f"{len(errors)} write request(s) rejected; first: {errors[0]}")
+
+    # ----- the sender thread -----
+
+    def _drain(self) -> None:
+        """Turn everything buffered into requests, in order, and hold them until acknowledged.
+
+        Points move from buffered to in flight in one locked step, so the bound
+        holds throughout, and flush() never sees a drain before its requests exist.
+        """
+        with self._lock:
+            self._wake_requested = False
+            head, self._head = self._head, ingest_pb2.WriteRequest()
+            blocks = [b for b in (buf.take() for buf in self._runs.values()) if b is not None]
+            size = len(head.runs) + len(head.params) + len(head.tags) + sum(len(b.value) for b in blocks)
+        requests = self._encode(head, blocks, size) if size else []
+        with self._lock:
+            for raw, request_size in requests:
+                self._inflight[self._next_sequence] = _Request(raw, request_size)
+                self._next_sequence += 1
+            self._buffered -= size
+            self._inflight_size += size
+            self._drains += 1
+            self._lock.notify_all()
+
+    def _encode(self, head: ingest_pb2.WriteRequest, blocks: list[BlockColumns], size: int) -> list[tuple[bytes, int]]:
+        """Split into requests of at most request_points; metadata goes first, ahead of the points that need it."""
+        limit = self._config.request_points
+        requests: list[tuple[bytes, int]] = []
+        meta = len(head.runs) + len(head.params) + len(head.tags)
+        current: list[BlockColumns] = []
+        current_points = 0
+
+        def emit() -> None:
+            nonlocal head, current, current_points, meta
+            sequence = self._next_sequence + len(requests)  # only this thread assigns sequences
+            head.writer_id, head.sequence = self.writer_id, sequence
+            requests.append((encode_request(head, current), meta + current_points))
+            head, current, current_points, meta = ingest_pb2.WriteRequest(), [], 0, 0
+
+        for block in blocks:
+            for start in range(0, len(block.value), limit):
+                piece = _slice(block, start, start + limit)
+                if current_points + len(piece.value) > limit:
+                    emit()
+                current.append(piece)
+                current_points += len(piece.value)
+        if current or meta:
+            emit()
+        assert sum(s for _, s in requests) == size
+        return requests
+
+    async def _run(self) -> None:
+        try:
+            attempt = 0
+            while True:
+                try:
+                    await self._session()
+                    return
+                except (_RetryLater, grpc.aio.AioRpcError) as exc:
+                    if self._closing:  # close() has already waited as long as it was allowed to
+                        return
+                    with self._lock:
+                        self._reconnects += 1
+                    attempt += 1
+                    delay = min(self._config.max_backoff_s, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
+                    if isinstance(exc, _RetryLater) and exc.retry_after_ms:
+                        delay = max(delay, exc.retry_after_ms / 1000)  # the server's hint, not a failure
+                        attempt = 0
+                    log.debug("trackhouse client: retrying in %.2fs: %s", delay, exc)
+                    await self._sleep_draining(delay)
+        finally:
+            with self._lock:
+                self._stopped = True
+                self._lock.notify_all()
+
+    async def _sleep_draining(self, delay: float) -> None:
+        """Back off, still turning logged points into requests so that flush() can account for them."""
+        deadline = time.monotonic() + delay
+        while (remaining := deadline - time.monotonic()) > 0 and not self._closing:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), min(remaining, self._config.linger_ms / 1000))
+            self._drain()
+
+    async def _session(self) -> None:
+        options = [("grpc.max_send_message_length", 256 * 1024 * 1024), ("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+        async with grpc.aio.insecure_channel(self._target, options=options) as channel:
+            call = channel.stream_stream(_WRITE_STREAM, response_deserializer=ingest_pb2.WriteAck.FromString)()
+            reader = asyncio.create_task(self._read_acks(call))
+            try:
+                with self._lock:
+                    resend = list(self._inflight.items())
+                sent = resend[-1][0] if resend else 0
+                for _, request in resend:
+                    await call.write(request.raw)
+                while True:
+                    if reader.done():
+                        reader.result()
+                        raise _RetryLater("server ended the stream")
+                    with self._lock:
+                        if self._closing:
+                            idle = not self._buffered and not self._inflight
+                            break
+                        unsent = [(s, r) for s, r in self._inflight.items() if s > sent]
+                    for sequence, request in unsent:
+                        await call.write(request.raw)
+                        sent = sequence
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self._config.linger_ms / 1000)
+                    self._drain()
+                if idle:  # a graceful end; otherwise close() gave up and the stream is cut
+                    await call.done_writing()
+                    await reader
+            finally:
+                reader.cancel()
+                call.cancel()
+
+    async def _read_acks(self, call: grpc.aio.StreamStreamCall[bytes, ingest_pb2.WriteAck]) -> None:
+        async for ack in call:
+            if ack.code in _RETRYABLE_CODES:
+                raise _RetryLater(ack.message, ack.retry_after_ms)
+            with self._lock:
+                request = self._inflight.pop(ack.sequence, None)
+                if request is None:
+                    continue  # an ack for a resent request that was already acknowledged
+                self._inflight_size -= request.size
+                if ack.code == 0:
+                    self._acked += request.size
+                else:
+                    self._rejected.append(ack.message)
+                    self._rejected_total += 1
+                    log.error("trackhouse rejected a write request: %s", ack.message)
+                self._lock.notify_all()
+
+
+class Run:
+    """A handle for logging into one run. Thread-safe: many threads may log into the same run."""
+
+    def __init__(self, client: Client, run_id: str, upsert: ingest_pb2.RunUpsert | None) -> None:
+        self.run_id = run_id
+        self._client = client
+        self._upsert = upsert
+        self._params: dict[str, str] = {}
+        self._params_lock = threading.Lock()
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0, timestamp_ms: int | None = None) -> None:
+        """Buffer one value per key at `step`. Returns at once (unless the buffer is full and the policy blocks)."""
+        timestamp = time.time_ns() // 1_000_000 if timestamp_ms is None else int(timestamp_ms)
+        self._client._append_metrics(self.run_id, metrics, int(step), timestamp)
+
+    def log_metric(self, key: str, value: float, step: int = 0, timestamp_ms: int | None = None) -> None:
+        self.log_metrics({key: value}, step, timestamp_ms)
+
+    def log_series(
+        self,
+        key: str,
+        steps: npt.ArrayLike,
+        values: npt.ArrayLike,
+        timestamps_ms: npt.ArrayLike | None = None,
+    ) -> None:
+        """Buffer a whole series at once, columnar. The arrays are copied, so the caller may reuse them."""
+        validation.check_key(key)
+        value_array = np.asarray(values)
+        step_array = np.asarray(steps)
+        if value_array.dtype == np.bool_ or not np.issubdtype(value_array.dtype, np.number):
+            raise InvalidArgumentError(f"metric {key!r}: values must be numbers, not {value_array.dtype}")
+        if not np.issubdtype(step_array.dtype, np.integer):
+            raise InvalidArgumentError(f"metric {key!r}: steps must be integers, not {step_array.dtype}")
+        n = len(value_array)
+        if timestamps_ms is None:
+            ts = np.full(n, _now_ms(), np.int64)
+        else:
+            ts = np.array(timestamps_ms, dtype=np.int64)
+        if not (len(step_array) == n == len(ts)):
+            raise InvalidArgumentError(
+                f"metric {key!r}: steps, values and timestamps differ in length ({len(step_array)}, {n}, {len(ts)})"
+            )
+        self._client._append_series(
+            self.run_id, key, step_array.astype(np.int64, copy=True), value_array.astype(np.float64, copy=True), ts
+        )
+
+    def log_params(self, params: Mapping[str, object]) -> None:
+        """Params are immutable: the same value again is fine, another value raises at once."""
+        self._add_meta(None, params, {})
+
+    def set_tags(self, tags: Mapping[str, object]) -> None:
+        self._add_meta(None, {}, tags)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run: status FINISHED (or FAILED, KILLED) and the end time."""
+        if self._upsert is None:
+            raise IngestError("only the process that started the run can finish it")
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            raise InvalidArgumentError(f"status must be FINISHED, FAILED or KILLED, not {status!r}")
+        upsert = ingest_pb2.RunUpsert()
+        upsert.CopyFrom(self._upsert)
+        upsert.status = STATUS_VALUES[status]
+        upsert.end_time_ms = _now_ms()
+        upsert.version = max(time.time_ns(), self._upsert.version + 1)
+        self._upsert = upsert
+        self._add_meta(upsert, {}, {})
+
+    def _add_meta(
+        self, upsert: ingest_pb2.RunUpsert | None, params: Mapping[str, object], tags: Mapping[str, object]
+    ) -> None:
+        param_msgs, tag_msgs = [], []
+        version = time.time_ns()
+        with self._params_lock:
+            fresh: dict[str, str] = {}
+            for key, raw in params.items():
+                validation.check_key(key, "param")
+                value = validation.fit_value("param", key, str(raw), validation.MAX_PARAM_VALUE_LENGTH)
+                old = self._params.get(key, fresh.get(key))
+                if old is not None and old != value:
+                    raise InvalidArgumentError(f"param {key!r} was already logged as {old!r}; params are immutable")
+                if old is None:
+                    fresh[key] = value
+                    param_msgs.append(ingest_pb2.Param(run_id=self.run_id, key=key, value=value))
+            for key, raw in tags.items():
+                validation.check_key(key, "tag")
+                value = validation.fit_value("tag", key, str(raw), validation.MAX_TAG_VALUE_LENGTH)
+                tag_msgs.append(ingest_pb2.Tag(run_id=self.run_id, key=key, value=value, version=version))
+            self._client._append_meta([upsert] if upsert else [], param_msgs, tag_msgs)
+            self._params.update(fresh)
+
+
+def _slice(block: BlockColumns, start: int, end: int) -> BlockColumns:
+    if start == 0 and end >= len(block.value):
+        return block
+    return BlockColumns(
+        block.run_id, block.keys, block.key_index[start:end], block.step[start:end], block.value[start:end], block.timestamp_ms[start:end]
+    )
+
+
+def _close_at_exit(ref: weakref.ref[Client]) -> object:
+    def close() -> None:
+        client = ref()
+        if client is not None:
+            try:
+                client.close()
+            except (IngestError, TimeoutError) as exc:
+                log.error("trackhouse client at exit: %s", exc)
+
+    return close
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"

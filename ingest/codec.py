@@ -1,0 +1,176 @@
+"""WriteRequest bytes <-> columnar batches.
+
+Decoding validates everything a request carries against MLflow's limits, so
+that what reaches the batcher can always be stored. Per-point columns move as
+whole arrays in both directions: upb's repeated containers convert to numpy
+natively on decode, and encoding goes through encode_view.proto.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from ingest import validation
+from ingest.batch import Batch, Int32Array, Metrics, ParamRow, RunRow, TagRow, union_dictionaries
+from ingest.errors import InvalidArgumentError
+from trackhouse.v1 import encode_view_pb2, ingest_pb2
+
+SCHEMA_VERSION = 1
+# MLflow spells statuses as strings in its API and storage; so do our tables.
+_STATUS_NAMES = {
+    ingest_pb2.RUNNING: "RUNNING",
+    ingest_pb2.SCHEDULED: "SCHEDULED",
+    ingest_pb2.FINISHED: "FINISHED",
+    ingest_pb2.FAILED: "FAILED",
+    ingest_pb2.KILLED: "KILLED",
+}
+STATUS_VALUES = {name: value for value, name in _STATUS_NAMES.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedRequest:
+    writer_id: str
+    sequence: int
+    batch: Batch
+
+
+def decode_request(raw: bytes, max_bytes: int) -> DecodedRequest:
+    """Parse and validate one WriteRequest. Raises InvalidArgumentError naming the offending field."""
+    if len(raw) > max_bytes:
+        raise InvalidArgumentError(f"request is {len(raw)} bytes, over the limit of {max_bytes}; split it")
+    try:
+        request = ingest_pb2.WriteRequest.FromString(raw)
+    except DecodeError as exc:
+        raise InvalidArgumentError(f"request is not a valid WriteRequest: {exc}") from None
+    if request.schema_version != SCHEMA_VERSION:
+        raise InvalidArgumentError(
+            f"schema_version {request.schema_version} is not supported; this server speaks {SCHEMA_VERSION}"
+        )
+    batch = Batch(
+        metrics=_decode_metrics(request.metrics),
+        runs=tuple(_decode_run(r) for r in request.runs),
+        params=tuple(_decode_param(p) for p in request.params),
+        tags=tuple(_decode_tag(t) for t in request.tags),
+    )
+    return DecodedRequest(writer_id=request.writer_id, sequence=request.sequence, batch=batch)
+
+
+def _decode_run(run: ingest_pb2.RunUpsert) -> RunRow:
+    validation.check_run_id(run.run_id)
+    if bool(run.experiment_id) == bool(run.experiment_name):
+        raise InvalidArgumentError(f"run {run.run_id}: give exactly one of experiment_id and experiment_name")
+    if run.experiment_id:
+        validation.check_experiment_id(run.experiment_id)
+    else:
+        validation.check_experiment_name(run.experiment_name)
+    status = _STATUS_NAMES.get(run.status)
+    if status is None:
+        raise InvalidArgumentError(f"run {run.run_id}: status {run.status} is not a run status")
+    return RunRow(
+        run_id=run.run_id,
+        experiment_id=run.experiment_id,
+        experiment_name=run.experiment_name,
+        name=run.name,
+        status=status,
+        start_time_ms=run.start_time_ms,
+        end_time_ms=run.end_time_ms,
+        user=run.user,
+        version=run.version,
+    )
+
+
+def _decode_param(param: ingest_pb2.Param) -> ParamRow:
+    validation.check_run_id(param.run_id)
+    validation.check_key(param.key, "param")
+    value = validation.fit_value("param", param.key, param.value, validation.MAX_PARAM_VALUE_LENGTH)
+    return ParamRow(run_id=param.run_id, key=param.key, value=value)
+
+
+def _decode_tag(tag: ingest_pb2.Tag) -> TagRow:
+    validation.check_run_id(tag.run_id)
+    validation.check_key(tag.key, "tag")
+    value = validation.fit_value("tag", tag.key, tag.value, validation.MAX_TAG_VALUE_LENGTH)
+    return TagRow(run_id=tag.run_id, key=tag.key, value=value, version=tag.version)
+
+
+def _decode_metrics(blocks: Sequence[ingest_pb2.MetricBlock]) -> Metrics:
+    if not blocks:
+        return Metrics()
+    run_dicts: list[tuple[str, ...]] = []
+    key_dicts: list[tuple[str, ...]] = []
+    run_indices: list[Int32Array] = []
+    key_indices: list[Int32Array] = []
+    steps, timestamps, values = [], [], []
+    for block in blocks:
+        validation.check_run_id(block.run_id)
+        n = len(block.value)
+        lengths = (len(block.key_index), len(block.step), n, len(block.timestamp_ms))
+        if len(set(lengths)) != 1:
+            raise InvalidArgumentError(
+                f"run {block.run_id}: column lengths differ (key_index, step, value, timestamp_ms = {lengths})"
+            )
+        keys = tuple(block.keys)
+        for key in keys:
+            validation.check_key(key)
+        key_index = np.array(block.key_index, dtype=np.uint32)
+        if n and int(key_index.max()) >= len(keys):
+            raise InvalidArgumentError(
+                f"run {block.run_id}: key_index {int(key_index.max())} is out of range for {len(keys)} keys"
+            )
+        run_dicts.append((block.run_id,))
+        run_indices.append(np.zeros(n, np.int32))
+        key_dicts.append(keys)
+        key_indices.append(key_index.astype(np.int32))
+        steps.append(np.array(block.step, dtype=np.int64))
+        values.append(np.array(block.value, dtype=np.float64))
+        timestamps.append(np.array(block.timestamp_ms, dtype=np.int64))
+    run_ids, run_index = union_dictionaries(run_dicts, run_indices)
+    keys_all, key_index_all = union_dictionaries(key_dicts, key_indices)
+    return Metrics(
+        run_ids=run_ids,
+        keys=keys_all,
+        run_index=run_index,
+        key_index=key_index_all,
+        step=np.concatenate(steps),
+        timestamp=np.concatenate(timestamps),
+        value=np.concatenate(values),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class BlockColumns:
+    """One run's points for encoding; arrays of equal length."""
+
+    run_id: str
+    keys: Sequence[str]
+    key_index: np.ndarray
+    step: np.ndarray
+    value: np.ndarray
+    timestamp_ms: np.ndarray
+
+
+def encode_request(head: ingest_pb2.WriteRequest, blocks: Sequence[BlockColumns]) -> bytes:
+    """Serialise `head` (runs, params, tags, ids) plus metric blocks as one WriteRequest.
+
+    Protobuf merges concatenated messages, so the metric blocks, serialised
+    through the byte-identical bytes view, are appended to the head's bytes.
+    """
+    head.schema_version = SCHEMA_VERSION
+    view = encode_view_pb2.WriteRequestMetricsView(
+        metrics=[
+            encode_view_pb2.MetricBlockView(
+                run_id=b.run_id,
+                keys=b.keys,
+                key_index=np.ascontiguousarray(b.key_index, dtype="<u4").tobytes(),
+                step=np.ascontiguousarray(b.step, dtype="<i8").tobytes(),
+                value=np.ascontiguousarray(b.value, dtype="<f8").tobytes(),
+                timestamp_ms=np.ascontiguousarray(b.timestamp_ms, dtype="<i8").tobytes(),
+            )
+            for b in blocks
+        ]
+    )
+    return head.SerializeToString() + view.SerializeToString()

@@ -1,0 +1,35 @@
+"""Where the receivers meet: resolve a batch's references, then queue it. gRPC, Kafka and REST all call this."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Protocol
+
+from ingest.batch import Batch
+from ingest.batcher import Batcher
+from ingest.catalog import Catalog
+from ingest.telemetry import Telemetry
+
+
+class Writer(Protocol):
+    async def accept(self, batch: Batch) -> Awaitable[None]:
+        """Check and queue `batch`, or raise an IngestError. The result completes once the batch is durable.
+
+        Accepting is separate from waiting, so a stream can accept requests in
+        order while earlier ones are still being inserted.
+        """
+        ...
+
+
+class WritePipeline:
+    def __init__(self, catalog: Catalog, batcher: Batcher, telemetry: Telemetry) -> None:
+        self._catalog = catalog
+        self._batcher = batcher
+        self._telemetry = telemetry
+
+    async def accept(self, batch: Batch) -> Awaitable[None]:
+        batch = await self._catalog.resolve(batch)
+        durable = self._batcher.submit(batch)
+        self._catalog.remember(batch)
+        self._telemetry.received_points.inc(batch.points)
+        return durable

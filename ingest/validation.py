@@ -1,0 +1,86 @@
+"""MLflow's limits (mlflow/utils/validation.py), enforced exactly.
+
+Shared by the server's decoder and the client, so a bad key fails in the
+training loop that logged it rather than later on the server.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+from functools import lru_cache
+
+from ingest.errors import InvalidArgumentError
+
+MAX_KEY_LENGTH = 250
+MAX_PARAM_VALUE_LENGTH = 6000
+MAX_TAG_VALUE_LENGTH = 8000
+MAX_EXPERIMENT_NAME_LENGTH = 500
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_TAGS_PER_BATCH = 100
+MAX_BATCH_REQUEST_BYTES = 1_000_000
+
+# MLflow's own switch: when true (its default), over-long param and tag values
+# are cut to the limit instead of rejected.
+ENV_TRUNCATE_LONG_VALUES = "MLFLOW_TRUNCATE_LONG_VALUES"
+
+# The same expressions MLflow uses, with re.match semantics (so `$` also
+# matches before a trailing newline, exactly as in MLflow).
+_KEY_RE = re.compile(r"^[/\w.\- :]*$")
+_RUN_ID_RE = re.compile(r"^[a-zA-Z0-9][\w\-]{0,255}$")
+_EXPERIMENT_ID_RE = re.compile(r"^[a-zA-Z0-9][\w\-]{0,63}$")
+
+
+@lru_cache(maxsize=65536)
+def key_problem(key: str) -> str | None:
+    """Why `key` is not a valid metric, param or tag key, or None when it is. Cached: keys repeat."""
+    if len(key) > MAX_KEY_LENGTH:
+        return f"key {key[:64]!r}... is {len(key)} characters, over the limit of {MAX_KEY_LENGTH}"
+    if _KEY_RE.match(key) is None:
+        return (
+            f"key {key!r} is invalid: names may only contain alphanumerics, underscores (_), dashes (-),"
+            " periods (.), spaces ( ), colon (:) and slashes (/)"
+        )
+    norm = posixpath.normpath(key)
+    if norm != key or norm == "." or norm.startswith("..") or norm.startswith("/"):
+        return f"key {key!r} is invalid: as a path it would resolve to {norm!r}"
+    return None
+
+
+def check_key(key: str, what: str = "metric") -> None:
+    problem = key_problem(key)
+    if problem is not None:
+        raise InvalidArgumentError(f"{what} {problem}")
+
+
+def check_run_id(run_id: str) -> None:
+    if _RUN_ID_RE.match(run_id) is None:
+        raise InvalidArgumentError(f"invalid run_id {run_id[:300]!r}")
+
+
+def check_experiment_id(experiment_id: str) -> None:
+    if _EXPERIMENT_ID_RE.match(experiment_id) is None:
+        raise InvalidArgumentError(f"invalid experiment_id {experiment_id[:100]!r}")
+
+
+def check_experiment_name(name: str) -> None:
+    if not name:
+        raise InvalidArgumentError("experiment name must not be empty")
+    if len(name) > MAX_EXPERIMENT_NAME_LENGTH:
+        raise InvalidArgumentError(
+            f"experiment name is {len(name)} characters, over the limit of {MAX_EXPERIMENT_NAME_LENGTH}"
+        )
+
+
+def truncate_long_values() -> bool:
+    return os.environ.get(ENV_TRUNCATE_LONG_VALUES, "true").strip().lower() not in ("false", "0", "no")
+
+
+def fit_value(what: str, key: str, value: str, limit: int) -> str:
+    """MLflow's rule for param and tag values: truncate when allowed, otherwise reject."""
+    if len(value) <= limit:
+        return value
+    if truncate_long_values():
+        return value[:limit]
+    raise InvalidArgumentError(f"{what} {key!r} value is {len(value)} characters, over the limit of {limit}")

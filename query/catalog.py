@@ -1,0 +1,68 @@
+"""Lookups the write path needs before it accepts a request: experiments by name, runs, params.
+
+All user input travels as bound parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Collection
+
+from query import schema
+from query.connection import Client
+
+
+def experiment_id_for_name(name: str) -> str:
+    """A deterministic 18-digit id, so that nodes creating the same experiment concurrently agree.
+
+    MLflow ids are digit strings; these look the same and never collide with "0".
+    """
+    digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
+    return str(10**17 + digest % (9 * 10**17))
+
+
+def experiment_ids_by_name(client: Client, database: str, names: Collection[str]) -> dict[str, str]:
+    """Active experiments among `names`, as name -> id."""
+    if not names:
+        return {}
+    rows = client.query(
+        f"SELECT name, experiment_id FROM {database}.{schema.EXPERIMENTS} FINAL"
+        " WHERE name IN {names:Array(String)} AND lifecycle_stage = 'active'",
+        parameters={"names": list(names)},
+    ).result_rows
+    return {name: experiment_id for name, experiment_id in rows}
+
+
+def existing_experiments(client: Client, database: str, experiment_ids: Collection[str]) -> set[str]:
+    if not experiment_ids:
+        return set()
+    rows = client.query(
+        f"SELECT experiment_id FROM {database}.{schema.EXPERIMENTS} FINAL"
+        " WHERE experiment_id IN {ids:Array(String)} AND lifecycle_stage = 'active'",
+        parameters={"ids": list(experiment_ids)},
+    ).result_rows
+    return {row[0] for row in rows}
+
+
+def active_runs(client: Client, database: str, run_ids: Collection[str]) -> set[str]:
+    """The runs among `run_ids` that exist and are not deleted."""
+    if not run_ids:
+        return set()
+    rows = client.query(
+        f"SELECT run_id FROM {database}.{schema.RUNS} FINAL"
+        " WHERE run_id IN {ids:Array(String)} AND lifecycle_stage = 'active'",
+        parameters={"ids": list(run_ids)},
+    ).result_rows
+    return {row[0] for row in rows}
+
+
+def param_values(client: Client, database: str, run_ids: Collection[str], keys: Collection[str]) -> dict[tuple[str, str], str]:
+    """Stored params of `run_ids` restricted to `keys`, as (run_id, key) -> value."""
+    if not run_ids or not keys:
+        return {}
+    rows = client.query(
+        f"SELECT run_id, key, any(value) FROM {database}.{schema.PARAMS}"
+        " WHERE run_id IN {ids:Array(String)} AND key IN {keys:Array(String)} GROUP BY run_id, key",
+        parameters={"ids": list(run_ids), "keys": list(keys)},
+    ).result_rows
+    return {(run_id, key): value for run_id, key, value in rows}

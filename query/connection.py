@@ -1,0 +1,61 @@
+"""One URL names the storage: `chdb:///dir` (embedded) or `http(s)://user:pass@host:8123/db` (server).
+
+Both go through clickhouse-connect and run the same code. There is no second storage implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import clickhouse_connect
+
+DEFAULT_DATABASE = "trackhouse"
+
+Client = Any  # clickhouse_connect's client classes ship without type information
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    #: chdb:///absolute/dir, or http(s)://user:password@host:port[/database]
+    url: str
+    #: The database holding trackhouse's tables. For server URLs, a path in the URL overrides it.
+    database: str = DEFAULT_DATABASE
+
+    def __post_init__(self) -> None:
+        scheme = urlsplit(self.url).scheme
+        if scheme not in ("chdb", "http", "https"):
+            raise ValueError(f"storage URL {self.url!r} must start with chdb://, http:// or https://")
+
+    @property
+    def embedded(self) -> bool:
+        return self.url.startswith("chdb:")
+
+    @property
+    def resolved_database(self) -> str:
+        parts = urlsplit(self.url)
+        path = parts.path.strip("/")
+        return path if (not self.embedded and path) else self.database
+
+    @staticmethod
+    def for_data_dir(data_dir: Path) -> StoreConfig:
+        return StoreConfig(url=f"chdb://{data_dir.resolve()}")
+
+
+def connect(config: StoreConfig) -> Client:
+    """A new client. Embedded clients on one directory share one chDB engine in this process."""
+    if config.embedded:
+        path = urlsplit(config.url).path
+        Path(path).mkdir(parents=True, exist_ok=True)
+        return clickhouse_connect.get_client(dsn=config.url)
+    # The database may not exist yet; the schema creates it, then statements qualify table names.
+    parts = urlsplit(config.url)
+    return clickhouse_connect.get_client(
+        host=parts.hostname or "localhost",
+        port=parts.port or (8443 if parts.scheme == "https" else 8123),
+        username=parts.username or "default",
+        password=parts.password or "",
+        secure=parts.scheme == "https",
+    )

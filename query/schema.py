@@ -1,0 +1,118 @@
+"""The one owner of trackhouse's DDL. Both the write and the read side use these names.
+
+Migrations are append-only and idempotent (IF NOT EXISTS), so every node may
+apply them at start-up, concurrently, against embedded chDB or a server.
+"""
+
+from __future__ import annotations
+
+import time
+
+from query.connection import Client
+
+METRICS = "metrics"
+LATEST_METRICS = "latest_metrics"
+EXPERIMENTS = "experiments"
+RUNS = "runs"
+PARAMS = "params"
+TAGS = "tags"
+MIGRATIONS_TABLE = "schema_migrations"
+
+DEFAULT_EXPERIMENT_ID = "0"
+DEFAULT_EXPERIMENT_NAME = "Default"
+
+# Each entry is (version, statements); {db} is the database name. Never edit a
+# shipped entry: add a new one.
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (
+        1,
+        (
+            # Duplicates (client retries, Kafka redelivery) are identical in every
+            # column, so the sort key spans all of them and merges drop them; reads
+            # deduplicate until then. Codecs: steps and timestamps grow steadily, so
+            # Delta/DoubleDelta shrink them before ZSTD; Gorilla suits slowly-varying
+            # floats and cost no measurable insert speed against plain ZSTD.
+            """CREATE TABLE IF NOT EXISTS {db}.metrics (
+                run_id LowCardinality(String),
+                key LowCardinality(String),
+                step Int64 CODEC(Delta, ZSTD(1)),
+                timestamp Int64 CODEC(DoubleDelta, ZSTD(1)),
+                value Float64 CODEC(Gorilla, ZSTD(1))
+            ) ENGINE = ReplacingMergeTree
+            ORDER BY (run_id, key, step, timestamp, value)""",
+            # MLflow's "latest" is the maximum by (step, timestamp, value): exactly
+            # tuple ordering, so max() of the tuple is the rule, duplicate-insensitive,
+            # and cheaper on insert than an argMax state (measured).
+            """CREATE TABLE IF NOT EXISTS {db}.latest_metrics (
+                run_id LowCardinality(String),
+                key LowCardinality(String),
+                latest SimpleAggregateFunction(max, Tuple(step Int64, timestamp Int64, value Float64))
+            ) ENGINE = AggregatingMergeTree
+            ORDER BY (run_id, key)""",
+            """CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.latest_metrics_mv TO {db}.latest_metrics AS
+            SELECT run_id, key, max((step, timestamp, value)) AS latest
+            FROM {db}.metrics GROUP BY run_id, key""",
+            # Small mutable tables: whole-row upserts, last version wins; read with FINAL.
+            """CREATE TABLE IF NOT EXISTS {db}.experiments (
+                experiment_id String,
+                name String,
+                artifact_location String,
+                lifecycle_stage LowCardinality(String),
+                creation_time Int64,
+                last_update_time Int64,
+                version UInt64
+            ) ENGINE = ReplacingMergeTree(version)
+            ORDER BY experiment_id""",
+            """CREATE TABLE IF NOT EXISTS {db}.runs (
+                run_id String,
+                experiment_id String,
+                name String,
+                status LowCardinality(String),
+                start_time Int64,
+                end_time Nullable(Int64),
+                user String,
+                lifecycle_stage LowCardinality(String),
+                version UInt64
+            ) ENGINE = ReplacingMergeTree(version)
+            ORDER BY run_id""",
+            # Params are immutable, so any surviving copy is the value.
+            """CREATE TABLE IF NOT EXISTS {db}.params (
+                run_id String,
+                key String,
+                value String
+            ) ENGINE = ReplacingMergeTree
+            ORDER BY (run_id, key)""",
+            """CREATE TABLE IF NOT EXISTS {db}.tags (
+                run_id String,
+                key String,
+                value String,
+                deleted UInt8,
+                version UInt64
+            ) ENGINE = ReplacingMergeTree(version)
+            ORDER BY (run_id, key)""",
+            # MLflow's experiment "0", "Default", always exists. Version 0 lets any
+            # later rename or tombstone win.
+            """INSERT INTO {db}.experiments
+            SELECT '0', 'Default', '', 'active', {now}, {now}, 0
+            WHERE NOT EXISTS (SELECT 1 FROM {db}.experiments WHERE experiment_id = '0')""",
+        ),
+    ),
+)
+
+
+def migrate(client: Client, database: str) -> int:
+    """Create or upgrade the schema. Safe to run concurrently and repeatedly. Returns the schema version."""
+    client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+    client.command(
+        f"CREATE TABLE IF NOT EXISTS {database}.{MIGRATIONS_TABLE} (version UInt32, applied_at DateTime64(3))"
+        " ENGINE = ReplacingMergeTree ORDER BY version"
+    )
+    applied = {row[0] for row in client.query(f"SELECT version FROM {database}.{MIGRATIONS_TABLE}").result_rows}
+    now = int(time.time() * 1000)
+    for version, statements in MIGRATIONS:
+        if version in applied:
+            continue
+        for statement in statements:
+            client.command(statement.format(db=database, now=now))
+        client.command(f"INSERT INTO {database}.{MIGRATIONS_TABLE} VALUES ({version}, now64(3))")
+    return MIGRATIONS[-1][0]

@@ -1,0 +1,86 @@
+"""`trackhouse serve`: every flag also reads an environment variable, and the flag wins."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ingest import config as defaults
+from ingest.config import BatcherConfig, ConfigError, ReceiverConfig
+from ingest.receiver_grpc import GrpcConfig
+from query.connection import StoreConfig
+from trackhouse.server import ServerConfig, serve
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    flag: str
+    env: str
+    cast: Callable[[str], object]
+    default: object
+    help: str
+
+
+SERVE_OPTIONS = (
+    Option("--data-dir", "TRACKHOUSE_DATA_DIR", Path, Path("data"), "embedded ClickHouse (chDB) directory"),
+    Option(
+        "--clickhouse-url", "TRACKHOUSE_CLICKHOUSE_URL", str, None, "chdb:///dir or http(s)://user:pass@host:8123/db; overrides --data-dir"
+    ),
+    Option("--host", "TRACKHOUSE_HOST", str, "127.0.0.1", "interface for gRPC and HTTP"),
+    Option("--grpc-port", "TRACKHOUSE_GRPC_PORT", int, 50051, "gRPC ingest port (0: any free port)"),
+    Option("--http-port", "TRACKHOUSE_HTTP_PORT", int, 5000, "HTTP port: /health, /metrics (0: any free port)"),
+    Option("--flush-points", "TRACKHOUSE_FLUSH_POINTS", int, defaults.DEFAULT_FLUSH_POINTS, "insert once this many points are queued"),
+    Option(
+        "--flush-interval-ms", "TRACKHOUSE_FLUSH_INTERVAL_MS", int, defaults.DEFAULT_FLUSH_INTERVAL_MS, "...or once the oldest is this old"
+    ),
+    Option(
+        "--max-queue-points", "TRACKHOUSE_MAX_QUEUE_POINTS", int, defaults.DEFAULT_MAX_QUEUE_POINTS, "points held before RESOURCE_EXHAUSTED"
+    ),
+    Option(
+        "--max-message-bytes", "TRACKHOUSE_MAX_MESSAGE_BYTES", int, defaults.DEFAULT_MAX_MESSAGE_BYTES, "largest write request accepted"
+    ),
+    Option("--log-level", "TRACKHOUSE_LOG_LEVEL", str, "INFO", "logging level"),
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trackhouse", description="High-throughput metric store with the MLflow API")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser("serve", help="run the server (gRPC ingest and HTTP) in one process")
+    for option in SERVE_OPTIONS:
+        env_value = os.environ.get(option.env)
+        default = option.cast(env_value) if env_value else option.default
+        serve_parser.add_argument(option.flag, type=option.cast, default=default, help=f"{option.help} [env {option.env}]")
+    return parser
+
+
+def build_config(args: argparse.Namespace) -> ServerConfig:
+    store = StoreConfig(args.clickhouse_url) if args.clickhouse_url else StoreConfig.for_data_dir(args.data_dir)
+    batcher = BatcherConfig(
+        flush_points=args.flush_points, flush_interval_ms=args.flush_interval_ms, max_queue_points=args.max_queue_points
+    )
+    receiver = ReceiverConfig(max_message_bytes=args.max_message_bytes)
+    grpc = GrpcConfig(host=args.host, port=args.grpc_port, max_message_bytes=args.max_message_bytes)
+    return ServerConfig(
+        store=store, grpc=grpc, http_host=args.host, http_port=args.http_port, batcher=batcher, receiver=receiver
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = build_config(args)
+    except (ConfigError, ValueError) as exc:  # fail fast on bad configuration
+        sys.exit(f"trackhouse: {exc}")
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()
