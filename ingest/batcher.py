@@ -55,7 +55,8 @@ class Batcher:
             raise UnavailableError("server is shutting down", retry_after_ms=1000)
         if size > self._config.max_queue_points:
             raise InvalidArgumentError(
-                f"request holds {size} points, more than the server's whole queue ({self._config.max_queue_points}); split it"
+                f"request holds {size} points, more than the server's whole queue"
+                f" ({self._config.max_queue_points}); split it"
             )
         if self._held + size > self._config.max_queue_points:
             raise QueueFullError(

@@ -25,7 +25,6 @@ from ingest.errors import InvalidArgumentError
 from query import catalog
 from query.connection import Client
 
-
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -79,7 +78,9 @@ class Catalog:
         for param in batch.params:
             self._params.put((param.run_id, param.key), param.value)
 
-    async def _resolve_experiments(self, runs: tuple[RunRow, ...]) -> tuple[tuple[RunRow, ...], tuple[ExperimentRow, ...]]:
+    async def _resolve_experiments(
+        self, runs: tuple[RunRow, ...]
+    ) -> tuple[tuple[RunRow, ...], tuple[ExperimentRow, ...]]:
         names = {r.experiment_name for r in runs if r.experiment_name}
         await self._lookup(
             (n for n in names if n not in self._experiment_ids),
@@ -99,9 +100,9 @@ class Catalog:
         resolved = []
         for run in runs:
             if run.experiment_name:
-                experiment_id = self._experiment_ids.get(run.experiment_name)
-                if experiment_id is None:
-                    experiment_id = catalog.experiment_id_for_name(run.experiment_name)
+                known = self._experiment_ids.get(run.experiment_name)
+                experiment_id = known or catalog.experiment_id_for_name(run.experiment_name)
+                if known is None:
                     created[run.experiment_name] = ExperimentRow(experiment_id, run.experiment_name, _now_ms())
                 run = dataclasses.replace(run, experiment_id=experiment_id, experiment_name="")
             resolved.append(run)
@@ -116,7 +117,8 @@ class Catalog:
         for run_id in sorted(run_ids):
             if run_id not in self._known_runs:
                 raise InvalidArgumentError(
-                    f"run {run_id!r} does not exist or is deleted; send its run upsert first (in this or an earlier request)"
+                    f"run {run_id!r} does not exist or is deleted;"
+                    " send its run upsert first (in this or an earlier request)"
                 )
 
     async def _check_params(self, batch: Batch) -> None:

@@ -34,8 +34,8 @@ import time
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
 
@@ -169,7 +169,8 @@ class Client:
         self._inflight: OrderedDict[int, _Request] = OrderedDict()
         self._inflight_size = 0
         self._next_sequence = 1
-        self._drains = 0
+        self._drains_started = 0  # a drain takes the buffer when it starts...
+        self._drains_done = 0  # ...and its requests exist once it is done
         self._acked = 0
         self._dropped = 0
         self._rejected: list[str] = []
@@ -177,6 +178,7 @@ class Client:
         self._reconnects = 0
         self._closing = False
         self._stopped = False
+        self._failure: Exception | None = None
         self._wake_requested = False
         self._loop = asyncio.new_event_loop()
         self._wake = asyncio.Event()
@@ -231,12 +233,14 @@ class Client:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            drains = self._drains
+            # The first drain to start after this call takes everything logged before it.
+            drain = self._drains_started + 1
             self._request_send()
-            self._wait(lambda: self._drains > drains or self._stopped, deadline)
+            self._wait(lambda: self._drains_done >= drain or self._stopped, deadline)
             last = self._next_sequence - 1
             self._wait(lambda: not self._inflight or next(iter(self._inflight)) > last or self._stopped, deadline)
             self._raise_rejected()
+            self._raise_failure()
 
     def close(self, timeout: float | None = None) -> None:
         """Flush, then stop the sender. Raises if data could not be delivered within the timeout."""
@@ -324,7 +328,9 @@ class Client:
                 if self._buffered >= self._config.request_points:
                     self._request_send()
 
-    def _append_meta(self, runs: list[ingest_pb2.RunUpsert], params: list[ingest_pb2.Param], tags: list[ingest_pb2.Tag]) -> None:
+    def _append_meta(
+        self, runs: list[ingest_pb2.RunUpsert], params: list[ingest_pb2.Param], tags: list[ingest_pb2.Tag]
+    ) -> None:
         with self._lock:
             if not self._reserve(len(runs) + len(params) + len(tags), droppable=False):
                 return
@@ -340,16 +346,20 @@ class Client:
         """Make room for n points under the bound (lock held). False when the points are dropped."""
         if self._closing:
             raise IngestError("client is closed")
+        self._raise_failure()
         limit = self._config.max_buffer_points
         if self._buffered + self._inflight_size + n > limit:
             if droppable and self._config.full_policy == "drop":
                 self._dropped += n
                 return False
             self._request_send()
-            deadline = None if self._config.block_timeout_s is None else time.monotonic() + self._config.block_timeout_s
-            # Anything that fits alone is admitted once the rest has drained, so a large n cannot wait forever.
-            fits = lambda: self._buffered + self._inflight_size + n <= limit or (self._buffered + self._inflight_size == 0)  # noqa: E731
-            if not self._lock.wait_for(lambda: fits() or self._stopped, None if deadline is None else deadline - time.monotonic()):
+
+            def room() -> bool:
+                used = self._buffered + self._inflight_size
+                # Anything is admitted into an empty buffer, so an oversized call cannot wait forever.
+                return used + n <= limit or used == 0 or self._stopped
+
+            if not self._lock.wait_for(room, self._config.block_timeout_s):
                 raise BufferFullError(f"buffer full ({limit} points) for {self._config.block_timeout_s}s")
             if self._stopped:
                 raise IngestError("client is closed")
@@ -364,9 +374,11 @@ class Client:
     def _wait(self, predicate: object, deadline: float | None) -> None:
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not self._lock.wait_for(predicate, remaining):  # type: ignore[arg-type]
-            raise TimeoutError(
-                f"{self._buffered + self._inflight_size} points still unacknowledged by {self._target}"
-            )
+            raise TimeoutError(f"{self._buffered + self._inflight_size} points still unacknowledged by {self._target}")
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise IngestError(f"the client's sender failed; unsent data is lost: {self._failure!r}") from self._failure
 
     def _raise_rejected(self) -> None:
         if self._rejected:
@@ -382,6 +394,8 @@ class Client:
         holds throughout, and flush() never sees a drain before its requests exist.
         """
         with self._lock:
+            self._drains_started += 1
+            drain = self._drains_started
             self._wake_requested = False
             head, self._head = self._head, ingest_pb2.WriteRequest()
             blocks = [b for b in (buf.take() for buf in self._runs.values()) if b is not None]
@@ -393,7 +407,7 @@ class Client:
                 self._next_sequence += 1
             self._buffered -= size
             self._inflight_size += size
-            self._drains += 1
+            self._drains_done = drain
             self._lock.notify_all()
 
     def _encode(self, head: ingest_pb2.WriteRequest, blocks: list[BlockColumns], size: int) -> list[tuple[bytes, int]]:
@@ -430,7 +444,8 @@ class Client:
                 try:
                     await self._session()
                     return
-                except (_RetryLater, grpc.aio.AioRpcError) as exc:
+                # A failed RPC surfaces as an RpcError from reads, or InvalidStateError from writes.
+                except (_RetryLater, grpc.RpcError, asyncio.InvalidStateError) as exc:
                     if self._closing:  # close() has already waited as long as it was allowed to
                         return
                     with self._lock:
@@ -442,6 +457,9 @@ class Client:
                         attempt = 0
                     log.debug("trackhouse client: retrying in %.2fs: %s", delay, exc)
                     await self._sleep_draining(delay)
+        except Exception as exc:
+            log.exception("trackhouse client: sender stopped unexpectedly")
+            self._failure = exc
         finally:
             with self._lock:
                 self._stopped = True
@@ -457,16 +475,20 @@ class Client:
             self._drain()
 
     async def _session(self) -> None:
-        options = [("grpc.max_send_message_length", 256 * 1024 * 1024), ("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+        options = [
+            ("grpc.max_send_message_length", 256 * 1024 * 1024),
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+        ]
         async with grpc.aio.insecure_channel(self._target, options=options) as channel:
-            call = channel.stream_stream(_WRITE_STREAM, response_deserializer=ingest_pb2.WriteAck.FromString)()
-            reader = asyncio.create_task(self._read_acks(call))
+            # No serializer: requests are already bytes. grpc-stubs predates aio's call-then-write form.
+            method = channel.stream_stream(
+                _WRITE_STREAM, request_serializer=None, response_deserializer=ingest_pb2.WriteAck.FromString
+            )
+            call = method()  # type: ignore[call-arg]
+            stream = _Stream()
+            reader = asyncio.create_task(self._read_acks(call, stream))
             try:
-                with self._lock:
-                    resend = list(self._inflight.items())
-                sent = resend[-1][0] if resend else 0
-                for _, request in resend:
-                    await call.write(request.raw)
+                sent = 0
                 while True:
                     if reader.done():
                         reader.result()
@@ -475,8 +497,11 @@ class Client:
                         if self._closing:
                             idle = not self._buffered and not self._inflight
                             break
-                        unsent = [(s, r) for s, r in self._inflight.items() if s > sent]
+                        unsent = [(q, r) for q, r in self._inflight.items() if q > sent]
                     for sequence, request in unsent:
+                        if stream.refusal is not None:
+                            break  # refused: send nothing new until every answer is in
+                        stream.unanswered.add(sequence)
                         await call.write(request.raw)
                         sent = sequence
                     self._wake.clear()
@@ -490,22 +515,43 @@ class Client:
                 reader.cancel()
                 call.cancel()
 
-    async def _read_acks(self, call: grpc.aio.StreamStreamCall[bytes, ingest_pb2.WriteAck]) -> None:
+    async def _read_acks(self, call: grpc.aio.StreamStreamCall[bytes, ingest_pb2.WriteAck], stream: _Stream) -> None:
+        """Apply acks. After a retryable refusal, keep reading until every request sent is answered.
+
+        The server refuses everything after a refusal on the same stream, so
+        the requests before it are still stored and acknowledged here; only then
+        does the client reconnect and resend what is left, in order.
+        """
         async for ack in call:
+            stream.unanswered.discard(ack.sequence)
             if ack.code in _RETRYABLE_CODES:
-                raise _RetryLater(ack.message, ack.retry_after_ms)
-            with self._lock:
-                request = self._inflight.pop(ack.sequence, None)
-                if request is None:
-                    continue  # an ack for a resent request that was already acknowledged
-                self._inflight_size -= request.size
-                if ack.code == 0:
-                    self._acked += request.size
-                else:
-                    self._rejected.append(ack.message)
-                    self._rejected_total += 1
-                    log.error("trackhouse rejected a write request: %s", ack.message)
-                self._lock.notify_all()
+                stream.refusal = stream.refusal or _RetryLater(ack.message, ack.retry_after_ms)
+            else:
+                self._settle(ack)
+            if stream.refusal is not None and not stream.unanswered:
+                raise stream.refusal
+
+    def _settle(self, ack: ingest_pb2.WriteAck) -> None:
+        with self._lock:
+            request = self._inflight.pop(ack.sequence, None)
+            if request is None:
+                return  # an ack for a resent request that was already acknowledged
+            self._inflight_size -= request.size
+            if ack.code == 0:
+                self._acked += request.size
+            else:
+                self._rejected.append(ack.message)
+                self._rejected_total += 1
+                log.error("trackhouse rejected a write request: %s", ack.message)
+            self._lock.notify_all()
+
+
+@dataclass(slots=True)
+class _Stream:
+    """What one WriteStream has sent and not yet heard back about."""
+
+    unanswered: set[int] = field(default_factory=set)
+    refusal: _RetryLater | None = None
 
 
 class Run:
@@ -542,10 +588,7 @@ class Run:
         if not np.issubdtype(step_array.dtype, np.integer):
             raise InvalidArgumentError(f"metric {key!r}: steps must be integers, not {step_array.dtype}")
         n = len(value_array)
-        if timestamps_ms is None:
-            ts = np.full(n, _now_ms(), np.int64)
-        else:
-            ts = np.array(timestamps_ms, dtype=np.int64)
+        ts = np.full(n, _now_ms(), np.int64) if timestamps_ms is None else np.array(timestamps_ms, dtype=np.int64)
         if not (len(step_array) == n == len(ts)):
             raise InvalidArgumentError(
                 f"metric {key!r}: steps, values and timestamps differ in length ({len(step_array)}, {n}, {len(ts)})"
@@ -603,11 +646,16 @@ def _slice(block: BlockColumns, start: int, end: int) -> BlockColumns:
     if start == 0 and end >= len(block.value):
         return block
     return BlockColumns(
-        block.run_id, block.keys, block.key_index[start:end], block.step[start:end], block.value[start:end], block.timestamp_ms[start:end]
+        block.run_id,
+        block.keys,
+        block.key_index[start:end],
+        block.step[start:end],
+        block.value[start:end],
+        block.timestamp_ms[start:end],
     )
 
 
-def _close_at_exit(ref: weakref.ref[Client]) -> object:
+def _close_at_exit(ref: weakref.ref[Client]) -> Callable[[], None]:
     def close() -> None:
         client = ref()
         if client is not None:

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from ingest.errors import PermanentError
 
-
 DEFAULT_FLUSH_POINTS = 250_000
 DEFAULT_FLUSH_INTERVAL_MS = 200
 DEFAULT_MAX_QUEUE_POINTS = 4_000_000

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -52,7 +53,7 @@ class GrpcReceiver:
         self._writer = writer
         self._config = config
         self._telemetry = telemetry
-        self._health = health.aio.HealthServicer()
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # not in the package's stubs
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -82,7 +83,7 @@ class GrpcReceiver:
             await self._server.stop(self._config.stop_grace_s)
             self._server = None
 
-    def _handlers(self) -> grpc.GenericRpcHandler:
+    def _handlers(self) -> grpc.GenericRpcHandler[Any, Any]:
         serialize = ingest_pb2.WriteAck.SerializeToString
         return grpc.method_handlers_generic_handler(
             SERVICE_NAME,
@@ -93,7 +94,9 @@ class GrpcReceiver:
             },
         )
 
-    async def _write(self, raw: bytes, context: grpc.aio.ServicerContext[bytes, ingest_pb2.WriteAck]) -> ingest_pb2.WriteAck:
+    async def _write(
+        self, raw: bytes, context: grpc.aio.ServicerContext[bytes, ingest_pb2.WriteAck]
+    ) -> ingest_pb2.WriteAck:
         self._telemetry.received_requests.inc()
         sequence = 0
         try:
@@ -166,7 +169,9 @@ class GrpcReceiver:
 
     def _error_ack(self, sequence: int, exc: IngestError) -> ingest_pb2.WriteAck:
         code, retry_after_ms = self._rejected(exc)
-        return ingest_pb2.WriteAck(sequence=sequence, code=code.value[0], message=str(exc), retry_after_ms=retry_after_ms)
+        return ingest_pb2.WriteAck(
+            sequence=sequence, code=code.value[0], message=str(exc), retry_after_ms=retry_after_ms
+        )
 
     def _rejected(self, exc: IngestError) -> tuple[grpc.StatusCode, int]:
         code, retry_after_ms = status_of(exc)

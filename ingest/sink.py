@@ -74,7 +74,15 @@ class ClickHouseSink:
         if batch.experiments:
             self._insert_rows(
                 schema.EXPERIMENTS,
-                ["experiment_id", "name", "artifact_location", "lifecycle_stage", "creation_time", "last_update_time", "version"],
+                [
+                    "experiment_id",
+                    "name",
+                    "artifact_location",
+                    "lifecycle_stage",
+                    "creation_time",
+                    "last_update_time",
+                    "version",
+                ],
                 [
                     [e.experiment_id, e.name, "", "active", e.creation_time_ms, e.creation_time_ms, 0]
                     for e in batch.experiments
@@ -83,14 +91,36 @@ class ClickHouseSink:
         if batch.runs:
             self._insert_rows(
                 schema.RUNS,
-                ["run_id", "experiment_id", "name", "status", "start_time", "end_time", "user", "lifecycle_stage", "version"],
                 [
-                    [r.run_id, r.experiment_id, r.name, r.status, r.start_time_ms, r.end_time_ms or None, r.user, "active", r.version]
+                    "run_id",
+                    "experiment_id",
+                    "name",
+                    "status",
+                    "start_time",
+                    "end_time",
+                    "user",
+                    "lifecycle_stage",
+                    "version",
+                ],
+                [
+                    [
+                        r.run_id,
+                        r.experiment_id,
+                        r.name,
+                        r.status,
+                        r.start_time_ms,
+                        r.end_time_ms or None,
+                        r.user,
+                        "active",
+                        r.version,
+                    ]
                     for r in batch.runs
                 ],
             )
         if batch.params:
-            self._insert_rows(schema.PARAMS, ["run_id", "key", "value"], [[p.run_id, p.key, p.value] for p in batch.params])
+            self._insert_rows(
+                schema.PARAMS, ["run_id", "key", "value"], [[p.run_id, p.key, p.value] for p in batch.params]
+            )
         if batch.tags:
             self._insert_rows(
                 schema.TAGS,

@@ -16,17 +16,25 @@ class Telemetry:
         self.registry = CollectorRegistry()
         r = self.registry
         self.received_requests = Counter("trackhouse_received_requests", "Write requests received", registry=r)
-        self.received_points = Counter("trackhouse_received_points", "Metric points accepted into the queue", registry=r)
+        self.received_points = Counter(
+            "trackhouse_received_points", "Metric points accepted into the queue", registry=r
+        )
         self.rejected_requests = Counter(
             "trackhouse_rejected_requests", "Write requests rejected, by reason", ["reason"], registry=r
         )
-        self.queue_points = Gauge("trackhouse_queue_points", "Points held by the batcher (pending and inserting)", registry=r)
-        self.batch_points = Histogram("trackhouse_batch_points", "Points per insert", buckets=_POINT_BUCKETS, registry=r)
+        self.queue_points = Gauge(
+            "trackhouse_queue_points", "Points held by the batcher (pending and inserting)", registry=r
+        )
+        self.batch_points = Histogram(
+            "trackhouse_batch_points", "Points per insert", buckets=_POINT_BUCKETS, registry=r
+        )
         self.insert_seconds = Histogram(
             "trackhouse_insert_seconds", "Duration of one batch insert", buckets=_SECOND_BUCKETS, registry=r
         )
         self.inserted_points = Counter("trackhouse_inserted_points", "Metric points durably inserted", registry=r)
-        self.insert_retries = Counter("trackhouse_insert_retries", "Insert attempts retried after a retryable error", registry=r)
+        self.insert_retries = Counter(
+            "trackhouse_insert_retries", "Insert attempts retried after a retryable error", registry=r
+        )
         self.insert_failures = Counter("trackhouse_insert_failures", "Batches that failed permanently", registry=r)
 
     def render(self) -> bytes:

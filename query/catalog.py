@@ -56,7 +56,9 @@ def active_runs(client: Client, database: str, run_ids: Collection[str]) -> set[
     return {row[0] for row in rows}
 
 
-def param_values(client: Client, database: str, run_ids: Collection[str], keys: Collection[str]) -> dict[tuple[str, str], str]:
+def param_values(
+    client: Client, database: str, run_ids: Collection[str], keys: Collection[str]
+) -> dict[tuple[str, str], str]:
     """Stored params of `run_ids` restricted to `keys`, as (run_id, key) -> value."""
     if not run_ids or not keys:
         return {}

@@ -30,20 +30,42 @@ class Option:
 SERVE_OPTIONS = (
     Option("--data-dir", "TRACKHOUSE_DATA_DIR", Path, Path("data"), "embedded ClickHouse (chDB) directory"),
     Option(
-        "--clickhouse-url", "TRACKHOUSE_CLICKHOUSE_URL", str, None, "chdb:///dir or http(s)://user:pass@host:8123/db; overrides --data-dir"
+        "--clickhouse-url",
+        "TRACKHOUSE_CLICKHOUSE_URL",
+        str,
+        None,
+        "chdb:///dir or http(s)://user:pass@host:8123/db; overrides --data-dir",
     ),
     Option("--host", "TRACKHOUSE_HOST", str, "127.0.0.1", "interface for gRPC and HTTP"),
     Option("--grpc-port", "TRACKHOUSE_GRPC_PORT", int, 50051, "gRPC ingest port (0: any free port)"),
     Option("--http-port", "TRACKHOUSE_HTTP_PORT", int, 5000, "HTTP port: /health, /metrics (0: any free port)"),
-    Option("--flush-points", "TRACKHOUSE_FLUSH_POINTS", int, defaults.DEFAULT_FLUSH_POINTS, "insert once this many points are queued"),
     Option(
-        "--flush-interval-ms", "TRACKHOUSE_FLUSH_INTERVAL_MS", int, defaults.DEFAULT_FLUSH_INTERVAL_MS, "...or once the oldest is this old"
+        "--flush-points",
+        "TRACKHOUSE_FLUSH_POINTS",
+        int,
+        defaults.DEFAULT_FLUSH_POINTS,
+        "insert once this many points are queued",
     ),
     Option(
-        "--max-queue-points", "TRACKHOUSE_MAX_QUEUE_POINTS", int, defaults.DEFAULT_MAX_QUEUE_POINTS, "points held before RESOURCE_EXHAUSTED"
+        "--flush-interval-ms",
+        "TRACKHOUSE_FLUSH_INTERVAL_MS",
+        int,
+        defaults.DEFAULT_FLUSH_INTERVAL_MS,
+        "...or once the oldest is this old",
     ),
     Option(
-        "--max-message-bytes", "TRACKHOUSE_MAX_MESSAGE_BYTES", int, defaults.DEFAULT_MAX_MESSAGE_BYTES, "largest write request accepted"
+        "--max-queue-points",
+        "TRACKHOUSE_MAX_QUEUE_POINTS",
+        int,
+        defaults.DEFAULT_MAX_QUEUE_POINTS,
+        "points held before RESOURCE_EXHAUSTED",
+    ),
+    Option(
+        "--max-message-bytes",
+        "TRACKHOUSE_MAX_MESSAGE_BYTES",
+        int,
+        defaults.DEFAULT_MAX_MESSAGE_BYTES,
+        "largest write request accepted",
     ),
     Option("--log-level", "TRACKHOUSE_LOG_LEVEL", str, "INFO", "logging level"),
 )
@@ -56,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     for option in SERVE_OPTIONS:
         env_value = os.environ.get(option.env)
         default = option.cast(env_value) if env_value else option.default
-        serve_parser.add_argument(option.flag, type=option.cast, default=default, help=f"{option.help} [env {option.env}]")
+        serve_parser.add_argument(
+            option.flag, type=option.cast, default=default, help=f"{option.help} [env {option.env}]"
+        )
     return parser
 
 

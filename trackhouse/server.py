@@ -72,7 +72,9 @@ class Server:
         pipeline = WritePipeline(catalog, self._batcher, self.telemetry)
         self._grpc = GrpcReceiver(pipeline, config.grpc, self.telemetry)
         await self._grpc.start()
-        self._http = HttpServer(create_app(self.telemetry.render, lambda: self._serving), config.http_host, config.http_port)
+        self._http = HttpServer(
+            create_app(self.telemetry.render, lambda: self._serving), config.http_host, config.http_port
+        )
         await self._http.start()
         self._serving = True
 

@@ -1,0 +1,163 @@
+"""Real components on free loopback ports: embedded chDB, a grpc.aio server, the real client.
+
+chDB allows one data directory per process at a time, so a test's SQL client
+shares the directory of the server it checks, and closes before the next test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ingest.config import BatcherConfig, ReceiverConfig
+from ingest.receiver_grpc import GrpcConfig
+from query.connection import Client, StoreConfig, connect
+from trackhouse.server import Server, ServerConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RunningServer:
+    """A Server on its own event loop thread, plus a SQL client on the same chDB directory."""
+
+    server: Server
+    loop: asyncio.AbstractEventLoop
+    thread: threading.Thread
+    sql: Client
+    data_dir: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.http_port}"
+
+    def rows(self, query: str, **parameters: Any) -> list[tuple[Any, ...]]:
+        return list(self.sql.query(query, parameters=parameters).result_rows)
+
+    def scalar(self, query: str, **parameters: Any) -> Any:
+        return self.rows(query, **parameters)[0][0]
+
+    def call(self, coro: Any, timeout: float = 60) -> Any:
+        """Run a coroutine on the server's loop, from the test thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.call(self.server.stop())
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+def start_in_process(data_dir: Path, **overrides: Any) -> RunningServer:
+    config = ServerConfig(
+        store=StoreConfig.for_data_dir(data_dir),
+        grpc=GrpcConfig(
+            port=0, max_message_bytes=overrides.pop("max_message_bytes", ReceiverConfig().max_message_bytes)
+        ),
+        http_port=0,
+        batcher=replace(BatcherConfig(flush_interval_ms=50), **overrides),
+    )
+    server = Server(config)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True, name="test-server")
+    thread.start()
+    asyncio.run_coroutine_threadsafe(server.start(), loop).result(60)
+    return RunningServer(server, loop, thread, connect(config.store), data_dir)
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
+    """Factory: start_server(**BatcherConfig overrides, max_message_bytes=...)."""
+    started: list[RunningServer] = []
+
+    def start(**overrides: Any) -> RunningServer:
+        running = start_in_process(tmp_path / f"data{len(started)}", **overrides)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+        running.sql.close()
+
+
+@pytest.fixture
+def server(start_server: Callable[..., RunningServer]) -> RunningServer:
+    return start_server()
+
+
+@dataclass
+class ServerProcess:
+    """`trackhouse serve` as a child process on fixed ports, so a restart keeps its address."""
+
+    data_dir: Path
+    grpc_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    extra_args: tuple[str, ...] = ()
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self) -> None:
+        args = [sys.executable, "-m", "trackhouse.cli", "serve", "--data-dir", str(self.data_dir)]
+        args += ["--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port), *self.extra_args]
+        log_path = self.data_dir.with_suffix(".log")
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        with log_path.open("a") as log:  # a file, not a pipe: the child can never block on its output
+            self.process = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if "trackhouse ready" in log_path.read_text()[offset:]:
+                return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"server did not become ready:\n{log_path.read_text()[offset:]}")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def terminate(self) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(60)
+
+    def sql(self) -> Client:
+        """A SQL client on the data directory; only while no server process holds it."""
+        assert self.process is None or self.process.poll() is not None
+        return connect(StoreConfig.for_data_dir(self.data_dir))
+
+
+@pytest.fixture
+def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
+    proc = ServerProcess(tmp_path / "data")
+    yield proc
+    if proc.process is not None and proc.process.poll() is None:
+        proc.kill()
