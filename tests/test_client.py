@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 
 from ingest.client import BufferFullError, Client, ClientConfig
 from ingest.errors import IngestError, InvalidArgumentError
-from tests.conftest import RunningServer, free_port
+from tests.conftest import ROOT, RunningServer, free_port
 
 
 def unreachable() -> str:
@@ -73,3 +75,18 @@ def test_mismatched_series_lengths_and_float_steps() -> None:
         run.log_series("x", np.linspace(0, 1, 3), np.zeros(3))
     with pytest.raises(IngestError):
         client.close(timeout=0.1)
+
+
+def test_atexit_flushes_a_client_that_was_never_closed(server: RunningServer) -> None:
+    script = f"""
+from ingest.client import Client
+client = Client("{server.target}")
+run = client.start_run(experiment="atexit")
+for step in range(1000):
+    run.log_metrics({{"loss": step / 1000}}, step=step)
+print(run.run_id)
+"""  # no close(): the interpreter's exit must flush
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    run_id = result.stdout.strip()
+    assert server.scalar("SELECT count() FROM trackhouse.metrics WHERE run_id = {r:String}", r=run_id) == 1000
