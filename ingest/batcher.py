@@ -40,6 +40,13 @@ class Batcher:
         self._closing = False
         self._drain_deadline = float("inf")
         self._task: asyncio.Task[None] | None = None
+        self._inserting_since: float | None = None  # arrival of the oldest point in the insert under way
+        telemetry.oldest_unflushed_seconds.set_function(self.oldest_age)
+
+    def oldest_age(self) -> float:
+        """Seconds since the oldest point still held arrived; 0 when nothing is held."""
+        oldest = [t for t in (self._inserting_since, self._oldest_at if self._pending else None) if t is not None]
+        return time.monotonic() - min(oldest) if oldest else 0.0
 
     @property
     def held_points(self) -> int:
@@ -101,7 +108,11 @@ class Batcher:
                     await asyncio.wait_for(self._wake.wait(), remaining)
                 continue
             items, self._pending, self._pending_size = self._pending, [], 0
-            await self._flush(items)
+            self._inserting_since = self._oldest_at
+            try:
+                await self._flush(items)
+            finally:
+                self._inserting_since = None
 
     async def _flush(self, items: list[tuple[Batch, asyncio.Future[None]]]) -> None:
         size = sum(batch.size for batch, _ in items)

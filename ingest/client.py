@@ -38,13 +38,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
+from urllib.parse import urlsplit
 
 import grpc
 import numpy as np
 import numpy.typing as npt
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from ingest import validation
 from ingest.codec import STATUS_VALUES, BlockColumns, encode_request
+from ingest.config import DEFAULT_KAFKA_TOPIC
 from ingest.errors import IngestError, InvalidArgumentError
 from trackhouse.v1 import ingest_pb2
 
@@ -148,6 +152,8 @@ class _RunBuffer:
 class _Request:
     raw: bytes
     size: int
+    #: The one run a Kafka-bound request carries: the message key.
+    run_id: str = ""
 
 
 class _RetryLater(Exception):
@@ -158,7 +164,9 @@ class _RetryLater(Exception):
 
 class Client:
     def __init__(self, target: str = "127.0.0.1:50051", config: ClientConfig | None = None) -> None:
+        """`target` is a gRPC host:port, or kafka://host:port[,host:port]/topic to produce to Kafka directly."""
         self._target = target
+        self._kafka = _kafka_target(target)
         self._config = config or ClientConfig()
         self.writer_id = uuid.uuid4().hex
         self._lock = threading.Condition()
@@ -400,21 +408,28 @@ class Client:
             head, self._head = self._head, ingest_pb2.WriteRequest()
             blocks = [b for b in (buf.take() for buf in self._runs.values()) if b is not None]
             size = len(head.runs) + len(head.params) + len(head.tags) + sum(len(b.value) for b in blocks)
-        requests = self._encode(head, blocks, size) if size else []
+        requests = self._encode(head, blocks) if size else []
+        assert sum(r.size for r in requests) == size
         with self._lock:
-            for raw, request_size in requests:
-                self._inflight[self._next_sequence] = _Request(raw, request_size)
+            for request in requests:
+                self._inflight[self._next_sequence] = request
                 self._next_sequence += 1
             self._buffered -= size
             self._inflight_size += size
             self._drains_done = drain
             self._lock.notify_all()
 
-    def _encode(self, head: ingest_pb2.WriteRequest, blocks: list[BlockColumns], size: int) -> list[tuple[bytes, int]]:
+    def _encode(self, head: ingest_pb2.WriteRequest, blocks: list[BlockColumns]) -> list[_Request]:
         """Split into requests of at most request_points; metadata goes first, ahead of the points that need it."""
+        if self._kafka is not None:  # one run per message, so the run_id key keeps each run's order
+            return [r for head_, blocks_ in _by_run(head, blocks) for r in self._encode_one(head_, blocks_)]
+        return self._encode_one(head, blocks)
+
+    def _encode_one(self, head: ingest_pb2.WriteRequest, blocks: list[BlockColumns]) -> list[_Request]:
         limit = self._config.request_points
-        requests: list[tuple[bytes, int]] = []
+        requests: list[_Request] = []
         meta = len(head.runs) + len(head.params) + len(head.tags)
+        run_id = _only_run(head, blocks)
         current: list[BlockColumns] = []
         current_points = 0
 
@@ -422,7 +437,7 @@ class Client:
             nonlocal head, current, current_points, meta
             sequence = self._next_sequence + len(requests)  # only this thread assigns sequences
             head.writer_id, head.sequence = self.writer_id, sequence
-            requests.append((encode_request(head, current), meta + current_points))
+            requests.append(_Request(encode_request(head, current), meta + current_points, run_id))
             head, current, current_points, meta = ingest_pb2.WriteRequest(), [], 0, 0
 
         for block in blocks:
@@ -434,7 +449,6 @@ class Client:
                 current_points += len(piece.value)
         if current or meta:
             emit()
-        assert sum(s for _, s in requests) == size
         return requests
 
     async def _run(self) -> None:
@@ -442,10 +456,10 @@ class Client:
             attempt = 0
             while True:
                 try:
-                    await self._session()
+                    await (self._kafka_session() if self._kafka else self._session())
                     return
                 # A failed RPC surfaces as an RpcError from reads, or InvalidStateError from writes.
-                except (_RetryLater, grpc.RpcError, asyncio.InvalidStateError) as exc:
+                except (_RetryLater, grpc.RpcError, asyncio.InvalidStateError, KafkaError) as exc:
                     if self._closing:  # close() has already waited as long as it was allowed to
                         return
                     with self._lock:
@@ -514,6 +528,50 @@ class Client:
             finally:
                 reader.cancel()
                 call.cancel()
+
+    async def _kafka_session(self) -> None:
+        """Produce in-flight requests in order; a delivery with acks=all is the acknowledgement."""
+        assert self._kafka is not None
+        bootstrap, topic = self._kafka
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            acks="all",
+            linger_ms=5,
+            max_request_size=256 * 1024 * 1024,
+            request_timeout_ms=10_000,
+            enable_idempotence=False,
+        )
+        try:
+            await producer.start()
+            stream = _Stream()
+            sent = 0
+            while True:
+                if stream.refusal is not None:
+                    raise stream.refusal
+                with self._lock:
+                    if self._closing:
+                        break
+                    unsent = [(q, r) for q, r in self._inflight.items() if q > sent]
+                for sequence, request in unsent:
+                    delivery = await producer.send(topic, key=request.run_id.encode(), value=request.raw)
+                    delivery.add_done_callback(lambda f, q=sequence: self._delivered(q, f, stream))
+                    sent = sequence
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._config.linger_ms / 1000)
+                self._drain()
+        finally:
+            await producer.stop()
+
+    def _delivered(self, sequence: int, delivery: asyncio.Future[object], stream: _Stream) -> None:
+        failure = None if delivery.cancelled() else delivery.exception()
+        if delivery.cancelled() or (
+            isinstance(failure, KafkaError) and not isinstance(failure, MessageSizeTooLargeError)
+        ):
+            stream.refusal = stream.refusal or _RetryLater(f"Kafka delivery failed: {failure!r}")
+            return
+        code = grpc.StatusCode.INVALID_ARGUMENT.value[0] if failure else 0
+        self._settle(ingest_pb2.WriteAck(sequence=sequence, code=code, message=str(failure or "")))
 
     async def _read_acks(self, call: grpc.aio.StreamStreamCall[bytes, ingest_pb2.WriteAck], stream: _Stream) -> None:
         """Apply acks. After a retryable refusal, keep reading until every request sent is answered.
@@ -640,6 +698,40 @@ class Run:
                 tag_msgs.append(ingest_pb2.Tag(run_id=self.run_id, key=key, value=value, version=version))
             self._client._append_meta([upsert] if upsert else [], param_msgs, tag_msgs)
             self._params.update(fresh)
+
+
+def _kafka_target(target: str) -> tuple[str, str] | None:
+    """kafka://host:port[,host:port]/topic -> (bootstrap, topic); None for a gRPC target."""
+    if not target.startswith("kafka://"):
+        return None
+    parts = urlsplit(target)
+    return parts.netloc, parts.path.strip("/") or DEFAULT_KAFKA_TOPIC
+
+
+def _by_run(
+    head: ingest_pb2.WriteRequest, blocks: list[BlockColumns]
+) -> list[tuple[ingest_pb2.WriteRequest, list[BlockColumns]]]:
+    """Regroup one drain's metadata and blocks into one (head, blocks) per run."""
+    groups: dict[str, tuple[ingest_pb2.WriteRequest, list[BlockColumns]]] = {}
+
+    def group(run_id: str) -> tuple[ingest_pb2.WriteRequest, list[BlockColumns]]:
+        return groups.setdefault(run_id, (ingest_pb2.WriteRequest(), []))
+
+    for upsert in head.runs:
+        group(upsert.run_id)[0].runs.append(upsert)
+    for param in head.params:
+        group(param.run_id)[0].params.append(param)
+    for tag in head.tags:
+        group(tag.run_id)[0].tags.append(tag)
+    for block in blocks:
+        group(block.run_id)[1].append(block)
+    return list(groups.values())
+
+
+def _only_run(head: ingest_pb2.WriteRequest, blocks: list[BlockColumns]) -> str:
+    run_ids = {r.run_id for r in head.runs} | {p.run_id for p in head.params} | {t.run_id for t in head.tags}
+    run_ids.update(b.run_id for b in blocks)
+    return run_ids.pop() if len(run_ids) == 1 else ""
 
 
 def _slice(block: BlockColumns, start: int, end: int) -> BlockColumns:

@@ -36,6 +36,8 @@ class DecodedRequest:
     writer_id: str
     sequence: int
     batch: Batch
+    #: The bytes it was decoded from, so a gateway can forward them unchanged.
+    raw: bytes = b""
 
 
 def decode_request(raw: bytes, max_bytes: int) -> DecodedRequest:
@@ -56,7 +58,7 @@ def decode_request(raw: bytes, max_bytes: int) -> DecodedRequest:
         params=tuple(_decode_param(p) for p in request.params),
         tags=tuple(_decode_tag(t) for t in request.tags),
     )
-    return DecodedRequest(writer_id=request.writer_id, sequence=request.sequence, batch=batch)
+    return DecodedRequest(writer_id=request.writer_id, sequence=request.sequence, batch=batch, raw=raw)
 
 
 def _decode_run(run: ingest_pb2.RunUpsert) -> RunRow:
@@ -174,3 +176,50 @@ def encode_request(head: ingest_pb2.WriteRequest, blocks: Sequence[BlockColumns]
         ]
     )
     return head.SerializeToString() + view.SerializeToString()
+
+
+def split_by_run(request: DecodedRequest) -> list[tuple[str, bytes]]:
+    """One (run_id, WriteRequest bytes) per run the request touches, in a stable order.
+
+    Kafka keys messages by run_id so each run keeps its order in one partition.
+    A request touching a single run, the common case, is passed through unchanged.
+    """
+    batch = request.batch
+    run_ids = sorted({r.run_id for r in batch.runs} | batch.run_ids())
+    if len(run_ids) <= 1:
+        return [(run_ids[0] if run_ids else "", request.raw)]
+    parts = []
+    for run_id in run_ids:
+        head = ingest_pb2.WriteRequest(writer_id=request.writer_id, sequence=request.sequence)
+        head.runs.extend(_run_upsert(r) for r in batch.runs if r.run_id == run_id)
+        head.params.extend(
+            ingest_pb2.Param(run_id=p.run_id, key=p.key, value=p.value) for p in batch.params if p.run_id == run_id
+        )
+        head.tags.extend(
+            ingest_pb2.Tag(run_id=t.run_id, key=t.key, value=t.value, version=t.version)
+            for t in batch.tags
+            if t.run_id == run_id
+        )
+        blocks = []
+        m = batch.metrics
+        if run_id in m.run_ids:
+            mask = m.run_index == m.run_ids.index(run_id)
+            blocks.append(
+                BlockColumns(run_id, m.keys, m.key_index[mask], m.step[mask], m.value[mask], m.timestamp[mask])
+            )
+        parts.append((run_id, encode_request(head, blocks)))
+    return parts
+
+
+def _run_upsert(run: RunRow) -> ingest_pb2.RunUpsert:
+    return ingest_pb2.RunUpsert(
+        run_id=run.run_id,
+        experiment_id=run.experiment_id,
+        experiment_name=run.experiment_name,
+        name=run.name,
+        status=STATUS_VALUES[run.status],
+        start_time_ms=run.start_time_ms,
+        end_time_ms=run.end_time_ms,
+        user=run.user,
+        version=run.version,
+    )

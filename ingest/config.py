@@ -49,3 +49,68 @@ class ReceiverConfig:
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1024:
             raise ConfigError("max_message_bytes must be at least 1024")
+
+
+DEFAULT_KAFKA_TOPIC = "trackhouse.writes"
+DEFAULT_KAFKA_GROUP_ID = "trackhouse-workers"
+DEFAULT_KAFKA_PARTITIONS = 12
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaConfig:
+    #: Comma-separated host:port list.
+    bootstrap: str
+    #: The topic carrying WriteRequest bytes, keyed by run_id.
+    topic: str = DEFAULT_KAFKA_TOPIC
+    #: Where undecodable or invalid messages go, with the reason in headers. Empty: "<topic>.dlq".
+    dead_letter_topic: str = ""
+    #: The workers' consumer group.
+    group_id: str = DEFAULT_KAFKA_GROUP_ID
+    client_id: str = "trackhouse"
+    #: Partitions of the topic when trackhouse has to create it. Runs spread over partitions by key.
+    partitions: int = DEFAULT_KAFKA_PARTITIONS
+    #: Replicas when trackhouse creates the topics: 1 suits one broker; use 3 on a production cluster.
+    replication_factor: int = 1
+    #: Passed through to aiokafka: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    sasl_password: str = ""
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    #: Most bytes fetched per partition per request (bounds the worker's read-ahead memory).
+    max_partition_fetch_bytes: int = 32 * 1024 * 1024
+    #: How long a gateway waits for the broker's acks=all before answering UNAVAILABLE.
+    produce_timeout_ms: int = 10_000
+
+    def __post_init__(self) -> None:
+        if not self.bootstrap:
+            raise ConfigError("Kafka needs a bootstrap server list")
+        if self.partitions <= 0:
+            raise ConfigError("partitions must be positive")
+
+    @property
+    def dead_letters(self) -> str:
+        return self.dead_letter_topic or f"{self.topic}.dlq"
+
+    def connection_args(self) -> dict[str, object]:
+        """Arguments every aiokafka client here shares: servers, identity, security."""
+        args: dict[str, object] = {
+            "bootstrap_servers": self.bootstrap,
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            args.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self.sasl_password,
+            )
+        if self.security_protocol.endswith("SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            args["ssl_context"] = create_ssl_context(
+                cafile=self.ssl_cafile or None, certfile=self.ssl_certfile or None, keyfile=self.ssl_keyfile or None
+            )
+        return args

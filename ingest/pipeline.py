@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Protocol
 
-from ingest.batch import Batch
 from ingest.batcher import Batcher
 from ingest.catalog import Catalog
+from ingest.codec import DecodedRequest
 from ingest.telemetry import Telemetry
 
 
 class Writer(Protocol):
-    async def accept(self, batch: Batch) -> Awaitable[None]:
-        """Check and queue `batch`, or raise an IngestError. The result completes once the batch is durable.
+    async def accept(self, request: DecodedRequest) -> Awaitable[None]:
+        """Check and queue `request`, or raise an IngestError. The result completes once it is durable.
 
         Accepting is separate from waiting, so a stream can accept requests in
         order while earlier ones are still being inserted.
@@ -27,8 +27,8 @@ class WritePipeline:
         self._batcher = batcher
         self._telemetry = telemetry
 
-    async def accept(self, batch: Batch) -> Awaitable[None]:
-        batch = await self._catalog.resolve(batch)
+    async def accept(self, request: DecodedRequest) -> Awaitable[None]:
+        batch = await self._catalog.resolve(request.batch)
         durable = self._batcher.submit(batch)
         self._catalog.remember(batch)
         self._telemetry.received_points.inc(batch.points)

@@ -102,7 +102,7 @@ class GrpcReceiver:
         try:
             request = decode_request(raw, self._config.max_message_bytes)
             sequence = request.sequence
-            await (await self._writer.accept(request.batch))
+            await (await self._writer.accept(request))
         except IngestError as exc:
             code, retry_after_ms = self._rejected(exc)
             if retry_after_ms:
@@ -141,7 +141,7 @@ class GrpcReceiver:
                     sequence = request.sequence
                     if refusal is not None:
                         raise refusal
-                    durable = await self._writer.accept(request.batch)
+                    durable = await self._writer.accept(request)
                 except IngestError as exc:
                     if isinstance(exc, RetryableError):
                         refusal = exc

@@ -37,5 +37,23 @@ class Telemetry:
         )
         self.insert_failures = Counter("trackhouse_insert_failures", "Batches that failed permanently", registry=r)
 
+        self.dead_lettered = Counter(
+            "trackhouse_dead_lettered",
+            "Kafka messages sent to the dead-letter topic, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.kafka_lag = Gauge(
+            "trackhouse_kafka_lag",
+            "Messages in the log not yet durably consumed, per partition",
+            ["partition"],
+            registry=r,
+        )
+        self.oldest_unflushed_seconds = Gauge(
+            "trackhouse_oldest_unflushed_seconds",
+            "Age of the oldest point held by the batcher, 0 when empty",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

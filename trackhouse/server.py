@@ -16,15 +16,20 @@ from compat.app import create_app
 from compat.http_server import HttpServer
 from ingest.batcher import Batcher
 from ingest.catalog import Catalog
-from ingest.config import BatcherConfig, ReceiverConfig
-from ingest.pipeline import WritePipeline
+from ingest.config import BatcherConfig, ConfigError, KafkaConfig, ReceiverConfig
+from ingest.forwarder_kafka import KafkaForwarder
+from ingest.pipeline import WritePipeline, Writer
 from ingest.receiver_grpc import GrpcConfig, GrpcReceiver
+from ingest.receiver_kafka import KafkaReceiver
 from ingest.sink import ClickHouseSink
 from ingest.telemetry import Telemetry
 from query import schema
 from query.connection import StoreConfig, connect
 
 log = logging.getLogger("trackhouse")
+
+
+ROLES = ("all", "gateway", "worker")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +41,24 @@ class ServerConfig:
     http_port: int = 5000
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
     receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
+    #: all: gRPC in, storage out (through Kafka when configured). gateway: gRPC in, Kafka out.
+    #: worker: Kafka in, storage out.
+    role: str = "all"
+    kafka: KafkaConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ConfigError(f"role must be one of {', '.join(ROLES)}, not {self.role!r}")
+        if self.role != "all" and self.kafka is None:
+            raise ConfigError(f"role {self.role} needs Kafka (--kafka-bootstrap)")
+
+    @property
+    def stores(self) -> bool:
+        return self.role in ("all", "worker")
+
+    @property
+    def receives_grpc(self) -> bool:
+        return self.role in ("all", "gateway")
 
 
 class Server:
@@ -44,6 +67,8 @@ class Server:
         self.telemetry = Telemetry()
         self._serving = False
         self._batcher: Batcher | None = None
+        self._kafka_in: KafkaReceiver | None = None
+        self._kafka_out: KafkaForwarder | None = None
         self._grpc: GrpcReceiver | None = None
         self._http: HttpServer | None = None
         self._clients: list[object] = []
@@ -58,33 +83,50 @@ class Server:
 
     async def start(self) -> None:
         config = self._config
-        database = config.store.resolved_database
-        # Separate clients, so catalog lookups never queue behind a long insert.
-        sink_client = await asyncio.to_thread(connect, config.store)
-        self._clients.append(sink_client)
-        await asyncio.to_thread(schema.migrate, sink_client, database)
-        catalog_client = await asyncio.to_thread(connect, config.store)
-        self._clients.append(catalog_client)
-
-        self._batcher = Batcher(ClickHouseSink(sink_client, database), config.batcher, self.telemetry)
-        await self._batcher.start()
-        catalog = Catalog(catalog_client, database, config.receiver.catalog_cache_entries)
-        pipeline = WritePipeline(catalog, self._batcher, self.telemetry)
-        self._grpc = GrpcReceiver(pipeline, config.grpc, self.telemetry)
-        await self._grpc.start()
+        max_bytes = config.receiver.max_message_bytes
+        pipeline = await self._start_storage() if config.stores else None
+        if config.kafka is not None and pipeline is not None:
+            self._kafka_in = KafkaReceiver(pipeline, config.kafka, max_bytes, self.telemetry)
+            await self._kafka_in.start()
+        if config.receives_grpc:
+            writer: Writer | None = pipeline
+            if config.kafka is not None:  # with Kafka, gRPC writes go through it, even in role all
+                writer = self._kafka_out = KafkaForwarder(config.kafka, max_bytes, self.telemetry)
+                await self._kafka_out.start()
+            assert writer is not None
+            self._grpc = GrpcReceiver(writer, config.grpc, self.telemetry)
+            await self._grpc.start()
         self._http = HttpServer(
             create_app(self.telemetry.render, lambda: self._serving), config.http_host, config.http_port
         )
         await self._http.start()
         self._serving = True
 
+    async def _start_storage(self) -> WritePipeline:
+        store = self._config.store
+        database = store.resolved_database
+        # Separate clients, so catalog lookups never queue behind a long insert.
+        sink_client = await asyncio.to_thread(connect, store)
+        self._clients.append(sink_client)
+        await asyncio.to_thread(schema.migrate, sink_client, database)
+        catalog_client = await asyncio.to_thread(connect, store)
+        self._clients.append(catalog_client)
+        self._batcher = Batcher(ClickHouseSink(sink_client, database), self._config.batcher, self.telemetry)
+        await self._batcher.start()
+        catalog = Catalog(catalog_client, database, self._config.receiver.catalog_cache_entries)
+        return WritePipeline(catalog, self._batcher, self.telemetry)
+
     async def stop(self) -> None:
         """Drain and stop. Idempotent, and safe after a failed or partial start."""
         self._serving = False
         if self._grpc is not None:
             await self._grpc.begin_stop()
+        if self._kafka_in is not None:  # settles on the batcher, so before it stops
+            await self._kafka_in.stop()
         if self._batcher is not None:
             await self._batcher.stop()
+        if self._kafka_out is not None:
+            await self._kafka_out.stop()
         if self._grpc is not None:
             await self._grpc.stop()
         if self._http is not None:
@@ -105,8 +147,10 @@ async def serve(config: ServerConfig) -> None:
     try:
         await server.start()
         print(
-            f"trackhouse ready grpc={config.grpc.host}:{server.grpc_port}"
-            f" http=http://{config.http_host}:{server.http_port} storage={config.store.url}",
+            f"trackhouse ready role={config.role} grpc={config.grpc.host}:{server.grpc_port}"
+            f" http=http://{config.http_host}:{server.http_port}"
+            f" storage={config.store.url if config.stores else '-'}"
+            f" kafka={config.kafka.bootstrap + '/' + config.kafka.topic if config.kafka else '-'}",
             flush=True,
         )
         await stop.wait()

@@ -1,0 +1,239 @@
+"""The Kafka path against a real Kafka-protocol broker (Tansu), real chDB and the real client. No mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from ingest import kafka
+from ingest.client import Client, ClientConfig
+from ingest.codec import BlockColumns, encode_request
+from ingest.receiver_kafka import ERROR_HEADER
+from tests.conftest import KafkaBroker, RunningServer, ServerProcess, wait_until
+from trackhouse.v1 import ingest_pb2
+
+DISTINCT = "SELECT count() FROM (SELECT DISTINCT * FROM trackhouse.metrics WHERE run_id IN {runs:Array(String)})"
+
+
+def stored(server: RunningServer, run_ids: list[str]) -> int:
+    return int(server.scalar(DISTINCT, runs=run_ids))
+
+
+def scrape(http_url: str) -> str:
+    with urllib.request.urlopen(f"{http_url}/metrics") as response:
+        return str(response.read().decode())
+
+
+def caught_up(http_url: str) -> bool:
+    """Every partition's lag is 0 and the batcher holds nothing: all consumed data is committed."""
+    text = scrape(http_url)
+    lags = [float(v) for v in re.findall(r"^trackhouse_kafka_lag\{[^}]*\} (\S+)$", text, re.M)]
+    queued = re.search(r"^trackhouse_queue_points (\S+)$", text, re.M)
+    return bool(lags) and not any(lags) and queued is not None and float(queued.group(1)) == 0
+
+
+def log_runs(client: Client, runs: int, steps: int, keys: int = 4) -> list[str]:
+    started = [client.start_run(experiment="kafka", name=f"r{i}") for i in range(runs)]
+    for step in range(steps):
+        for run in started:
+            run.log_metrics({f"k{k}": step * 0.1 + k for k in range(keys)}, step=step)
+    return [r.run_id for r in started]
+
+
+def test_gateway_to_broker_to_worker_to_chdb(
+    kafka_broker: KafkaBroker, start_server: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    worker = start_server(role="worker", kafka=kafka_broker.config())
+    gateway = start_server(role="gateway", kafka=kafka_broker.config(), data_dir=tmp_path / "unused")
+    with Client(gateway.target, ClientConfig(request_points=2_000)) as client:
+        run_ids = log_runs(client, runs=6, steps=500)
+        bulk = client.start_run(experiment="kafka")
+        bulk.log_series("loss", np.arange(100_000), np.random.rand(100_000))
+    expected = 6 * 500 * 4 + 100_000
+    wait_until(lambda: stored(worker, [*run_ids, bulk.run_id]) == expected, what="the worker to store every point")
+    assert worker.scalar("SELECT count() FROM trackhouse.runs FINAL WHERE match(name, '^r[0-9]+$')") == 6
+    wait_until(lambda: caught_up(worker.http_url), what="the worker to commit")
+
+
+def test_client_straight_to_kafka(kafka_broker: KafkaBroker, start_server: Callable[..., RunningServer]) -> None:
+    worker = start_server(role="worker", kafka=kafka_broker.config())
+    with Client(f"kafka://{kafka_broker.bootstrap}/trackhouse.writes", ClientConfig(request_points=1_000)) as client:
+        run_ids = log_runs(client, runs=5, steps=300)
+        client.start_run(experiment="kafka", run_id=run_ids[0] + "x", params={"lr": 0.1}).finish()
+    wait_until(lambda: stored(worker, run_ids) == 5 * 300 * 4, what="points sent through Kafka")
+    wait_until(
+        lambda: (
+            worker.rows("SELECT status FROM trackhouse.runs FINAL WHERE run_id = {r:String}", r=run_ids[0] + "x")
+            == [("FINISHED",)]
+        ),
+        what="the run's finish, ordered after its start on one partition",
+    )
+
+
+def test_poison_messages_go_to_the_dead_letter_topic_and_the_partition_keeps_moving(
+    kafka_broker: KafkaBroker, start_server: Callable[..., RunningServer]
+) -> None:
+    config = kafka_broker.config()
+    run_id = "c" * 32
+    good = encode_request(
+        ingest_pb2.WriteRequest(
+            runs=[ingest_pb2.RunUpsert(run_id=run_id, experiment_name="k", status=ingest_pb2.RUNNING)]
+        ),
+        [BlockColumns(run_id, ["loss"], np.zeros(10, np.uint32), np.arange(10), np.ones(10), np.zeros(10, np.int64))],
+    )
+    later = encode_request(
+        ingest_pb2.WriteRequest(),
+        [BlockColumns(run_id, ["loss"], np.zeros(5, np.uint32), np.arange(10, 15), np.ones(5), np.zeros(5, np.int64))],
+    )
+    poison = [
+        b"\xff\xfe not protobuf",
+        ingest_pb2.WriteRequest(schema_version=99).SerializeToString(),
+        encode_request(
+            ingest_pb2.WriteRequest(),
+            [BlockColumns(run_id, ["bad key!"], np.zeros(1, np.uint32), np.zeros(1), np.ones(1), np.zeros(1))],
+        ),
+        encode_request(
+            ingest_pb2.WriteRequest(),
+            [BlockColumns("d" * 32, ["loss"], np.zeros(1, np.uint32), np.zeros(1), np.ones(1), np.zeros(1))],
+        ),
+    ]
+
+    async def produce() -> None:
+        await kafka.ensure_topics(config)
+        producer = AIOKafkaProducer(bootstrap_servers=config.bootstrap, acks="all")
+        await producer.start()
+        try:
+            for value in [good, *poison, later]:  # one key: one partition, in this order
+                await (await producer.send(config.topic, key=run_id.encode(), value=value))
+        finally:
+            await producer.stop()
+
+    asyncio.run(produce())
+    worker = start_server(role="worker", kafka=config)
+    wait_until(lambda: stored(worker, [run_id]) == 15, what="the good messages on both sides of the poison")
+    wait_until(lambda: caught_up(worker.http_url), what="the partition to be committed past the poison")
+
+    async def dead_letters() -> list[tuple[bytes, str]]:
+        consumer = AIOKafkaConsumer(
+            config.dead_letters, bootstrap_servers=config.bootstrap, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        try:
+            records = await consumer.getmany(timeout_ms=5_000)
+            return [(r.value or b"", dict(r.headers)[ERROR_HEADER].decode()) for rs in records.values() for r in rs]
+        finally:
+            await consumer.stop()
+
+    letters = asyncio.run(dead_letters())
+    assert [value for value, _ in letters] == poison
+    reasons = [reason for _, reason in letters]
+    assert "not a valid WriteRequest" in reasons[0]
+    assert "schema_version 99" in reasons[1]
+    assert "bad key!" in reasons[2]
+    assert "does not exist" in reasons[3]
+    assert 'trackhouse_dead_lettered_total{reason="InvalidArgumentError"} 4.0' in scrape(worker.http_url)
+
+
+def test_two_workers_one_leaves_mid_stream(
+    kafka_broker: KafkaBroker, start_server: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    config = kafka_broker.config()
+    data = tmp_path / "shared"  # one process may open a chDB directory from several servers
+    first = start_server(role="worker", kafka=config, data_dir=data)
+    second = start_server(role="worker", kafka=config, data_dir=data)
+    run_ids: list[str] = []
+    client = Client(f"kafka://{config.bootstrap}/{config.topic}", ClientConfig(request_points=500))
+
+    def write() -> None:
+        run_ids.extend(log_runs(client, runs=12, steps=1_500, keys=2))
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    wait_until(lambda: stored(first, run_ids) > 5_000, what="both workers to be consuming")
+    second.stop()  # leaves the group: a rebalance hands its partitions to the first
+    writer.join(120)
+    client.close()
+    expected = 12 * 1_500 * 2
+    wait_until(lambda: stored(first, run_ids) == expected, timeout=90, what="every point after the rebalance")
+    wait_until(lambda: caught_up(first.http_url), what="the remaining worker to commit everything")
+    assert stored(first, run_ids) == expected
+
+
+def test_worker_sigkill_mid_stream_then_restart(kafka_broker: KafkaBroker, server_process: ServerProcess) -> None:
+    server_process.extra_args = (
+        "--role",
+        "worker",
+        "--kafka-bootstrap",
+        kafka_broker.bootstrap,
+        "--kafka-partitions",
+        "4",
+    )
+    server_process.start()
+    http = f"http://127.0.0.1:{server_process.http_port}"
+    client = Client(f"kafka://{kafka_broker.bootstrap}/trackhouse.writes", ClientConfig(request_points=2_000))
+    run_ids: list[str] = []
+    writer = threading.Thread(target=lambda: run_ids.extend(log_runs(client, runs=8, steps=3_000)))
+    writer.start()
+    wait_until(lambda: "trackhouse_inserted_points_total" in scrape(http) and _inserted(http) > 10_000, what="inserts")
+    server_process.kill()
+    writer.join(120)
+    client.close()
+    server_process.start()
+    wait_until(lambda: caught_up(http), timeout=90, what="the restarted worker to catch up")
+    assert server_process.terminate() == 0
+    sql = server_process.sql()
+    try:
+        count = sql.query(DISTINCT, parameters={"runs": run_ids}).result_rows[0][0]
+    finally:
+        sql.close()
+    assert count == 8 * 3_000 * 4
+
+
+def _inserted(http: str) -> float:
+    match = re.search(r"^trackhouse_inserted_points_total (\S+)$", scrape(http), re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_broker_down_gateway_answers_unavailable_then_recovers(
+    kafka_broker: KafkaBroker, start_server: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    config = kafka_broker.config(produce_timeout_ms=1_500)
+    gateway = start_server(role="gateway", kafka=config, data_dir=tmp_path / "unused")
+    kafka_broker.pause()  # unreachable: requests go unanswered, as with a dead or partitioned broker
+    try:
+        run_id = "e" * 32
+        request = encode_request(
+            ingest_pb2.WriteRequest(
+                runs=[ingest_pb2.RunUpsert(run_id=run_id, experiment_name="k", status=ingest_pb2.RUNNING)]
+            ),
+            [],
+        )
+        write = grpc.insecure_channel(gateway.target).unary_unary(
+            "/trackhouse.v1.Ingest/Write", request_serializer=None, response_deserializer=None
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            write(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "Kafka" in str(info.value.details())
+
+        client = Client(gateway.target, ClientConfig(max_backoff_s=0.5))
+        run = client.start_run(experiment="outage")
+        run.log_series("loss", np.arange(5_000), np.ones(5_000))
+        with pytest.raises(TimeoutError):
+            client.flush(timeout=4)  # the data waits in the client while the broker is away
+        assert client.stats().unacknowledged_points > 0
+    finally:
+        kafka_broker.resume()
+    client.close(timeout=60)
+    assert client.stats().reconnects > 0
+    worker = start_server(role="worker", kafka=config)
+    wait_until(lambda: stored(worker, [run.run_id]) == 5_000, what="the points held through the outage")
