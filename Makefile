@@ -36,6 +36,7 @@ proto: install
 
 bench: install
 	$(BIN)/python -m benchmarks.ingest $(ARGS)
+	$(BIN)/python -m benchmarks.kafka
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -34,7 +34,9 @@ KEYS = [f"layer.{i}.grad_norm" for i in range(10)]
 
 
 class ServerUnderTest:
-    def __init__(self, data_dir: Path) -> None:
+    """`trackhouse serve` as a child process on free ports; `args` add e.g. a role and Kafka settings."""
+
+    def __init__(self, data_dir: Path, *args: str) -> None:
         self.log = data_dir.with_suffix(".log")
         with self.log.open("w") as out:
             self.process = subprocess.Popen(
@@ -49,6 +51,7 @@ class ServerUnderTest:
                     "0",
                     "--http-port",
                     "0",
+                    *args,
                 ],
                 cwd=ROOT,
                 stdout=out,
@@ -81,20 +84,24 @@ class ServerUnderTest:
         self.process.wait(60)
 
 
-def bulk(server: ServerUnderTest, points: int) -> dict[str, float]:
+def send_bulk(target: str, points: int) -> int:
+    """The bulk workload: 10 runs x 10 keys of whole arrays. Returns once every point is acknowledged."""
     runs, per_series = 10, points // (10 * len(KEYS))
-    rng = np.random.default_rng(0)
-    values = rng.random(per_series)
+    values = np.random.default_rng(0).random(per_series)
     steps = np.arange(per_series)
-    before = server.inserted_points()
-    started = time.perf_counter()
-    with Client(server.target) as client:
+    with Client(target) as client:
         for r in range(runs):
             run = client.start_run(experiment="bench-bulk", name=f"bulk-{r}")
             for key in KEYS:
                 run.log_series(key, steps, values)
+    return runs * len(KEYS) * per_series
+
+
+def bulk(server: ServerUnderTest, points: int) -> dict[str, float]:
+    before = server.inserted_points()
+    started = time.perf_counter()
+    sent = send_bulk(server.target, points)
     elapsed = time.perf_counter() - started
-    sent = runs * len(KEYS) * per_series
     stored = server.inserted_points() - before
     return {"points": sent, "seconds": elapsed, "points_per_s": sent / elapsed, "stored_exactly": float(stored == sent)}
 
@@ -134,6 +141,11 @@ def summarize(samples: list[dict[str, float]]) -> dict[str, dict[str, float]]:
         }
         for key in samples[0]
     }
+
+
+def spread_of(values: list[float]) -> str:
+    """median (min-max) of raw samples."""
+    return _spread({"median": statistics.median(values), "min": min(values), "max": max(values)})
 
 
 def _spread(stat: dict[str, float]) -> str:

