@@ -22,7 +22,6 @@ new points and counts them in `stats().dropped_points`.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import atexit
 import contextlib
@@ -47,6 +46,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from ingest import validation
+from ingest.client_columns import RunBuffer, by_run, only_run, slice_block
 from ingest.codec import STATUS_VALUES, BlockColumns, encode_request
 from ingest.config import DEFAULT_KAFKA_TOPIC
 from ingest.errors import IngestError, InvalidArgumentError
@@ -57,7 +57,6 @@ log = logging.getLogger(__name__)
 FullPolicy = Literal["block", "drop"]
 _WRITE_STREAM = "/trackhouse.v1.Ingest/WriteStream"
 _RETRYABLE_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], grpc.StatusCode.UNAVAILABLE.value[0]})
-_COMPACT_KEYS_ABOVE = 1024  # a run with more keys than this sends only the keys each block uses
 
 
 class BufferFullError(IngestError):
@@ -98,56 +97,6 @@ class ClientStats:
     reconnects: int
 
 
-class _RunBuffer:
-    """One run's unsent points. log_metrics points share a step and timestamp per call, stored once."""
-
-    __slots__ = ("counts", "key_index", "key_list", "keys", "run_id", "series", "steps", "timestamps", "values")
-
-    def __init__(self, run_id: str) -> None:
-        self.run_id = run_id
-        self.keys: dict[str, int] = {}
-        self.key_list: list[str] = []
-        self._reset()
-
-    def _reset(self) -> None:
-        self.key_index = array.array("I")
-        self.values = array.array("d")
-        self.steps = array.array("q")
-        self.timestamps = array.array("q")
-        self.counts = array.array("I")
-        self.series: list[tuple[int, npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.int64]]] = []
-
-    def key_id(self, key: str) -> int:
-        index = self.keys.get(key)
-        if index is None:
-            validation.check_key(key)
-            index = self.keys[key] = len(self.key_list)
-            self.key_list.append(key)
-        return index
-
-    def take(self) -> BlockColumns | None:
-        """Hand the buffered points over as columns and start empty."""
-        if not self.values and not self.series:
-            return None
-        counts = np.frombuffer(self.counts, np.uint32)
-        parts = [
-            (
-                np.frombuffer(self.key_index, np.uint32),
-                np.repeat(np.frombuffer(self.steps, np.int64), counts),
-                np.frombuffer(self.values, np.float64),
-                np.repeat(np.frombuffer(self.timestamps, np.int64), counts),
-            )
-        ]
-        parts += [(np.full(len(v), k, np.uint32), s, v, t) for k, s, v, t in self.series]
-        keys: list[str] = list(self.key_list)
-        columns = [np.concatenate(c) for c in zip(*parts, strict=True)]
-        self._reset()
-        if len(keys) > _COMPACT_KEYS_ABOVE:
-            used, columns[0] = np.unique(columns[0], return_inverse=True)
-            keys = [keys[i] for i in used]
-        return BlockColumns(self.run_id, keys, columns[0], columns[1], columns[2], columns[3])
-
-
 @dataclass(slots=True)
 class _Request:
     raw: bytes
@@ -171,7 +120,7 @@ class Client:
         self.writer_id = uuid.uuid4().hex
         self._lock = threading.Condition()
         # Guarded by _lock:
-        self._runs: dict[str, _RunBuffer] = {}
+        self._runs: dict[str, RunBuffer] = {}
         self._head = ingest_pb2.WriteRequest()  # run upserts, params, tags waiting to be sent
         self._buffered = 0
         self._inflight: OrderedDict[int, _Request] = OrderedDict()
@@ -346,8 +295,8 @@ class Client:
             self._head.params.extend(params)
             self._head.tags.extend(tags)
 
-    def _new_buffer(self, run_id: str) -> _RunBuffer:
-        buffer = self._runs[run_id] = _RunBuffer(run_id)
+    def _new_buffer(self, run_id: str) -> RunBuffer:
+        buffer = self._runs[run_id] = RunBuffer(run_id)
         return buffer
 
     def _reserve(self, n: int, droppable: bool = True) -> bool:
@@ -379,9 +328,9 @@ class Client:
             self._wake_requested = True
             self._loop.call_soon_threadsafe(self._wake.set)
 
-    def _wait(self, predicate: object, deadline: float | None) -> None:
+    def _wait(self, predicate: Callable[[], bool], deadline: float | None) -> None:
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not self._lock.wait_for(predicate, remaining):  # type: ignore[arg-type]
+        if not self._lock.wait_for(predicate, remaining):
             raise TimeoutError(f"{self._buffered + self._inflight_size} points still unacknowledged by {self._target}")
 
     def _raise_failure(self) -> None:
@@ -422,14 +371,14 @@ class Client:
     def _encode(self, head: ingest_pb2.WriteRequest, blocks: list[BlockColumns]) -> list[_Request]:
         """Split into requests of at most request_points; metadata goes first, ahead of the points that need it."""
         if self._kafka is not None:  # one run per message, so the run_id key keeps each run's order
-            return [r for head_, blocks_ in _by_run(head, blocks) for r in self._encode_one(head_, blocks_)]
+            return [r for head_, blocks_ in by_run(head, blocks) for r in self._encode_one(head_, blocks_)]
         return self._encode_one(head, blocks)
 
     def _encode_one(self, head: ingest_pb2.WriteRequest, blocks: list[BlockColumns]) -> list[_Request]:
         limit = self._config.request_points
         requests: list[_Request] = []
         meta = len(head.runs) + len(head.params) + len(head.tags)
-        run_id = _only_run(head, blocks)
+        run_id = only_run(head, blocks)
         current: list[BlockColumns] = []
         current_points = 0
 
@@ -442,7 +391,7 @@ class Client:
 
         for block in blocks:
             for start in range(0, len(block.value), limit):
-                piece = _slice(block, start, start + limit)
+                piece = slice_block(block, start, start + limit)
                 if current_points + len(piece.value) > limit:
                     emit()
                 current.append(piece)
@@ -706,45 +655,6 @@ def _kafka_target(target: str) -> tuple[str, str] | None:
         return None
     parts = urlsplit(target)
     return parts.netloc, parts.path.strip("/") or DEFAULT_KAFKA_TOPIC
-
-
-def _by_run(
-    head: ingest_pb2.WriteRequest, blocks: list[BlockColumns]
-) -> list[tuple[ingest_pb2.WriteRequest, list[BlockColumns]]]:
-    """Regroup one drain's metadata and blocks into one (head, blocks) per run."""
-    groups: dict[str, tuple[ingest_pb2.WriteRequest, list[BlockColumns]]] = {}
-
-    def group(run_id: str) -> tuple[ingest_pb2.WriteRequest, list[BlockColumns]]:
-        return groups.setdefault(run_id, (ingest_pb2.WriteRequest(), []))
-
-    for upsert in head.runs:
-        group(upsert.run_id)[0].runs.append(upsert)
-    for param in head.params:
-        group(param.run_id)[0].params.append(param)
-    for tag in head.tags:
-        group(tag.run_id)[0].tags.append(tag)
-    for block in blocks:
-        group(block.run_id)[1].append(block)
-    return list(groups.values())
-
-
-def _only_run(head: ingest_pb2.WriteRequest, blocks: list[BlockColumns]) -> str:
-    run_ids = {r.run_id for r in head.runs} | {p.run_id for p in head.params} | {t.run_id for t in head.tags}
-    run_ids.update(b.run_id for b in blocks)
-    return run_ids.pop() if len(run_ids) == 1 else ""
-
-
-def _slice(block: BlockColumns, start: int, end: int) -> BlockColumns:
-    if start == 0 and end >= len(block.value):
-        return block
-    return BlockColumns(
-        block.run_id,
-        block.keys,
-        block.key_index[start:end],
-        block.step[start:end],
-        block.value[start:end],
-        block.timestamp_ms[start:end],
-    )
 
 
 def _close_at_exit(ref: weakref.ref[Client]) -> Callable[[], None]:

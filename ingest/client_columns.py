@@ -1,0 +1,103 @@
+"""The client's columnar buffers, and how one drain of them is shaped into requests."""
+
+from __future__ import annotations
+
+import array
+
+import numpy as np
+import numpy.typing as npt
+
+from ingest import validation
+from ingest.codec import BlockColumns
+from trackhouse.v1 import ingest_pb2
+
+_COMPACT_KEYS_ABOVE = 1024  # a run with more keys than this sends only the keys each block uses
+
+
+class RunBuffer:
+    """One run's unsent points. log_metrics points share a step and timestamp per call, stored once."""
+
+    __slots__ = ("counts", "key_index", "key_list", "keys", "run_id", "series", "steps", "timestamps", "values")
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.keys: dict[str, int] = {}
+        self.key_list: list[str] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.key_index = array.array("I")
+        self.values = array.array("d")
+        self.steps = array.array("q")
+        self.timestamps = array.array("q")
+        self.counts = array.array("I")
+        self.series: list[tuple[int, npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.int64]]] = []
+
+    def key_id(self, key: str) -> int:
+        index = self.keys.get(key)
+        if index is None:
+            validation.check_key(key)
+            index = self.keys[key] = len(self.key_list)
+            self.key_list.append(key)
+        return index
+
+    def take(self) -> BlockColumns | None:
+        """Hand the buffered points over as columns and start empty."""
+        if not self.values and not self.series:
+            return None
+        counts = np.frombuffer(self.counts, np.uint32)
+        parts = [
+            (
+                np.frombuffer(self.key_index, np.uint32),
+                np.repeat(np.frombuffer(self.steps, np.int64), counts),
+                np.frombuffer(self.values, np.float64),
+                np.repeat(np.frombuffer(self.timestamps, np.int64), counts),
+            )
+        ]
+        parts += [(np.full(len(v), k, np.uint32), s, v, t) for k, s, v, t in self.series]
+        keys: list[str] = list(self.key_list)
+        columns = [np.concatenate(c) for c in zip(*parts, strict=True)]
+        self._reset()
+        if len(keys) > _COMPACT_KEYS_ABOVE:
+            used, columns[0] = np.unique(columns[0], return_inverse=True)
+            keys = [keys[i] for i in used]
+        return BlockColumns(self.run_id, keys, columns[0], columns[1], columns[2], columns[3])
+
+
+def by_run(
+    head: ingest_pb2.WriteRequest, blocks: list[BlockColumns]
+) -> list[tuple[ingest_pb2.WriteRequest, list[BlockColumns]]]:
+    """Regroup one drain's metadata and blocks into one (head, blocks) per run."""
+    groups: dict[str, tuple[ingest_pb2.WriteRequest, list[BlockColumns]]] = {}
+
+    def group(run_id: str) -> tuple[ingest_pb2.WriteRequest, list[BlockColumns]]:
+        return groups.setdefault(run_id, (ingest_pb2.WriteRequest(), []))
+
+    for upsert in head.runs:
+        group(upsert.run_id)[0].runs.append(upsert)
+    for param in head.params:
+        group(param.run_id)[0].params.append(param)
+    for tag in head.tags:
+        group(tag.run_id)[0].tags.append(tag)
+    for block in blocks:
+        group(block.run_id)[1].append(block)
+    return list(groups.values())
+
+
+def only_run(head: ingest_pb2.WriteRequest, blocks: list[BlockColumns]) -> str:
+    run_ids = {r.run_id for r in head.runs} | {p.run_id for p in head.params} | {t.run_id for t in head.tags}
+    run_ids.update(b.run_id for b in blocks)
+    return run_ids.pop() if len(run_ids) == 1 else ""
+
+
+def slice_block(block: BlockColumns, start: int, end: int) -> BlockColumns:
+    if start == 0 and end >= len(block.value):
+        return block
+    return BlockColumns(
+        block.run_id,
+        block.keys,
+        block.key_index[start:end],
+        block.step[start:end],
+        block.value[start:end],
+        block.timestamp_ms[start:end],
+    )
