@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test check lint typecheck proto bench clean
+.PHONY: install serve test check lint typecheck proto bench bench-ingest clean
 
 install: $(STAMP)
 
@@ -34,8 +34,13 @@ typecheck: install
 proto: install
 	$(BIN)/python scripts/gen_proto.py
 
+# The harness: HPO-sweep and LLM-run workloads on trackhouse and stock MLflow. QUICK=1: the same shape, smaller.
 bench: install
-	$(BIN)/python -m benchmarks.ingest $(ARGS)
+	$(BIN)/python -m benchmarks $(if $(QUICK),--size quick) $(ARGS)
+
+# Focused ingest benchmarks: the gRPC path's ceilings, and Kafka beside direct gRPC.
+bench-ingest: install
+	$(BIN)/python -m benchmarks.ingest
 	$(BIN)/python -m benchmarks.kafka
 
 clean:

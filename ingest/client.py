@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -55,6 +55,7 @@ from trackhouse.v1 import ingest_pb2
 log = logging.getLogger(__name__)
 
 FullPolicy = Literal["block", "drop"]
+_LATENCY_SAMPLES = 100_000
 _WRITE_STREAM = "/trackhouse.v1.Ingest/WriteStream"
 _RETRYABLE_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], grpc.StatusCode.UNAVAILABLE.value[0]})
 
@@ -103,6 +104,8 @@ class _Request:
     size: int
     #: The one run a Kafka-bound request carries: the message key.
     run_id: str = ""
+    #: When it was first sent (monotonic seconds), for the acknowledgement latency.
+    sent_at: float = 0.0
 
 
 class _RetryLater(Exception):
@@ -133,6 +136,7 @@ class Client:
         self._rejected: list[str] = []
         self._rejected_total = 0
         self._reconnects = 0
+        self._ack_latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
         self._closing = False
         self._stopped = False
         self._failure: Exception | None = None
@@ -217,6 +221,11 @@ class Client:
                 self._loop.close()
             if lost:
                 raise IngestError(f"closed with {lost} points not acknowledged by {self._target}")
+
+    def ack_latencies(self) -> list[float]:
+        """Seconds from first sending a request to its acknowledgement, for the latest requests."""
+        with self._lock:
+            return list(self._ack_latencies)
 
     def stats(self) -> ClientStats:
         with self._lock:
@@ -465,6 +474,7 @@ class Client:
                         if stream.refusal is not None:
                             break  # refused: send nothing new until every answer is in
                         stream.unanswered.add(sequence)
+                        request.sent_at = request.sent_at or time.monotonic()
                         await call.write(request.raw)
                         sent = sequence
                     self._wake.clear()
@@ -502,6 +512,7 @@ class Client:
                         break
                     unsent = [(q, r) for q, r in self._inflight.items() if q > sent]
                 for sequence, request in unsent:
+                    request.sent_at = request.sent_at or time.monotonic()
                     delivery = await producer.send(topic, key=request.run_id.encode(), value=request.raw)
                     delivery.add_done_callback(lambda f, q=sequence: self._delivered(q, f, stream))
                     sent = sequence
@@ -546,6 +557,7 @@ class Client:
             self._inflight_size -= request.size
             if ack.code == 0:
                 self._acked += request.size
+                self._ack_latencies.append(time.monotonic() - request.sent_at)
             else:
                 self._rejected.append(ack.message)
                 self._rejected_total += 1

@@ -91,3 +91,13 @@ print(run.run_id)
     assert result.returncode == 0, result.stderr
     run_id = result.stdout.strip()
     assert server.scalar("SELECT count() FROM trackhouse.metrics WHERE run_id = {r:String}", r=run_id) == 1000
+
+
+def test_acknowledgement_latencies_are_recorded(server: RunningServer) -> None:
+    with Client(server.target, ClientConfig(request_points=100)) as client:
+        run = client.start_run()
+        for step in range(1_000):
+            run.log_metric("loss", 1.0, step=step)
+    latencies = client.ack_latencies()
+    assert len(latencies) >= 10  # 1000 points in requests of at most 100
+    assert all(0 < seconds < 30 for seconds in latencies)

@@ -1,0 +1,154 @@
+"""report.md and PNG plots from the harness's results."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+
+BASELINE = "mlflow-sqlite"
+TITLES = {"hpo": "HPO sweep", "llm": "LLM run"}
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    by_pair: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for m in results["measurements"]:
+        by_pair[(m["workload"], m["system"])].append(m)
+    (out / "report.md").write_text(_markdown(results, by_pair))
+    _throughput_plot(by_pair, out / "throughput.png")
+    _latency_cdf(by_pair, out / "ack_latency_cdf.png")
+
+
+def _markdown(results: dict[str, Any], by_pair: dict[tuple[str, str], list[dict[str, Any]]]) -> str:
+    m = results["machine"]
+    lines = [
+        "# trackhouse benchmark report",
+        "",
+        f"Machine: {m['platform']}, {m['cpus']} CPUs, Python {m['python']}."
+        f" Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}.",
+        f"Size `{results['args']['size']}`, {results['args']['repeats']} repeat(s); figures are median (min-max).",
+        "",
+        "Every client and server process shares the same machine. `server CPU` counts every server process",
+        "(for the Kafka path: gateway, broker and worker); `client CPU` counts the client processes.",
+        "",
+        f"Every point sent was stored exactly once: **{'yes' if results['all_stored_exactly_once'] else 'NO'}**",
+        "(read back after each measurement: SQL on trackhouse's tables, the SQLite store for MLflow).",
+        "",
+    ]
+    for workload in TITLES:
+        pairs = {s: ms for (w, s), ms in by_pair.items() if w == workload}
+        if not pairs:
+            continue
+        lines += [f"## {TITLES[workload]}", "", _shape(workload, pairs), ""]
+        lines += [
+            "| system | points/s | x stock MLflow (same repeat) | ack latency p50 / p99 ms | logging call p50 / p99 µs"
+            " | runs created/s | server / client CPU s | stored exactly once |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for system, ms in pairs.items():
+            lines.append(
+                f"| {system} | {_spread([x['points_per_s'] for x in ms])} | {_ratio(ms, pairs.get(BASELINE))} |"
+                f" {_med(ms, 'ack_ms', 'p50', '.1f')} / {_med(ms, 'ack_ms', 'p99', '.1f')} |"
+                f" {_med(ms, 'call_us', 'p50', '.1f')} / {_med(ms, 'call_us', 'p99', '.1f')} |"
+                f" {_created(ms)} |"
+                f" {_cpu(ms)} |"
+                f" {'yes' if all(x['stored_exactly_once'] for x in ms) else 'NO'} |"
+            )
+        lines.append("")
+    lines += [
+        "Stock MLflow runs the same shapes scaled down: its rate is measured at that smaller size (see the shapes).",
+        "Its logging call is a synchronous `log_batch`, so its call cost and acknowledgement latency are one thing.",
+        "",
+        "Read-side workloads (sampled chart history, full history, `search_runs`, the runs table) and the trackhouse",
+        "MLflow REST path need the MLflow compatibility layer (`compat/`), which has not landed yet; they plug in here",
+        "as systems and workloads when it does.",
+        "",
+        "Plots: `throughput.png` (points/s, log scale), `ack_latency_cdf.png` (acknowledgement latency).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _shape(workload: str, pairs: dict[str, list[dict[str, Any]]]) -> str:
+    shapes = []
+    for system, ms in pairs.items():
+        s = ms[0]["sizes"]
+        if workload == "hpo":
+            shape = f"{s['hpo_trials']} trials from {s['hpo_processes']} processes"
+            shape += f" x {s['hpo_keys']} metrics x {s['hpo_steps']} steps"
+        else:
+            shape = f"{s['llm_ranks']} ranks x {s['llm_keys']} keys x {s['llm_steps']} steps into one run"
+        shapes.append(f"{system}: {shape} = {ms[0]['points']:,} points")
+        del system
+    return "Shapes: " + "; ".join(shapes) + "."
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
+
+
+def _ratio(ms: list[dict[str, Any]], baseline: list[dict[str, Any]] | None) -> str:
+    if not baseline or ms is baseline:
+        return "1" if ms is baseline else "-"
+    base = {b["repeat"]: b["points_per_s"] for b in baseline}
+    ratios = [m["points_per_s"] / base[m["repeat"]] for m in ms if m["repeat"] in base]
+    return f"{statistics.median(ratios):,.0f}x ({min(ratios):,.0f}-{max(ratios):,.0f})" if ratios else "-"
+
+
+def _med(ms: list[dict[str, Any]], field: str, key: str, fmt: str) -> str:
+    return format(statistics.median(m[field][key] for m in ms), fmt)
+
+
+def _cpu(ms: list[dict[str, Any]]) -> str:
+    server = statistics.median(x["server_cpu_s"] for x in ms)
+    return f"{server:.1f} / {statistics.median(x['client_cpu_s'] for x in ms):.1f}"
+
+
+def _created(ms: list[dict[str, Any]]) -> str:
+    rates = [m["runs_created_per_s"] for m in ms if m["runs_created_per_s"]]
+    return f"{statistics.median(rates):,.0f}" if rates else "-"
+
+
+def _throughput_plot(by_pair: dict[tuple[str, str], list[dict[str, Any]]], path: Path) -> None:
+    workloads = [w for w in TITLES if any(k[0] == w for k in by_pair)]
+    systems = sorted({s for _, s in by_pair})
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / max(1, len(systems))
+    for i, system in enumerate(systems):
+        medians = [
+            statistics.median(m["points_per_s"] for m in by_pair.get((w, system), [{"points_per_s": 0}]))
+            for w in workloads
+        ]
+        xs = [j + i * width for j in range(len(workloads))]
+        ax.bar(xs, medians, width, label=system)
+    ax.set_xticks([j + width * (len(systems) - 1) / 2 for j in range(len(workloads))], [TITLES[w] for w in workloads])
+    ax.set_yscale("log")
+    ax.set_ylabel("points/s (median, log scale)")
+    ax.set_title("Write throughput, acknowledged and stored")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _latency_cdf(by_pair: dict[tuple[str, str], list[dict[str, Any]]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for (workload, system), ms in sorted(by_pair.items()):
+        samples = sorted(x for m in ms for x in m["ack_ms_samples"])
+        if samples:
+            ax.plot(
+                samples, [(i + 1) / len(samples) for i in range(len(samples))], label=f"{TITLES[workload]}, {system}"
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("acknowledgement latency, ms (log scale)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title("Acknowledgement latency CDF")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,242 @@
+"""The systems the harness compares, each started fresh on free ports in its own temporary directory.
+
+Every server runs in its own process group, so `stop()` (also on Ctrl-C) leaves nothing behind.
+Correctness is read back after the servers stop: trackhouse from its ClickHouse tables with SQL,
+stock MLflow from its SQLite store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from benchmarks.ingest import ROOT, ServerUnderTest
+from tests.tansu import KafkaBroker, free_port
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(root_pid: int) -> float:
+    """User plus system CPU of a process and all its descendants, from /proc."""
+    total, stack, seen = 0.0, [root_pid], set()
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                stack.extend(int(c) for c in (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+class System(Protocol):
+    #: Short name used in tables and file names.
+    name: str
+    #: "trackhouse" clients use ingest.client; "mlflow" clients use MlflowClient.
+    client_kind: str
+    #: What the client processes connect to.
+    endpoint: str
+
+    def start(self, workdir: Path) -> None: ...
+
+    def wait_stored(self, points: int) -> None:
+        """Return once `points` more points than at start are stored (a no-op where acknowledged means stored)."""
+
+    def server_cpu_seconds(self) -> float: ...
+
+    def stop(self) -> None: ...
+
+    def distinct_points(self, run_ids: Sequence[str]) -> int:
+        """Points stored for `run_ids`, counting identical points once. Call after stop()."""
+        ...
+
+
+class TrackhouseGrpc:
+    name = "trackhouse-grpc"
+    client_kind = "trackhouse"
+
+    def __init__(self) -> None:
+        self.endpoint = ""
+        self._server: ServerUnderTest | None = None
+        self._data = Path()
+
+    def start(self, workdir: Path) -> None:
+        self._data = workdir / "trackhouse"
+        self._server = ServerUnderTest(self._data)
+        self.endpoint = self._server.target
+
+    def wait_stored(self, points: int) -> None:
+        pass  # the client's close() returns after every point is acknowledged, which means inserted
+
+    def server_cpu_seconds(self) -> float:
+        return tree_cpu_seconds(self._server.process.pid) if self._server else 0.0
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def distinct_points(self, run_ids: Sequence[str]) -> int:
+        return count_in_clickhouse(self._data, run_ids)
+
+
+class TrackhouseKafka:
+    """client -> gateway (gRPC) -> Tansu broker -> worker -> chDB, each its own process."""
+
+    name = "trackhouse-kafka"
+    client_kind = "trackhouse"
+
+    def __init__(self) -> None:
+        self.endpoint = ""
+        self._broker: KafkaBroker | None = None
+        self._gateway: ServerUnderTest | None = None
+        self._worker: ServerUnderTest | None = None
+        self._data = Path()
+        self._baseline = 0
+
+    def start(self, workdir: Path) -> None:
+        self._broker = KafkaBroker(workdir / "tansu.log")
+        self._broker.start()
+        args = ("--kafka-bootstrap", self._broker.bootstrap, "--kafka-partitions", "4")
+        self._data = workdir / "worker"
+        self._worker = ServerUnderTest(self._data, "--role", "worker", *args)
+        self._gateway = ServerUnderTest(workdir / "gateway", "--role", "gateway", *args)
+        self.endpoint = self._gateway.target
+        self._baseline = self._worker.inserted_points()
+
+    def wait_stored(self, points: int) -> None:
+        assert self._worker is not None
+        deadline = time.monotonic() + 600
+        while self._worker.inserted_points() < self._baseline + points:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Kafka worker did not store every point within 10 minutes")
+            time.sleep(0.05)
+
+    def server_cpu_seconds(self) -> float:
+        pids = [p.process.pid for p in (self._gateway, self._worker) if p is not None]
+        if self._broker is not None and self._broker.process is not None:
+            pids.append(self._broker.process.pid)
+        return sum(tree_cpu_seconds(pid) for pid in pids)
+
+    def stop(self) -> None:
+        for server in (self._gateway, self._worker):
+            if server is not None:
+                server.stop()
+        self._gateway = self._worker = None
+        if self._broker is not None:
+            self._broker.stop()
+            self._broker = None
+
+    def distinct_points(self, run_ids: Sequence[str]) -> int:
+        return count_in_clickhouse(self._data, run_ids)
+
+
+class StockMlflow:
+    """`mlflow server` on SQLite, the usual self-hosted set-up."""
+
+    name = "mlflow-sqlite"
+    client_kind = "mlflow"
+
+    def __init__(self) -> None:
+        self.endpoint = ""
+        self._process: subprocess.Popen[bytes] | None = None
+        self._db = Path()
+
+    def start(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._db = workdir / "mlflow.db"
+        port = free_port()
+        command = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]  # otherwise MLflow's defaults: a fair baseline is the stock set-up
+        command += [
+            "--backend-store-uri",
+            f"sqlite:///{self._db}",
+            "--default-artifact-root",
+            str(workdir / "artifacts"),
+        ]
+        with (workdir / "mlflow.log").open("w") as log:
+            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1):
+                    return
+            except OSError:
+                if self._process.poll() is not None:
+                    break
+                time.sleep(0.25)
+        raise RuntimeError(f"mlflow server did not start:\n{(workdir / 'mlflow.log').read_text()[-2000:]}")
+
+    def wait_stored(self, points: int) -> None:
+        pass  # log_batch returns after the SQLite commit
+
+    def server_cpu_seconds(self) -> float:
+        return tree_cpu_seconds(self._process.pid) if self._process else 0.0
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            os.killpg(self._process.pid, signal.SIGTERM)
+            try:
+                self._process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._process.pid, signal.SIGKILL)
+                self._process.wait(10)
+        self._process = None
+
+    def distinct_points(self, run_ids: Sequence[str]) -> int:
+        # MLflow's primary key spans (key, timestamp, step, run_uuid, value, is_nan): rows are distinct points.
+        with sqlite3.connect(self._db) as db:
+            marks = ",".join("?" * len(run_ids))
+            row = db.execute(f"SELECT COUNT(*) FROM metrics WHERE run_uuid IN ({marks})", list(run_ids)).fetchone()
+        return int(row[0])
+
+
+def count_in_clickhouse(data_dir: Path, run_ids: Sequence[str]) -> int:
+    """Distinct stored points, counted in a child process: chDB opens one directory per process."""
+    script = (
+        "import json, sys\n"
+        "from query.connection import StoreConfig, connect\n"
+        "client = connect(StoreConfig.for_data_dir(__import__('pathlib').Path(sys.argv[1])))\n"
+        "q = 'SELECT count() FROM (SELECT DISTINCT * FROM trackhouse.metrics WHERE run_id IN {r:Array(String)})'\n"
+        "print(client.query(q, parameters={'r': json.loads(sys.stdin.read())}).result_rows[0][0])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(data_dir)],
+        input=json.dumps(list(run_ids)),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+        timeout=300,
+    )
+    return int(result.stdout.strip())
+
+
+SYSTEMS: dict[str, type[TrackhouseGrpc] | type[TrackhouseKafka] | type[StockMlflow]] = {
+    "grpc": TrackhouseGrpc,
+    "kafka": TrackhouseKafka,
+    "mlflow": StockMlflow,
+}
