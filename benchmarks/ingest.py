@@ -143,6 +143,14 @@ def summarize(samples: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     }
 
 
+def save_results(name: str, results: dict[str, Any]) -> Path:
+    """Write `results` to benchmarks/results/<name>-<time>.json and return the path."""
+    out = ROOT / "benchmarks" / "results" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    return out
+
+
 def spread_of(values: list[float]) -> str:
     """median (min-max) of raw samples."""
     return _spread({"median": statistics.median(values), "min": min(values), "max": max(values)})
@@ -190,9 +198,7 @@ def main() -> None:
         finally:
             server.stop()
 
-    out = ROOT / "benchmarks" / "results" / f"ingest-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    out = save_results("ingest", results)
     print()
     print("| workload | points/s, median (min-max) | log_metrics per call, p50 / p99 | stored exactly once |")
     print("|---|---|---|---|")

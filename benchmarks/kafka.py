@@ -13,14 +13,13 @@ Every process shares the same 2 cores. Results go to benchmarks/results/kafka-<t
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.ingest import ROOT, ServerUnderTest, send_bulk, spread_of
+from benchmarks.ingest import ROOT, ServerUnderTest, save_results, send_bulk, spread_of
 from tests.tansu import KafkaBroker
 
 
@@ -111,9 +110,7 @@ def main() -> None:
         finally:
             broker.stop()
 
-    out = ROOT / "benchmarks" / "results" / f"kafka-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    out = save_results("kafka", results)
     print()
     print("| path | points/s, median (min-max) |")
     print("|---|---|")
