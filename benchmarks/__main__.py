@@ -16,6 +16,7 @@ import argparse
 import json
 import multiprocessing
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -74,8 +75,8 @@ WORKLOADS = ("hpo", "llm")
 
 def measure(system: System, workload: str, sizes: Sizes, workdir: Path) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
-    system.start(workdir)
     try:
+        system.start(workdir)  # inside try: an interrupt during start-up must still stop what started
         cpu_before = system.server_cpu_seconds()
         experiment = f"bench-{workload}-{uuid.uuid4().hex[:8]}"
         with ProcessPoolExecutor(max_workers=max(sizes.hpo_processes, sizes.llm_ranks), mp_context=_spawn()) as pool:
@@ -136,6 +137,27 @@ def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
+class _Interrupt:
+    """Ctrl-C or SIGTERM: raise at once, and remember it in case a library swallows the exception."""
+
+    happened = False
+
+    @classmethod
+    def install(cls) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, cls._handle)
+
+    @classmethod
+    def _handle(cls, signum: int, frame: object) -> None:
+        cls.happened = True
+        raise KeyboardInterrupt
+
+    @classmethod
+    def check(cls) -> None:
+        if cls.happened:
+            raise KeyboardInterrupt
+
+
 def _spawn() -> multiprocessing.context.SpawnContext:
     return multiprocessing.get_context("spawn")  # no inherited gRPC or asyncio state
 
@@ -148,6 +170,21 @@ def machine() -> dict[str, Any]:
         "cpus": multiprocessing.cpu_count(),
         "versions": {p: metadata.version(p) for p in packages},
     }
+
+
+def _run_plan(plan: list[tuple[int, str, str]], size: str, measurements: list[dict[str, Any]]) -> None:
+    with tempfile.TemporaryDirectory(prefix="trackhouse-harness-") as tmp, tqdm(plan, unit="measurement") as progress:
+        for index, (repeat, workload, name) in enumerate(progress):
+            _Interrupt.check()
+            progress.set_description(f"{workload} on {name} (repeat {repeat + 1})")
+            system: System = SYSTEMS[name]()
+            sizes = SIZES[size][system.client_kind]
+            result = measure(system, workload, sizes, Path(tmp) / f"{index}-{name}")
+            measurements.append({**result, "repeat": repeat})
+            progress.write(
+                f"{workload:4} {name:17} {result['points_per_s']:>14,.0f} points/s"
+                f"  stored exactly once: {'yes' if result['stored_exactly_once'] else 'NO'}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,18 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     plan = [(r, w, s) for r in range(args.repeats) for w in chosen for s in systems]
-    measurements = []
-    with tempfile.TemporaryDirectory(prefix="trackhouse-harness-") as tmp, tqdm(plan, unit="measurement") as progress:
-        for index, (repeat, workload, name) in enumerate(progress):
-            progress.set_description(f"{workload} on {name} (repeat {repeat + 1})")
-            system: System = SYSTEMS[name]()
-            sizes = SIZES[args.size][system.client_kind]
-            result = measure(system, workload, sizes, Path(tmp) / f"{index}-{name}")
-            measurements.append({**result, "repeat": repeat})
-            progress.write(
-                f"{workload:4} {name:17} {result['points_per_s']:>14,.0f} points/s"
-                f"  stored exactly once: {'yes' if result['stored_exactly_once'] else 'NO'}"
-            )
+    measurements: list[dict[str, Any]] = []
+    _Interrupt.install()
+    try:
+        _run_plan(plan, args.size, measurements)
+    except KeyboardInterrupt:
+        print("\ninterrupted: every server the harness started has been stopped", file=sys.stderr)
+        return 130
 
     results: dict[str, Any] = {
         "machine": machine(),

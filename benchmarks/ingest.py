@@ -57,12 +57,22 @@ class ServerUnderTest:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
+        try:
+            self._wait_ready()
+        except BaseException:  # including Ctrl-C: nobody else holds this process yet
+            self.process.kill()
+            self.process.wait(10)
+            raise
+
+    def _wait_ready(self) -> None:
         for _ in range(600):
             text = self.log.read_text()
             if "trackhouse ready" in text:
                 fields = dict(f.split("=", 1) for f in text.split("trackhouse ready", 1)[1].split() if "=" in f)
                 self.target, self.http = fields["grpc"], fields["http"]
                 return
+            if self.process.poll() is not None:
+                break
             time.sleep(0.1)
         raise RuntimeError(f"server did not start:\n{self.log.read_text()}")
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ingest.client import Client, ClientConfig
-from tests.conftest import ServerProcess
+from tests.conftest import ROOT, ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -98,3 +103,25 @@ def test_sigterm_drains_everything_acknowledged(server_process: ServerProcess) -
     client.close(timeout=60)
     assert server_process.terminate() == 0
     assert exactly_once(server_process, run.run_id) == (300_000, 300_000)
+
+
+def test_sigterm_during_start_up_exits_promptly(tmp_path: Path) -> None:
+    """A worker waiting at start-up for a broker that accepts connections but never answers still obeys SIGTERM."""
+    with socket.socket() as black_hole:
+        black_hole.bind(("127.0.0.1", 0))
+        black_hole.listen()
+        port = black_hole.getsockname()[1]
+        args = [sys.executable, "-m", "trackhouse.cli", "serve", "--data-dir", str(tmp_path / "d"), "--role", "worker"]
+        args += ["--kafka-bootstrap", f"127.0.0.1:{port}", "--grpc-port", "0", "--http-port", "0"]
+        with (tmp_path / "log").open("w") as log:
+            process = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            time.sleep(3)
+            assert process.poll() is None, "it should still be waiting for the broker"
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(15) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert "stopping during start-up" in (tmp_path / "log").read_text()

@@ -11,6 +11,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from aiokafka.errors import KafkaError
+from clickhouse_connect.driver.exceptions import ClickHouseError
+
 from ingest import config as defaults
 from ingest.config import BatcherConfig, ConfigError, KafkaConfig, ReceiverConfig
 from ingest.receiver_grpc import GrpcConfig
@@ -161,7 +164,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = build_config(args)
     except (ConfigError, ValueError) as exc:  # fail fast on bad configuration
         sys.exit(f"trackhouse: {exc}")
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except (KafkaError, ClickHouseError, OSError) as exc:  # unreachable dependencies at start-up
+        sys.exit(f"trackhouse: cannot start: {exc}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ either stored and acknowledged or refused with a retryable status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -138,14 +139,24 @@ class Server:
 
 
 async def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM or SIGINT, then drain and stop."""
+    """Run until SIGTERM or SIGINT, then drain and stop. A signal during start-up (e.g. while waiting for an
+    unreachable broker) cancels the start-up and stops what had started."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server = Server(config)
     try:
-        await server.start()
+        starting = asyncio.create_task(server.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            log.info("stopping during start-up")
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            return
+        starting.result()  # start-up errors surface here
         print(
             f"trackhouse ready role={config.role} grpc={config.grpc.host}:{server.grpc_port}"
             f" http=http://{config.http_host}:{server.http_port}"
@@ -153,7 +164,7 @@ async def serve(config: ServerConfig) -> None:
             f" kafka={config.kafka.bootstrap + '/' + config.kafka.topic if config.kafka else '-'}",
             flush=True,
         )
-        await stop.wait()
+        await stopping
         log.info("stopping: draining the write queue")
     finally:
         await server.stop()
