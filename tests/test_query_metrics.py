@@ -1,0 +1,97 @@
+"""Series reads on real chDB, with data written through the real sink. Every read ignores duplicates."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ingest.batch import Batch, Metrics
+from ingest.sink import ClickHouseSink
+from query import metrics, schema
+from query.connection import Client, StoreConfig, connect
+
+DB = "trackhouse"
+
+
+@pytest.fixture
+def sql(tmp_path: Path) -> Iterator[Client]:
+    client = connect(StoreConfig.for_data_dir(tmp_path / "data"))
+    schema.migrate(client, DB)
+    yield client
+    client.close()
+
+
+def write(
+    sql: Client, run_id: str, key: str, steps: np.ndarray, values: np.ndarray, timestamps: np.ndarray | None = None
+) -> None:
+    n = len(steps)
+    ts = np.full(n, 1_700_000_000_000, np.int64) if timestamps is None else timestamps
+    batch = Batch(
+        metrics=Metrics(
+            run_ids=(run_id,),
+            keys=(key,),
+            run_index=np.zeros(n, np.int32),
+            key_index=np.zeros(n, np.int32),
+            step=steps.astype(np.int64),
+            timestamp=ts.astype(np.int64),
+            value=values.astype(np.float64),
+        )
+    )
+    ClickHouseSink(sql, DB).write(batch)
+
+
+def test_history_pages_through_distinct_points_in_order(sql: Client) -> None:
+    steps = np.arange(2_500)
+    write(sql, "r", "loss", steps, steps * 0.5)
+    write(sql, "r", "loss", steps[:1_000], steps[:1_000] * 0.5)  # a retried batch
+    pages, after = [], None
+    while True:
+        page = metrics.history(sql, DB, "r", "loss", limit=1_000, after=after)
+        pages.append(page.points)
+        if page.next_after is None:
+            break
+        after = page.next_after
+    assert [len(p) for p in pages] == [1_000, 1_000, 500]
+    flat = [p for page in pages for p in page]
+    assert [s for s, _, _ in flat] == list(range(2_500))
+    assert metrics.history(sql, DB, "r", "other", limit=10).points == []
+
+
+def test_sampled_series_keeps_spikes_extremes_and_alignment(sql: Client) -> None:
+    n = 100_000
+    steps = np.arange(n)
+    values = np.sin(steps / 1000)
+    values[54_321] = 1_000.0  # a one-point spike the chart must show
+    values[77_777] = -1_000.0
+    write(sql, "a", "loss", steps, values)
+    write(sql, "a", "loss", steps[:50_000], values[:50_000])  # duplicates change nothing
+    write(sql, "b", "loss", steps[::10], values[::10])
+    series = metrics.sampled(sql, DB, ["a", "b", "missing"], "loss", max_points=320)
+    a = series["a"]
+    assert 0 < len(a) <= 320
+    assert [p[0] for p in a] == sorted(p[0] for p in a)
+    assert (54_321, 1_700_000_000_000, 1_000.0) in a
+    assert (77_777, 1_700_000_000_000, -1_000.0) in a
+    assert series["missing"] == []
+    assert len(series["b"]) <= 320
+    assert metrics.sampled(sql, DB, ["a"], "loss", max_points=320) == {"a": a}  # deterministic
+
+
+def test_sampled_short_series_and_step_range(sql: Client) -> None:
+    write(sql, "s", "acc", np.arange(100), np.arange(100) / 100)
+    whole = metrics.sampled(sql, DB, ["s"], "acc", max_points=320)["s"]
+    assert [p[0] for p in whole] == list(range(100))
+    window = metrics.sampled(sql, DB, ["s"], "acc", max_points=10, start_step=20, end_step=39)["s"]
+    assert len(window) <= 10
+    assert all(20 <= p[0] <= 39 for p in window)
+    assert metrics.sampled(sql, DB, ["s"], "nothing", max_points=10) == {"s": []}
+
+
+def test_latest_follows_mlflow_rule(sql: Client) -> None:
+    # Highest step wins; on a tie, the later timestamp; on a tie of both, the larger value.
+    write(sql, "l", "m", np.array([5, 9, 9, 9, 3]), np.array([1.0, 2.0, 3.0, 0.5, 99.0]), np.array([1, 10, 10, 5, 100]))
+    write(sql, "l", "m", np.array([9]), np.array([3.0]), np.array([10]))  # duplicate
+    assert metrics.latest(sql, DB, ["l", "none"]) == {"l": {"m": (9, 10, 3.0)}, "none": {}}
