@@ -207,7 +207,7 @@ async def _awaited(durable: Awaitable[None]) -> None:
     await durable
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no types: Any base
     def __init__(self, receiver: KafkaReceiver) -> None:
         self._receiver = receiver
 

@@ -25,7 +25,7 @@ from ingest.receiver_kafka import KafkaReceiver
 from ingest.sink import ClickHouseSink
 from ingest.telemetry import Telemetry
 from query import schema
-from query.connection import StoreConfig, connect
+from query.connection import Client, StoreConfig, connect
 
 log = logging.getLogger("trackhouse")
 
@@ -72,7 +72,7 @@ class Server:
         self._kafka_out: KafkaForwarder | None = None
         self._grpc: GrpcReceiver | None = None
         self._http: HttpServer | None = None
-        self._clients: list[object] = []
+        self._clients: list[Client] = []
 
     @property
     def grpc_port(self) -> int:
@@ -134,7 +134,7 @@ class Server:
             await self._http.stop()
             self._http = None
         for client in self._clients:
-            client.close()  # type: ignore[attr-defined]
+            client.close()
         self._clients.clear()
 
 
