@@ -253,7 +253,7 @@ class Client:
         with self._lock:
             if not self._reserve(n):
                 return
-            buffer = self._runs.get(run_id) or self._new_buffer(run_id)
+            buffer = self._buffer_for(run_id)
             key_index, values = buffer.key_index, buffer.values
             mark = len(values)
             try:
@@ -289,7 +289,7 @@ class Client:
             with self._lock:
                 if not self._reserve(len(values[start:end])):
                     continue
-                buffer = self._runs.get(run_id) or self._new_buffer(run_id)
+                buffer = self._buffer_for(run_id)
                 buffer.series.append((buffer.key_id(key), steps[start:end], values[start:end], timestamps[start:end]))
                 if self._buffered >= self._config.request_points:
                     self._request_send()
@@ -304,8 +304,10 @@ class Client:
             self._head.params.extend(params)
             self._head.tags.extend(tags)
 
-    def _new_buffer(self, run_id: str) -> RunBuffer:
-        buffer = self._runs[run_id] = RunBuffer(run_id)
+    def _buffer_for(self, run_id: str) -> RunBuffer:
+        buffer = self._runs.get(run_id)
+        if buffer is None:
+            buffer = self._runs[run_id] = RunBuffer(run_id)
         return buffer
 
     def _reserve(self, n: int, droppable: bool = True) -> bool:
@@ -441,10 +443,21 @@ class Client:
         """Back off, still turning logged points into requests so that flush() can account for them."""
         deadline = time.monotonic() + delay
         while (remaining := deadline - time.monotonic()) > 0 and not self._closing:
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), min(remaining, self._config.linger_ms / 1000))
-            self._drain()
+            await self._linger_then_drain(min(remaining, self._config.linger_ms / 1000))
+
+    async def _linger_then_drain(self, timeout: float) -> None:
+        """Wait until woken or `timeout` passes, then turn what was logged into requests."""
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        self._drain()
+
+    def _unsent_after(self, sent: int) -> list[tuple[int, _Request]] | None:
+        """In-flight requests after sequence `sent`, in order; None once close() has begun."""
+        with self._lock:
+            if self._closing:
+                return None
+            return [(q, r) for q, r in self._inflight.items() if q > sent]
 
     async def _session(self) -> None:
         options = [
@@ -465,11 +478,9 @@ class Client:
                     if reader.done():
                         reader.result()
                         raise _RetryLater("server ended the stream")
-                    with self._lock:
-                        if self._closing:
-                            idle = not self._buffered and not self._inflight
-                            break
-                        unsent = [(q, r) for q, r in self._inflight.items() if q > sent]
+                    unsent = self._unsent_after(sent)
+                    if unsent is None:
+                        break
                     for sequence, request in unsent:
                         if stream.refusal is not None:
                             break  # refused: send nothing new until every answer is in
@@ -477,10 +488,9 @@ class Client:
                         request.sent_at = request.sent_at or time.monotonic()
                         await call.write(request.raw)
                         sent = sequence
-                    self._wake.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self._config.linger_ms / 1000)
-                    self._drain()
+                    await self._linger_then_drain(self._config.linger_ms / 1000)
+                with self._lock:
+                    idle = not self._buffered and not self._inflight
                 if idle:  # a graceful end; otherwise close() gave up and the stream is cut
                     await call.done_writing()
                     await reader
@@ -507,19 +517,15 @@ class Client:
             while True:
                 if stream.refusal is not None:
                     raise stream.refusal
-                with self._lock:
-                    if self._closing:
-                        break
-                    unsent = [(q, r) for q, r in self._inflight.items() if q > sent]
+                unsent = self._unsent_after(sent)
+                if unsent is None:
+                    break
                 for sequence, request in unsent:
                     request.sent_at = request.sent_at or time.monotonic()
                     delivery = await producer.send(topic, key=request.run_id.encode(), value=request.raw)
                     delivery.add_done_callback(lambda f, q=sequence: self._delivered(q, f, stream))
                     sent = sequence
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._config.linger_ms / 1000)
-                self._drain()
+                await self._linger_then_drain(self._config.linger_ms / 1000)
         finally:
             await producer.stop()
 
