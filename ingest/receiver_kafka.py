@@ -26,7 +26,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from ingest import kafka
-from ingest.codec import decode_request
+from ingest.codec import DecodedRequest, decode_request
 from ingest.config import KafkaConfig
 from ingest.errors import PermanentError, QueueFullError, RetryableError
 from ingest.pipeline import Writer
@@ -107,34 +107,35 @@ class KafkaReceiver:
         """Hand one message to the pipeline. False when the server is shutting down."""
         try:
             request = decode_request(message.value or b"", self._max_message_bytes)
-        except PermanentError as exc:
+            durable = await self._accept_when_room(request)
+        except PermanentError as exc:  # undecodable, invalid, or refused by the catalog: poison
             await self._dead_letter(message, exc)
             self._remember(tp, _Taken(message.offset, None, message))
             return True
+        if durable is None:
+            return False
+        self._remember(tp, _Taken(message.offset, asyncio.ensure_future(durable), message))
+        return True
+
+    async def _accept_when_room(self, request: DecodedRequest) -> Awaitable[None] | None:
+        """Accept into the pipeline, pausing fetching while its queue is full. None when shutting down."""
         paused = False
         try:
             while True:
                 try:
-                    durable = await self._writer.accept(request)
-                    break
+                    return await self._writer.accept(request)
                 except QueueFullError as exc:
                     if not paused:  # Kafka holds the backlog meanwhile
                         self._consumer.pause(*self._consumer.assignment())
                         paused = True
                     if self._stopping:
-                        return False
+                        return None
                     await asyncio.sleep(exc.retry_after_ms / 1000)
-                except PermanentError as exc:
-                    await self._dead_letter(message, exc)
-                    self._remember(tp, _Taken(message.offset, None, message))
-                    return True
                 except RetryableError:
-                    return False
+                    return None
         finally:
             if paused:
                 self._consumer.resume(*self._consumer.assignment())
-        self._remember(tp, _Taken(message.offset, asyncio.ensure_future(_awaited(durable)), message))
-        return True
 
     def _remember(self, tp: TopicPartition, taken: _Taken) -> None:
         self._taken.setdefault(tp, deque()).append(taken)
@@ -201,10 +202,6 @@ class KafkaReceiver:
     async def _assigned(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._committed[tp] = await self._consumer.committed(tp) or 0
-
-
-async def _awaited(durable: Awaitable[None]) -> None:
-    await durable
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no types: Any base
