@@ -45,14 +45,6 @@ class Sizes:
     llm_keys: int
     llm_steps: int
 
-    @property
-    def hpo_points(self) -> int:
-        return self.hpo_trials * self.hpo_keys * self.hpo_steps
-
-    @property
-    def llm_points(self) -> int:
-        return self.llm_ranks * self.llm_keys * self.llm_steps
-
 
 # Stock MLflow manages a few thousand points per second, so it runs the same shapes scaled down:
 # a rate measured at a smaller size, said so in the report.

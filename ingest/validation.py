@@ -17,9 +17,6 @@ MAX_KEY_LENGTH = 250
 MAX_PARAM_VALUE_LENGTH = 6000
 MAX_TAG_VALUE_LENGTH = 8000
 MAX_EXPERIMENT_NAME_LENGTH = 500
-MAX_METRICS_PER_BATCH = 1000
-MAX_PARAMS_TAGS_PER_BATCH = 100
-MAX_BATCH_REQUEST_BYTES = 1_000_000
 
 # MLflow's own switch: when true (its default), over-long param and tag values
 # are cut to the limit instead of rejected.

@@ -93,8 +93,8 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             # MLflow's experiment "0", "Default", always exists. Version 0 lets any
             # later rename or tombstone win.
             """INSERT INTO {db}.experiments
-            SELECT '0', 'Default', '', 'active', {now}, {now}, 0
-            WHERE NOT EXISTS (SELECT 1 FROM {db}.experiments WHERE experiment_id = '0')""",
+            SELECT '{default_id}', '{default_name}', '', 'active', {now}, {now}, 0
+            WHERE NOT EXISTS (SELECT 1 FROM {db}.experiments WHERE experiment_id = '{default_id}')""",
         ),
     ),
 )
@@ -113,6 +113,10 @@ def migrate(client: Client, database: str) -> int:
         if version in applied:
             continue
         for statement in statements:
-            client.command(statement.format(db=database, now=now))
+            client.command(
+                statement.format(
+                    db=database, now=now, default_id=DEFAULT_EXPERIMENT_ID, default_name=DEFAULT_EXPERIMENT_NAME
+                )
+            )
         client.command(f"INSERT INTO {database}.{MIGRATIONS_TABLE} VALUES ({version}, now64(3))")
     return MIGRATIONS[-1][0]
