@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ingest.client import Client
+from tests.serving import wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = [f"layer.{i}.grad_norm" for i in range(10)]
@@ -58,23 +59,12 @@ class ServerUnderTest:
                 stderr=subprocess.STDOUT,
             )
         try:
-            self._wait_ready()
+            fields = wait_until_ready(self.process, self.log)
         except BaseException:  # including Ctrl-C: nobody else holds this process yet
             self.process.kill()
             self.process.wait(10)
             raise
-
-    def _wait_ready(self) -> None:
-        for _ in range(600):
-            text = self.log.read_text()
-            if "trackhouse ready" in text:
-                fields = dict(f.split("=", 1) for f in text.split("trackhouse ready", 1)[1].split() if "=" in f)
-                self.target, self.http = fields["grpc"], fields["http"]
-                return
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise RuntimeError(f"server did not start:\n{self.log.read_text()}")
+        self.target, self.http = fields["grpc"], fields["http"]
 
     def inserted_points(self) -> int:
         with urllib.request.urlopen(f"{self.http}/metrics") as response:

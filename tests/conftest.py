@@ -23,6 +23,7 @@ import pytest
 from ingest.config import BatcherConfig, KafkaConfig, ReceiverConfig
 from ingest.receiver_grpc import GrpcConfig
 from query.connection import Client, StoreConfig, connect
+from tests.serving import wait_until_ready
 from tests.tansu import KafkaBroker, free_port
 from trackhouse.server import Server, ServerConfig
 
@@ -131,14 +132,7 @@ class ServerProcess:
         offset = log_path.stat().st_size if log_path.exists() else 0
         with log_path.open("a") as log:  # a file, not a pipe: the child can never block on its output
             self.process = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if "trackhouse ready" in log_path.read_text()[offset:]:
-                return
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"server did not become ready:\n{log_path.read_text()[offset:]}")
+        wait_until_ready(self.process, log_path, offset)
 
     def kill(self) -> None:
         assert self.process is not None

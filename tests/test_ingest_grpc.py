@@ -252,3 +252,14 @@ def test_health_and_metrics_endpoints(server: RunningServer) -> None:
         "trackhouse_insert_retries_total",
     ):
         assert name in text
+
+
+def test_tags_overwrite_and_the_latest_value_wins(server: RunningServer) -> None:
+    with Client(server.target) as client:
+        run = client.start_run(tags={"stage": "warmup"})
+        client.flush()
+        run.set_tags({"stage": "train", "owner": "ana"})
+    tags = dict(server.rows("SELECT key, value FROM trackhouse.tags FINAL WHERE run_id = {r:String}", r=run.run_id))
+    assert tags["stage"] == "train"
+    assert tags["owner"] == "ana"
+    assert tags["mlflow.runName"] == f"run-{run.run_id[:8]}"
