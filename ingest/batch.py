@@ -69,11 +69,20 @@ def union_dictionaries(
     return tuple(merged), np.concatenate(remapped) if remapped else _EMPTY_I32
 
 
+ACTIVE = "active"
+DELETED = "deleted"
+
+
 @dataclass(frozen=True, slots=True)
 class ExperimentRow:
     experiment_id: str
     name: str
     creation_time_ms: int
+    #: Zero for experiments the write path creates on first use, so any explicit change outranks them.
+    version: int = 0
+    artifact_location: str = ""
+    lifecycle_stage: str = ACTIVE
+    last_update_time_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +97,7 @@ class RunRow:
     version: int
     #: Set on upserts that name their experiment instead of giving its id; the catalog resolves it.
     experiment_name: str = ""
+    lifecycle_stage: str = ACTIVE
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +113,16 @@ class TagRow:
     key: str
     value: str
     version: int
+    deleted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentTagRow:
+    experiment_id: str
+    key: str
+    value: str
+    version: int
+    deleted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +132,7 @@ class Batch:
     runs: tuple[RunRow, ...] = ()
     params: tuple[ParamRow, ...] = ()
     tags: tuple[TagRow, ...] = ()
+    experiment_tags: tuple[ExperimentTagRow, ...] = ()
 
     @property
     def points(self) -> int:
@@ -120,7 +141,8 @@ class Batch:
     @property
     def size(self) -> int:
         """What the batch weighs against queue limits: points, plus one per metadata row."""
-        return len(self.metrics) + len(self.experiments) + len(self.runs) + len(self.params) + len(self.tags)
+        rows = len(self.experiments) + len(self.runs) + len(self.params) + len(self.tags) + len(self.experiment_tags)
+        return len(self.metrics) + rows
 
     def run_ids(self) -> set[str]:
         """Every run this batch writes to."""
@@ -139,4 +161,5 @@ class Batch:
             runs=tuple(r for b in batches for r in b.runs),
             params=tuple(r for b in batches for r in b.params),
             tags=tuple(r for b in batches for r in b.tags),
+            experiment_tags=tuple(r for b in batches for r in b.experiment_tags),
         )

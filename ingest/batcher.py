@@ -36,6 +36,7 @@ class Batcher:
         self._pending_size = 0
         self._held = 0  # pending plus being inserted: what the bound applies to
         self._oldest_at = 0.0
+        self._flush_at = 0.0  # the earliest deadline any pending batch asked for
         self._wake = asyncio.Event()
         self._closing = False
         self._drain_deadline = float("inf")
@@ -55,8 +56,12 @@ class Batcher:
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="batcher")
 
-    def submit(self, batch: Batch) -> asyncio.Future[None]:
-        """Queue `batch`; the future completes once it is durable. Raises at once when it cannot be taken."""
+    def submit(self, batch: Batch, flush_within_ms: int | None = None) -> asyncio.Future[None]:
+        """Queue `batch`; the future completes once it is durable. Raises at once when it cannot be taken.
+
+        `flush_within_ms` shortens the wait for this batch: an MLflow client makes one
+        synchronous call per logged value, so it cannot wait out a long flush interval.
+        """
         size = batch.size
         if self._closing:
             raise UnavailableError("server is shutting down", retry_after_ms=1000)
@@ -71,9 +76,15 @@ class Batcher:
                 retry_after_ms=self._config.flush_interval_ms,
             )
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        now = time.monotonic()
+        flush_at = now + (flush_within_ms if flush_within_ms is not None else self._config.flush_interval_ms) / 1000
         if not self._pending:
-            self._oldest_at = time.monotonic()
+            self._oldest_at = now
+            self._flush_at = flush_at
             self._wake.set()  # starts the flush timer
+        elif flush_at < self._flush_at:
+            self._flush_at = flush_at
+            self._wake.set()
         self._pending.append((batch, future))
         self._pending_size += size
         self._held += size
@@ -101,7 +112,7 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            remaining = self._oldest_at + self._config.flush_interval_ms / 1000 - time.monotonic()
+            remaining = self._flush_at - time.monotonic()
             if not self._closing and self._pending_size < self._config.flush_points and remaining > 0:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):

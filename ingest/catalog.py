@@ -20,8 +20,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
-from ingest.batch import Batch, ExperimentRow, RunRow
-from ingest.errors import InvalidArgumentError
+from ingest.batch import ACTIVE, Batch, ExperimentRow, RunRow
+from ingest.errors import InvalidArgumentError, UnknownRunError
 from query import catalog
 from query.connection import Client
 
@@ -42,6 +42,14 @@ class _Lru(Generic[K, V]):
 
     def __contains__(self, key: K) -> bool:
         return self.get(key) is not None
+
+    def discard(self, key: K) -> None:
+        self._items.pop(key, None)
+
+    def discard_value(self, value: V) -> None:
+        """Drop every key mapping to `value`. Linear, so only for rare changes such as renames."""
+        for key in [k for k, v in self._items.items() if v == value]:
+            del self._items[key]
 
     def put(self, key: K, value: V) -> None:
         self._items[key] = value
@@ -69,12 +77,23 @@ class Catalog:
         return dataclasses.replace(batch, runs=runs, experiments=experiments)
 
     def remember(self, batch: Batch) -> None:
-        """Record what an accepted batch creates, so later requests need no lookup."""
+        """Record what an accepted batch creates, renames or deletes, so later requests need no lookup.
+
+        Only this node's cache learns of a delete: another node may accept points
+        for a deleted run until its entry ages out (the REST layer checks first).
+        """
         for run in batch.runs:
-            self._known_runs.put(run.run_id, True)
+            if run.lifecycle_stage == ACTIVE:
+                self._known_runs.put(run.run_id, True)
+            else:
+                self._known_runs.discard(run.run_id)
         for experiment in batch.experiments:
-            self._experiment_ids.put(experiment.name, experiment.experiment_id)
-            self._known_experiments.put(experiment.experiment_id, True)
+            self._experiment_ids.discard_value(experiment.experiment_id)  # a rename frees the old name
+            if experiment.lifecycle_stage == ACTIVE:
+                self._experiment_ids.put(experiment.name, experiment.experiment_id)
+                self._known_experiments.put(experiment.experiment_id, True)
+            else:
+                self._known_experiments.discard(experiment.experiment_id)
         for param in batch.params:
             self._params.put((param.run_id, param.key), param.value)
 
@@ -100,10 +119,13 @@ class Catalog:
         resolved = []
         for run in runs:
             if run.experiment_name:
-                known = self._experiment_ids.get(run.experiment_name)
-                experiment_id = known or catalog.experiment_id_for_name(run.experiment_name)
-                if known is None:
+                experiment_id = self._experiment_ids.get(run.experiment_name) or ""
+                if not experiment_id and run.experiment_name not in created:
+                    experiment_id = await asyncio.to_thread(
+                        catalog.allocate_experiment_id, self._client, self._database, run.experiment_name
+                    )
                     created[run.experiment_name] = ExperimentRow(experiment_id, run.experiment_name, _now_ms())
+                experiment_id = experiment_id or created[run.experiment_name].experiment_id
                 run = dataclasses.replace(run, experiment_id=experiment_id, experiment_name="")
             resolved.append(run)
         return tuple(resolved), tuple(created.values())
@@ -116,9 +138,10 @@ class Catalog:
         )
         for run_id in sorted(run_ids):
             if run_id not in self._known_runs:
-                raise InvalidArgumentError(
+                raise UnknownRunError(
                     f"run {run_id!r} does not exist or is deleted;"
-                    " send its run upsert first (in this or an earlier request)"
+                    " send its run upsert first (in this or an earlier request)",
+                    run_id,
                 )
 
     async def _check_params(self, batch: Batch) -> None:

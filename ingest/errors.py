@@ -18,6 +18,14 @@ class InvalidArgumentError(PermanentError, ValueError):
     """The input breaks a documented limit; the message names the key or field."""
 
 
+class UnknownRunError(InvalidArgumentError):
+    """A write names a run that does not exist or is deleted."""
+
+    def __init__(self, message: str, run_id: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+
 class RetryableError(IngestError):
     """A transient condition: the same data may succeed later."""
 

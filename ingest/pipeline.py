@@ -27,9 +27,9 @@ class WritePipeline:
         self._batcher = batcher
         self._telemetry = telemetry
 
-    async def accept(self, request: DecodedRequest) -> Awaitable[None]:
+    async def accept(self, request: DecodedRequest, flush_within_ms: int | None = None) -> Awaitable[None]:
         batch = await self._catalog.resolve(request.batch)
-        durable = self._batcher.submit(batch)
+        durable = self._batcher.submit(batch, flush_within_ms)
         self._catalog.remember(batch)
         self._telemetry.received_points.inc(batch.points)
         return durable

@@ -84,7 +84,15 @@ class ClickHouseSink:
                     "version",
                 ],
                 [
-                    [e.experiment_id, e.name, "", "active", e.creation_time_ms, e.creation_time_ms, 0]
+                    [
+                        e.experiment_id,
+                        e.name,
+                        e.artifact_location,
+                        e.lifecycle_stage,
+                        e.creation_time_ms,
+                        e.last_update_time_ms or e.creation_time_ms,
+                        e.version,
+                    ]
                     for e in batch.experiments
                 ],
             )
@@ -111,7 +119,7 @@ class ClickHouseSink:
                         r.start_time_ms,
                         r.end_time_ms or None,
                         r.user,
-                        "active",
+                        r.lifecycle_stage,
                         r.version,
                     ]
                     for r in batch.runs
@@ -125,7 +133,13 @@ class ClickHouseSink:
             self._insert_rows(
                 schema.TAGS,
                 ["run_id", "key", "value", "deleted", "version"],
-                [[t.run_id, t.key, t.value, 0, t.version] for t in batch.tags],
+                [[t.run_id, t.key, t.value, int(t.deleted), t.version] for t in batch.tags],
+            )
+        if batch.experiment_tags:
+            self._insert_rows(
+                schema.EXPERIMENT_TAGS,
+                ["experiment_id", "key", "value", "deleted", "version"],
+                [[t.experiment_id, t.key, t.value, int(t.deleted), t.version] for t in batch.experiment_tags],
             )
         if batch.points:
             self._client.insert_arrow(

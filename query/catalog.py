@@ -21,6 +21,28 @@ def experiment_id_for_name(name: str) -> str:
     return str(10**17 + digest % (9 * 10**17))
 
 
+def allocate_experiment_id(client: Client, database: str, name: str) -> str:
+    """The id for a new experiment called `name`: the name's own id unless another experiment holds it.
+
+    A renamed experiment keeps the id derived from its old name, so creating an
+    experiment with that old name must pick the next candidate, as every node would.
+    """
+    candidates = [experiment_id_for_name(name if i == 0 else f"{name}\x00{i}") for i in range(_ID_CANDIDATES)]
+    rows = client.query(
+        f"SELECT experiment_id, name FROM {database}.{schema.EXPERIMENTS} FINAL"
+        " WHERE experiment_id IN {ids:Array(String)}",
+        parameters={"ids": candidates},
+    ).result_rows
+    holders = dict(rows)
+    for candidate in candidates:
+        if holders.get(candidate, name) == name:
+            return candidate
+    raise RuntimeError(f"no free experiment id among {_ID_CANDIDATES} candidates for {name!r}")
+
+
+_ID_CANDIDATES = 8
+
+
 def experiment_ids_by_name(client: Client, database: str, names: Collection[str]) -> dict[str, str]:
     """Active experiments among `names`, as name -> id."""
     if not names:

@@ -111,6 +111,24 @@ def test_flushes_after_t_ms_when_points_trickle(sql: Client) -> None:
     assert sink.inserts == [10]
 
 
+def test_a_short_deadline_flushes_early_and_takes_waiting_batches_along(sql: Client) -> None:
+    sink = sink_for(sql)
+
+    async def scenario() -> float:
+        batcher = Batcher(sink, BatcherConfig(flush_points=1_000_000, flush_interval_ms=60_000), Telemetry())
+        await batcher.start()
+        started = time.monotonic()
+        patient = batcher.submit(points("bulk", 100))
+        await batcher.submit(points("rest", 10), flush_within_ms=5)  # an MLflow client waiting on its call
+        elapsed = time.monotonic() - started
+        assert patient.done()  # shared the same insert
+        await batcher.stop()
+        return elapsed
+
+    assert asyncio.run(scenario()) < 30  # far below the 60 s timer
+    assert sink.inserts == [110]
+
+
 def test_a_full_queue_refuses_and_never_holds_more_than_its_bound(sql: Client) -> None:
     telemetry = Telemetry()
 
