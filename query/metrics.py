@@ -62,35 +62,104 @@ def sampled(
     The step range is cut into max_points // 2 equal buckets shared by every run, so
     the runs line up; each bucket contributes its lowest and highest point. A series
     with no more points than `max_points` comes back whole.
+
+    Long ranges are answered from the rollups (one row per run, key and 256 steps), so
+    the cost follows the number of chart buckets, not the length of the series. With a
+    step range, a rollup bucket straddling an end may contribute a point just outside
+    it, which is dropped; its other points are then represented by the buckets inside.
     """
     if not run_ids or max_points <= 0:
         return {}
-    base = "run_id IN {runs:Array(String)} AND key = {key:String}"
-    parameters: dict[str, object] = {"runs": list(run_ids), "key": key}
-    if start_step is not None:
-        base += " AND step >= {lo:Int64}"
-        parameters["lo"] = start_step
-    if end_step is not None:
-        base += " AND step <= {hi:Int64}"
-        parameters["hi"] = end_step
+    buckets = max(1, max_points // 2)
+    scope = _Scope(list(run_ids), key, start_step, end_step)
+    first, last = _rollup_bounds(client, database, scope)
+    if first is None or last is None:
+        return {run_id: [] for run_id in run_ids}
+    if last - first + 1 >= buckets:
+        series = _from_rollups(client, database, scope, first, -(-(last - first + 1) // buckets))
+    else:
+        # Short range: the raw points within it are few (under buckets * ROLLUP_WIDTH per run).
+        lo = max(first * schema.ROLLUP_WIDTH, start_step if start_step is not None else _MIN_STEP)
+        hi = min((last + 1) * schema.ROLLUP_WIDTH - 1, end_step if end_step is not None else _MAX_STEP)
+        series = _from_points(client, database, _Scope(scope.run_ids, key, lo, hi), buckets)
+    result: dict[str, list[Point]] = {run_id: [] for run_id in run_ids}
+    for run_id, points in series.items():
+        result[run_id] = [p for p in sorted(set(points)) if scope.contains(p[0])]
+    return result
+
+
+_MIN_STEP = -(2**63)
+_MAX_STEP = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class _Scope:
+    run_ids: list[str]
+    key: str
+    start_step: int | None
+    end_step: int | None
+
+    def contains(self, step: int) -> bool:
+        return (self.start_step is None or step >= self.start_step) and (self.end_step is None or step <= self.end_step)
+
+    def where(self, step_column: str, width: int = 1) -> tuple[str, dict[str, object]]:
+        """The WHERE clause for these runs and this key, with the step range in units of `width` steps."""
+        sql = "run_id IN {runs:Array(String)} AND key = {key:String}"
+        parameters: dict[str, object] = {"runs": self.run_ids, "key": self.key}
+        if self.start_step is not None:
+            sql += f" AND {step_column} >= {{lo:Int64}}"
+            parameters["lo"] = self.start_step // width
+        if self.end_step is not None:
+            sql += f" AND {step_column} <= {{hi:Int64}}"
+            parameters["hi"] = self.end_step // width
+        return sql, parameters
+
+
+def _rollup_bounds(client: Client, database: str, scope: _Scope) -> tuple[int | None, int | None]:
+    """The first and last rollup bucket holding points of the scope, or None when there are none."""
+    where, parameters = scope.where("bucket", schema.ROLLUP_WIDTH)
+    count, first, last = client.query(
+        f"SELECT count(), min(bucket), max(bucket) FROM {database}.{schema.METRIC_ROLLUPS} WHERE {where}",
+        parameters=parameters,
+    ).result_rows[0]
+    return (int(first), int(last)) if count else (None, None)
+
+
+def _from_rollups(client: Client, database: str, scope: _Scope, first: int, per_bucket: int) -> dict[str, list[Point]]:
+    where, parameters = scope.where("bucket", schema.ROLLUP_WIDTH)
+    rows = client.query(
+        "SELECT run_id, intDiv(bucket - {first:Int64}, {per:Int64}) AS b,"
+        " argMinMerge(low_step), argMinMerge(low_timestamp), min(low),"
+        " argMaxMerge(high_step), argMaxMerge(high_timestamp), max(high)"
+        f" FROM {database}.{schema.METRIC_ROLLUPS} WHERE {where} GROUP BY run_id, b",
+        parameters={**parameters, "first": first, "per": per_bucket},
+    ).result_rows
+    series: dict[str, list[Point]] = {}
+    for run_id, _, low_step, low_ts, low, high_step, high_ts, high in rows:
+        series.setdefault(run_id, []).extend(
+            [(int(low_step), int(low_ts), float(low)), (int(high_step), int(high_ts), float(high))]
+        )
+    return series
+
+
+def _from_points(client: Client, database: str, scope: _Scope, buckets: int) -> dict[str, list[Point]]:
+    where, parameters = scope.where("step")
     table = f"{database}.{schema.METRICS}"
     count, first, last = client.query(
-        f"SELECT count(), min(step), max(step) FROM {table} WHERE {base}", parameters=parameters
+        f"SELECT count(), min(step), max(step) FROM {table} WHERE {where}", parameters=parameters
     ).result_rows[0]
     if not count:
-        return {run_id: [] for run_id in run_ids}
-    buckets = max(1, max_points // 2)
+        return {}
     width = max(1, -(-(int(last) - int(first) + 1) // buckets))  # ceiling division
     rows = client.query(
         "SELECT run_id, intDiv(step - {first:Int64}, {width:Int64}) AS bucket,"
         " argMin((step, timestamp, value), value) AS low, argMax((step, timestamp, value), value) AS high"
-        f" FROM {table} WHERE {base} GROUP BY run_id, bucket ORDER BY run_id, bucket",
+        f" FROM {table} WHERE {where} GROUP BY run_id, bucket",
         parameters={**parameters, "first": int(first), "width": width},
     ).result_rows
-    series: dict[str, list[Point]] = {run_id: [] for run_id in run_ids}
+    series: dict[str, list[Point]] = {}
     for run_id, _, low, high in rows:
-        pair = sorted({_point(low), _point(high)})
-        series[run_id].extend(pair)
+        series.setdefault(run_id, []).extend([_point(low), _point(high)])
     return series
 
 
