@@ -1,4 +1,4 @@
-"""The HTTP application. This issue serves `/health` and the Prometheus `/metrics`; MLflow's API joins later."""
+"""The HTTP application: MLflow's REST API and UI, plus /health and the Prometheus /metrics."""
 
 from __future__ import annotations
 
@@ -8,10 +8,23 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
+
+from compat.artifacts import ArtifactsConfig, artifact_routes
+from compat.backend import Backend
+from compat.experiments import ExperimentsApi
+from compat.metrics import MetricsApi
+from compat.routing import mlflow_routes
+from compat.runs import RunsApi
+from compat.ui import ui_routes
 
 
-def create_app(render_metrics: Callable[[], bytes], is_serving: Callable[[], bool]) -> Starlette:
+def create_app(
+    render_metrics: Callable[[], bytes],
+    is_serving: Callable[[], bool],
+    backend: Backend | None = None,
+    artifacts: ArtifactsConfig | None = None,
+) -> Starlette:
     async def health(_: Request) -> Response:
         if is_serving():
             return JSONResponse({"status": "ok"})
@@ -20,4 +33,13 @@ def create_app(render_metrics: Callable[[], bytes], is_serving: Callable[[], boo
     async def metrics(_: Request) -> Response:
         return Response(render_metrics(), media_type=CONTENT_TYPE_LATEST)
 
-    return Starlette(routes=[Route("/health", health), Route("/metrics", metrics)])
+    routes: list[BaseRoute] = [Route("/health", health), Route("/metrics", metrics)]
+    if backend is not None:  # a gateway has no storage, so no MLflow API
+        experiments = ExperimentsApi(backend)
+        runs = RunsApi(backend, experiments)
+        endpoints = [*experiments.endpoints(), *runs.endpoints(), *MetricsApi(backend, runs).endpoints()]
+        routes += mlflow_routes(endpoints)
+        if artifacts is not None:
+            routes += artifact_routes(artifacts, runs.artifact_uri)
+        routes += ui_routes(backend)
+    return Starlette(routes=routes)

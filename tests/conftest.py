@@ -76,6 +76,7 @@ def start_in_process(
             port=0, max_message_bytes=overrides.pop("max_message_bytes", ReceiverConfig().max_message_bytes)
         ),
         http_port=0,
+        artifacts_destination=str(data_dir / "artifacts"),
         batcher=replace(BatcherConfig(flush_interval_ms=50), **overrides),
         role=role,
         kafka=kafka,

@@ -41,7 +41,17 @@ SERVE_OPTIONS = (
     ),
     Option("--host", "TRACKHOUSE_HOST", str, "127.0.0.1", "interface for gRPC and HTTP"),
     Option("--grpc-port", "TRACKHOUSE_GRPC_PORT", int, 50051, "gRPC ingest port (0: any free port)"),
-    Option("--http-port", "TRACKHOUSE_HTTP_PORT", int, 5000, "HTTP port: /health, /metrics (0: any free port)"),
+    Option(
+        "--http-port", "TRACKHOUSE_HTTP_PORT", int, 5000, "HTTP port: MLflow API and UI, /metrics (0: any free port)"
+    ),
+    Option(
+        "--artifacts-destination",
+        "TRACKHOUSE_ARTIFACTS_DESTINATION",
+        str,
+        "",
+        "where proxied MLflow artifacts go: a directory or URI such as s3://bucket/prefix"
+        " (default <data-dir>/artifacts)",
+    ),
     Option(
         "--flush-points",
         "TRACKHOUSE_FLUSH_POINTS",
@@ -72,7 +82,11 @@ SERVE_OPTIONS = (
     ),
     Option("--log-level", "TRACKHOUSE_LOG_LEVEL", str, "INFO", "logging level"),
     Option(
-        "--role", "TRACKHOUSE_ROLE", str, "all", "all | gateway (gRPC in, Kafka out) | worker (Kafka in, storage out)"
+        "--role",
+        "TRACKHOUSE_ROLE",
+        str,
+        "all",
+        "all | gateway (gRPC in, Kafka out) | worker (Kafka in, storage out) | reader (MLflow API and UI only)",
     ),
     Option("--kafka-bootstrap", "TRACKHOUSE_KAFKA_BOOTSTRAP", str, "", "Kafka host:port list; enables the Kafka path"),
     Option("--kafka-topic", "TRACKHOUSE_KAFKA_TOPIC", str, defaults.DEFAULT_KAFKA_TOPIC, "topic of write requests"),
@@ -145,8 +159,10 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
             ssl_certfile=args.kafka_ssl_certfile,
             ssl_keyfile=args.kafka_ssl_keyfile,
         )
+    artifacts = args.artifacts_destination or str((args.data_dir / "artifacts").resolve())
     return ServerConfig(
         store=store,
+        artifacts_destination=artifacts,
         grpc=grpc,
         http_host=args.host,
         http_port=args.http_port,

@@ -14,6 +14,8 @@ import signal
 from dataclasses import dataclass, field
 
 from compat.app import create_app
+from compat.artifacts import ArtifactsConfig
+from compat.backend import Backend, BackendConfig
 from compat.http_server import HttpServer
 from ingest.batcher import Batcher
 from ingest.catalog import Catalog
@@ -30,7 +32,9 @@ from query.connection import Client, StoreConfig, connect
 log = logging.getLogger("trackhouse")
 
 
-ROLES = ("all", "gateway", "worker")
+ROLES = ("all", "gateway", "worker", "reader")
+#: Read clients for the MLflow API: concurrent queries, one per client.
+READ_CLIENTS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,24 +42,31 @@ class ServerConfig:
     store: StoreConfig
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
     http_host: str = "127.0.0.1"
-    #: HTTP port (/health, /metrics; the MLflow API later); 0 picks a free one.
+    #: HTTP port (MLflow API and UI, /health, /metrics); 0 picks a free one.
     http_port: int = 5000
+    #: Where proxied MLflow artifacts live (directory or URI); None serves no artifacts.
+    artifacts_destination: str | None = None
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
     receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
     #: all: gRPC in, storage out (through Kafka when configured). gateway: gRPC in, Kafka out.
-    #: worker: Kafka in, storage out.
+    #: worker: Kafka in, storage out. reader: the MLflow API and UI, read-only.
     role: str = "all"
     kafka: KafkaConfig | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ConfigError(f"role must be one of {', '.join(ROLES)}, not {self.role!r}")
-        if self.role != "all" and self.kafka is None:
+        if self.role in ("gateway", "worker") and self.kafka is None:
             raise ConfigError(f"role {self.role} needs Kafka (--kafka-bootstrap)")
 
     @property
     def stores(self) -> bool:
         return self.role in ("all", "worker")
+
+    @property
+    def reads(self) -> bool:
+        """Serves the MLflow API: every role with storage access."""
+        return self.role != "gateway"
 
     @property
     def receives_grpc(self) -> bool:
@@ -97,25 +108,36 @@ class Server:
             assert writer is not None
             self._grpc = GrpcReceiver(writer, config.grpc, self.telemetry)
             await self._grpc.start()
-        self._http = HttpServer(
-            create_app(self.telemetry.render, lambda: self._serving), config.http_host, config.http_port
-        )
+        backend = await self._start_backend(pipeline) if config.reads else None
+        artifacts = ArtifactsConfig(config.artifacts_destination) if config.artifacts_destination else None
+        app = create_app(self.telemetry.render, lambda: self._serving, backend, artifacts)
+        self._http = HttpServer(app, config.http_host, config.http_port)
         await self._http.start()
         self._serving = True
 
+    async def _connect(self) -> Client:
+        client = await asyncio.to_thread(connect, self._config.store)
+        self._clients.append(client)
+        return client
+
     async def _start_storage(self) -> WritePipeline:
-        store = self._config.store
-        database = store.resolved_database
+        database = self._config.store.resolved_database
         # Separate clients, so catalog lookups never queue behind a long insert.
-        sink_client = await asyncio.to_thread(connect, store)
-        self._clients.append(sink_client)
+        sink_client = await self._connect()
         await asyncio.to_thread(schema.migrate, sink_client, database)
-        catalog_client = await asyncio.to_thread(connect, store)
-        self._clients.append(catalog_client)
+        catalog_client = await self._connect()
         self._batcher = Batcher(ClickHouseSink(sink_client, database), self._config.batcher, self.telemetry)
         await self._batcher.start()
         catalog = Catalog(catalog_client, database, self._config.receiver.catalog_cache_entries)
         return WritePipeline(catalog, self._batcher, self.telemetry)
+
+    async def _start_backend(self, pipeline: WritePipeline | None) -> Backend:
+        """The MLflow API's read clients, and the pipeline its writes share with gRPC (none on a reader)."""
+        clients = [await self._connect() for _ in range(READ_CLIENTS)]
+        database = self._config.store.resolved_database
+        if pipeline is None:  # a reader may be the first node to reach a fresh database
+            await asyncio.to_thread(schema.migrate, clients[0], database)
+        return Backend(clients, BackendConfig(database), pipeline)
 
     async def stop(self) -> None:
         """Drain and stop. Idempotent, and safe after a failed or partial start."""
@@ -160,7 +182,7 @@ async def serve(config: ServerConfig) -> None:
         print(
             f"trackhouse ready role={config.role} grpc={config.grpc.host}:{server.grpc_port}"
             f" http=http://{config.http_host}:{server.http_port}"
-            f" storage={config.store.url if config.stores else '-'}"
+            f" storage={config.store.url if config.reads or config.stores else '-'}"
             f" kafka={config.kafka.bootstrap + '/' + config.kafka.topic if config.kafka else '-'}",
             flush=True,
         )

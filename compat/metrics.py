@@ -1,0 +1,126 @@
+"""MLflow's metric-history endpoints: full history with pagination, and the sampled series charts ask for."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+from mlflow.protos import service_pb2 as pb
+from starlette.requests import Request
+from starlette.responses import Response
+
+from compat import wire
+from compat.backend import Backend
+from compat.errors import invalid
+from compat.routing import Endpoint
+from compat.runs import RunsApi
+from query import metrics
+from query.metrics import Point
+
+#: What the MLflow client asks for per page; also our page size when a caller gives none.
+HISTORY_PAGE = 25_000
+#: MLflow's limits for the chart call (mlflow/server/handlers.py).
+MAX_RUNS_PER_CHART = 100
+MAX_POINTS_PER_RUN = 2500
+#: The older bulk call the metric page uses.
+MAX_BULK_HISTORY = 25_000
+
+
+class MetricsApi:
+    def __init__(self, backend: Backend, runs: RunsApi) -> None:
+        self._backend = backend
+        self._runs = runs
+
+    def endpoints(self) -> list[Endpoint]:
+        return [
+            ("metrics/get-history", "GET", self.history),
+            ("metrics/get-history-bulk-interval", "GET", self.bulk_interval),
+            ("metrics/get-history-bulk", "GET", self.bulk),
+        ]
+
+    async def history(self, request: Request) -> Response:
+        message = await wire.parse(request, pb.GetMetricHistory())
+        run_id = wire.required(message.run_id or message.run_uuid, "run_id")
+        key = wire.required(message.metric_key, "metric_key")
+        await self._runs.existing_run(run_id)
+        limit = message.max_results if message.HasField("max_results") else None
+        if limit is not None and limit <= 0:
+            raise invalid(f"max_results must be positive, got {limit}")
+        after = _decode_token(message.page_token) if message.page_token else None
+        points: list[Point] = []
+        while True:  # without max_results MLflow answers the whole series in one response
+            page = await self._backend.read(metrics.history, run_id, key, limit or HISTORY_PAGE, after)
+            points.extend(page.points)
+            after = page.next_after
+            if limit is not None or after is None:
+                break
+        payload: dict[str, Any] = {"metrics": [wire.metric(key, p) for p in points]}
+        if after is not None:
+            payload["next_page_token"] = _encode_token(after)
+        return wire.ok(payload)
+
+    async def bulk_interval(self, request: Request) -> Response:
+        message = await wire.parse(request, pb.GetMetricHistoryBulkInterval())
+        run_ids = list(dict.fromkeys(message.run_ids))
+        if not run_ids:
+            raise invalid("Missing value for required parameter 'run_ids'. See the API docs for more information.")
+        if len(run_ids) > MAX_RUNS_PER_CHART:
+            raise invalid(
+                f"GetMetricHistoryBulkInterval request must specify at most {MAX_RUNS_PER_CHART} run_ids."
+                f" Received {len(run_ids)} run_ids."
+            )
+        key = wire.required(message.metric_key, "metric_key")
+        max_results = message.max_results if message.HasField("max_results") else MAX_POINTS_PER_RUN
+        if not 1 <= max_results <= MAX_POINTS_PER_RUN:
+            raise invalid(f"max_results must be between 1 and {MAX_POINTS_PER_RUN}.")
+        start = message.start_step if message.HasField("start_step") else None
+        end = message.end_step if message.HasField("end_step") else None
+        if (start is None) != (end is None):
+            raise invalid("If either start step or end step are specified, both must be specified.")
+        if start is not None and end is not None and start > end:
+            raise invalid(f"end_step must be greater than start_step. Found start_step={start} and end_step={end}.")
+        series = await self._backend.read(metrics.sampled, run_ids, key, max_results, start, end)
+        return wire.ok({"metrics": _with_run_ids(key, series)})
+
+    async def bulk(self, request: Request) -> Response:
+        """The older bulk call (no protobuf message in MLflow either): whole series, capped in total."""
+        run_ids = sorted(set(request.query_params.getlist("run_id")))
+        if not run_ids:
+            raise invalid("GetMetricHistoryBulk request must specify at least one run_id.")
+        if len(run_ids) > MAX_RUNS_PER_CHART:
+            raise invalid(
+                f"GetMetricHistoryBulk request cannot specify more than {MAX_RUNS_PER_CHART}"
+                f" run_ids. Received {len(run_ids)} run_ids."
+            )
+        key = request.query_params.get("metric_key")
+        if key is None:
+            raise invalid("GetMetricHistoryBulk request must specify a metric_key.")
+        try:
+            limit = min(int(request.query_params.get("max_results", MAX_BULK_HISTORY)), MAX_BULK_HISTORY)
+        except ValueError:
+            raise invalid("max_results must be an integer") from None
+        series = {}
+        for run_id in run_ids:
+            page = await self._backend.read(metrics.history, run_id, key, max(limit, 1))
+            series[run_id] = page.points
+        return wire.ok({"metrics": _with_run_ids(key, series)[:limit]})
+
+
+def _with_run_ids(key: str, series: dict[str, list[Point]]) -> list[dict[str, Any]]:
+    return [{**wire.metric(key, point), "run_id": run_id} for run_id, points in series.items() for point in points]
+
+
+def _encode_token(after: Point) -> str:
+    step, timestamp, value = after
+    raw = json.dumps([step, timestamp, value.hex()]).encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def _decode_token(token: str) -> Point:
+    try:
+        step, timestamp, value = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return int(step), int(timestamp), float.fromhex(value)
+    except (ValueError, TypeError, binascii.Error):
+        raise invalid(f"Invalid page token {token[:100]!r}") from None

@@ -1,0 +1,371 @@
+"""MLflow's run endpoints: lifecycle, search, and the logging calls, which feed the one write pipeline."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+from mlflow.entities import ViewType
+from mlflow.protos import service_pb2 as pb
+from mlflow.utils.name_utils import _generate_random_name
+from mlflow.utils.validation import (
+    MAX_ENTITIES_PER_BATCH,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+)
+from starlette.requests import Request
+from starlette.responses import Response
+
+from compat import wire
+from compat.backend import Backend, next_version, now_ms
+from compat.errors import invalid, not_found
+from compat.experiments import ExperimentsApi
+from compat.routing import Endpoint
+from ingest import validation
+from ingest.batch import ACTIVE, DELETED, Batch, Metrics, ParamRow, RunRow, TagRow
+from ingest.errors import UnknownRunError
+from query import runs, search
+from query.runs import RUN_NAME_TAG, RunInfo
+
+DEFAULT_SEARCH_RESULTS = 1000
+_USER_TAG = "mlflow.user"
+
+
+class RunsApi:
+    def __init__(self, backend: Backend, experiments: ExperimentsApi) -> None:
+        self._backend = backend
+        self._experiments = experiments
+
+    def endpoints(self) -> list[Endpoint]:
+        return [
+            ("runs/create", "POST", self.create),
+            ("runs/get", "GET", self.get),
+            ("runs/update", "POST", self.update),
+            ("runs/delete", "POST", self.delete),
+            ("runs/restore", "POST", self.restore),
+            ("runs/search", "POST", self.search),
+            ("runs/log-batch", "POST", self.log_batch),
+            ("runs/log-metric", "POST", self.log_metric),
+            ("runs/log-parameter", "POST", self.log_param),
+            ("runs/set-tag", "POST", self.set_tag),
+            ("runs/delete-tag", "POST", self.delete_tag),
+        ]
+
+    async def create(self, request: Request) -> Response:
+        message = await wire.parse(request, pb.CreateRun())
+        experiment = await self._experiments.experiment(message.experiment_id or "0")
+        if experiment.lifecycle_stage != ACTIVE:
+            raise invalid(
+                f"The experiment {experiment.experiment_id} must be in the 'active' state. "
+                f"Current state is {experiment.lifecycle_stage}."
+            )
+        given = {tag.key: tag.value for tag in message.tags}
+        name = message.run_name or given.get(RUN_NAME_TAG) or _generate_random_name()
+        if message.run_name and given.get(RUN_NAME_TAG, name) != name:
+            raise invalid(
+                f"Both 'run_name' argument and 'mlflow.runName' tag are specified, but with different"
+                f" values (run_name='{name}', mlflow.runName='{given[RUN_NAME_TAG]}')."
+            )
+        given[RUN_NAME_TAG] = name
+        run_id = uuid.uuid4().hex
+        version = next_version()
+        row = RunRow(
+            run_id=run_id,
+            experiment_id=experiment.experiment_id,
+            name=name,
+            status="RUNNING",
+            start_time_ms=message.start_time or now_ms(),
+            end_time_ms=0,
+            user=message.user_id or given.get(_USER_TAG, ""),
+            version=version,
+        )
+        tags = tuple(_tag(run_id, key, value, version) for key, value in given.items())
+        await self._backend.write(Batch(runs=(row,), tags=tags))
+        return wire.ok({"run": wire.run(await self._run(run_id))})
+
+    async def get(self, request: Request) -> Response:
+        message = await wire.parse(request, pb.GetRun())
+        run_id = wire.required(message.run_id or message.run_uuid, "run_id")
+        return wire.ok({"run": wire.run(await self._run(run_id))})
+
+    async def update(self, request: Request) -> Response:
+        message = await wire.parse(request, pb.UpdateRun())
+        info = await self.active_run(wire.required(message.run_id or message.run_uuid, "run_id"))
+        changed = info
+        if message.HasField("status"):
+            changed = replace(changed, status=pb.RunStatus.Name(message.status))
+        if message.HasField("end_time"):
+            changed = replace(changed, end_time=message.end_time)
+        tags: tuple[TagRow, ...] = ()
+        if message.HasField("run_name") and message.run_name:
+            changed = replace(changed, name=message.run_name)
+            tags = (_tag(info.run_id, RUN_NAME_TAG, message.run_name, next_version()),)
+        row = _run_row(changed)
+        await self._backend.write(Batch(runs=(row,), tags=tags))
+        return wire.ok({"run_info": wire.run_info(replace(changed, version=row.version))})
+
+    async def delete(self, request: Request) -> Response:
+        return await self._set_stage(request, pb.DeleteRun(), DELETED)
+
+    async def restore(self, request: Request) -> Response:
+        return await self._set_stage(request, pb.RestoreRun(), ACTIVE)
+
+    async def search(self, request: Request) -> Response:
+        message = await wire.parse(request, pb.SearchRuns())
+        view_type = int(message.run_view_type) if message.HasField("run_view_type") else ViewType.ACTIVE_ONLY
+        max_results = message.max_results if message.HasField("max_results") else DEFAULT_SEARCH_RESULTS
+        page = await self._backend.read(
+            search.search_runs,
+            list(message.experiment_ids),
+            message.filter,
+            view_type,
+            max_results,
+            list(message.order_by),
+            message.page_token or None,
+        )
+        found = await self._backend.read(runs.runs, page.ids)
+        payload: dict[str, Any] = {"runs": [wire.run(r) for r in found]}
+        if page.next_page_token:
+            payload["next_page_token"] = page.next_page_token
+        return wire.ok(payload)
+
+    async def log_batch(self, request: Request) -> Response:
+        body = await wire.body(request)
+        run_id = wire.required(_string(body.get("run_id") or body.get("run_uuid"), "run_id"), "run_id")
+        metrics = _list(body, "metrics")
+        params = _list(body, "params")
+        tags = _list(body, "tags")
+        _check_batch_limits(len(metrics), len(params), len(tags))
+        batch = Batch(
+            metrics=_metrics(run_id, metrics),
+            params=tuple(_param(run_id, p, f"params[{i}]") for i, p in enumerate(params)),
+            tags=tuple(
+                _tag(run_id, _field(t, "key", f"tags[{i}]"), _string(t.get("value", ""), "value"), next_version())
+                for i, t in enumerate(tags)
+            ),
+        )
+        await self._log(run_id, batch)
+        return wire.ok()
+
+    async def log_metric(self, request: Request) -> Response:
+        body = await wire.body(request)
+        run_id = wire.required(_string(body.get("run_id") or body.get("run_uuid"), "run_id"), "run_id")
+        await self._log(run_id, Batch(metrics=_metrics(run_id, [body], single=True)))
+        return wire.ok()
+
+    async def log_param(self, request: Request) -> Response:
+        body = await wire.body(request)
+        run_id = wire.required(_string(body.get("run_id") or body.get("run_uuid"), "run_id"), "run_id")
+        await self._log(run_id, Batch(params=(_param(run_id, body, ""),)))
+        return wire.ok()
+
+    async def set_tag(self, request: Request) -> Response:
+        message = await wire.parse(request, pb.SetTag())
+        run_id = wire.required(message.run_id or message.run_uuid, "run_id")
+        key = wire.required(message.key, "key")
+        await self._log(run_id, Batch(tags=(_tag(run_id, key, message.value, next_version()),)))
+        return wire.ok()
+
+    async def delete_tag(self, request: Request) -> Response:
+        message = await wire.parse(request, pb.DeleteTag())
+        run_id = wire.required(message.run_id, "run_id")
+        key = wire.required(message.key, "key")
+        await self.active_run(run_id)
+        found = await self._run(run_id)
+        if key not in found.tags:
+            raise not_found(f"No tag with name: {key} in run with id {run_id}")
+        row = TagRow(run_id, key, "", next_version(), deleted=True)
+        await self._backend.write(Batch(tags=(row,)))
+        return wire.ok()
+
+    async def existing_run(self, run_id: str) -> RunInfo:
+        info = (await self._backend.read(runs.infos, [run_id])).get(run_id)
+        if info is None:
+            raise not_found(f"Run with id={run_id} not found")
+        return info
+
+    async def artifact_uri(self, run_id: str) -> str:
+        return (await self.existing_run(run_id)).artifact_uri
+
+    async def active_run(self, run_id: str) -> RunInfo:
+        info = await self.existing_run(run_id)
+        if info.lifecycle_stage != ACTIVE:
+            raise invalid(f"The run {run_id} must be in the 'active' state. Current state is {info.lifecycle_stage}.")
+        return info
+
+    async def _run(self, run_id: str) -> runs.Run:
+        found = await self._backend.read(runs.runs, [run_id])
+        if not found:
+            raise not_found(f"Run with id={run_id} not found")
+        return found[0]
+
+    async def _log(self, run_id: str, batch: Batch) -> None:
+        """Write through the pipeline; its run cache makes the common case free of lookups."""
+        renamed = next((t.value for t in batch.tags if t.key == RUN_NAME_TAG), None)
+        if renamed is not None:  # MLflow keeps the run name and its tag in step
+            info = await self.active_run(run_id)
+            batch = replace(batch, runs=(_run_row(replace(info, name=renamed)),))
+        try:
+            await self._backend.write(batch)
+        except UnknownRunError as exc:
+            await self.active_run(exc.run_id)  # raises MLflow's exact error for a missing or deleted run
+            raise
+
+    async def _set_stage(self, request: Request, message: pb.DeleteRun | pb.RestoreRun, stage: str) -> Response:
+        parsed = await wire.parse(request, message)
+        info = await self.existing_run(wire.required(parsed.run_id, "run_id"))
+        if info.lifecycle_stage != stage:
+            await self._backend.write(Batch(runs=(_run_row(replace(info, lifecycle_stage=stage)),)))
+        return wire.ok()
+
+
+def _run_row(info: RunInfo) -> RunRow:
+    return RunRow(
+        run_id=info.run_id,
+        experiment_id=info.experiment_id,
+        name=info.name,
+        status=info.status,
+        start_time_ms=info.start_time,
+        end_time_ms=info.end_time or 0,
+        user=info.user,
+        version=next_version(info.version),
+        lifecycle_stage=info.lifecycle_stage,
+    )
+
+
+def _tag(run_id: str, key: str, value: str, version: int) -> TagRow:
+    validation.check_key(key, "tag")
+    return TagRow(run_id, key, validation.fit_value("tag", key, value, validation.MAX_TAG_VALUE_LENGTH), version)
+
+
+def _param(run_id: str, body: dict[str, Any], path: str) -> ParamRow:
+    key = _field(body, "key", path)
+    validation.check_key(key, "param")
+    value = body.get("value", "")
+    if not isinstance(value, str):  # the MLflow client always sends strings; str() what JSON allows
+        value = _json_scalar(value, _join(path, "value"))
+    return ParamRow(run_id, key, validation.fit_value("param", key, value, validation.MAX_PARAM_VALUE_LENGTH))
+
+
+def _json_scalar(value: object, name: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise invalid(f"Invalid value {value!r} for parameter '{name}' supplied: expected a string.")
+    return str(value)
+
+
+def _metrics(run_id: str, entries: list[Any], single: bool = False) -> Metrics:
+    """Columns for the points of one run. The REST path is small per request; numpy keeps the batcher's shape."""
+    if not entries:
+        return Metrics()
+    keys: dict[str, int] = {}
+    key_index = np.empty(len(entries), np.int32)
+    step = np.empty(len(entries), np.int64)
+    timestamp = np.empty(len(entries), np.int64)
+    value = np.empty(len(entries), np.float64)
+    for i, entry in enumerate(entries):
+        path = "" if single else f"metrics[{i}]"
+        if not isinstance(entry, dict):
+            raise invalid(f"Invalid value for parameter '{path}': expected an object.")
+        key = _field(entry, "key", path)
+        validation.check_key(key)
+        key_index[i] = keys.setdefault(key, len(keys))
+        value[i] = _double(_present(entry, "value", path), _join(path, "value"))
+        timestamp[i] = _int64(_present(entry, "timestamp", path), _join(path, "timestamp"))
+        step[i] = _int64(entry.get("step", 0), _join(path, "step"))
+    return Metrics(
+        run_ids=(run_id,),
+        keys=tuple(keys),
+        run_index=np.zeros(len(entries), np.int32),
+        key_index=key_index,
+        step=step,
+        timestamp=timestamp,
+        value=value,
+    )
+
+
+_SPECIAL = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+
+
+def _double(raw: object, name: str) -> float:
+    """A double as protobuf's JSON reader takes it: a number, or a string holding one (NaN and infinities too)."""
+    if isinstance(raw, bool):
+        raise invalid(f"Invalid value {raw!r} for parameter '{name}' supplied: a bool is not a metric value.")
+    if isinstance(raw, int | float):
+        return float(raw)
+    if isinstance(raw, str):
+        if raw in _SPECIAL:
+            return _SPECIAL[raw]
+        try:
+            return float(raw)
+        except ValueError:
+            pass
+    raise invalid(f"Invalid value {raw!r} for parameter '{name}' supplied: expected a number.")
+
+
+def _int64(raw: object, name: str) -> int:
+    number = None
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        number = raw
+    elif isinstance(raw, float) and raw.is_integer():
+        number = int(raw)
+    elif isinstance(raw, str):
+        with contextlib.suppress(ValueError):
+            number = int(raw)
+    if number is None or not -(2**63) <= number < 2**63:
+        raise invalid(f"Invalid value {raw!r} for parameter '{name}' supplied: expected a 64-bit integer.")
+    return number
+
+
+def _present(entry: dict[str, Any], name: str, path: str) -> object:
+    if entry.get(name) is None:
+        raise invalid(
+            f"Missing value for required parameter '{_join(path, name)}'. See the API docs for more information."
+        )
+    return entry[name]
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _field(entry: dict[str, Any], name: str, path: str) -> str:
+    where = _join(path, name)
+    return wire.required(_string(entry.get(name), where), where)
+
+
+def _string(raw: object, name: str) -> str:
+    if raw is None:
+        return ""
+    if not isinstance(raw, str):
+        raise invalid(f"Invalid value {raw!r} for parameter '{name}' supplied: expected a string.")
+    return raw
+
+
+def _list(body: dict[str, Any], name: str) -> list[Any]:
+    value = body.get(name) or []
+    if not isinstance(value, list):
+        raise invalid(f"Invalid value for parameter '{name}' supplied: expected an array.")
+    return value
+
+
+def _check_batch_limits(metrics: int, params: int, tags: int) -> None:
+    """MLflow's log-batch limits and messages (mlflow.utils.validation._validate_batch_log_limits)."""
+    for what, count, limit in (
+        ("metrics", metrics, MAX_METRICS_PER_BATCH),
+        ("params", params, MAX_PARAMS_TAGS_PER_BATCH),
+        ("tags", tags, MAX_PARAMS_TAGS_PER_BATCH),
+    ):
+        if count > limit:
+            raise invalid(
+                f"A batch logging request can contain at most {limit} {what}. Got {count} {what}."
+                f" Please split up {what} across multiple requests and try again."
+            )
+    total = metrics + params + tags
+    if total > MAX_ENTITIES_PER_BATCH:
+        raise invalid(
+            f"A batch logging request can contain at most {MAX_ENTITIES_PER_BATCH} total metrics, params and tags."
+            f" Got {total} in total. Please split up across multiple requests and try again."
+        )

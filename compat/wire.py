@@ -1,0 +1,142 @@
+"""MLflow's wire shapes: requests parsed into MLflow's own protobuf messages, responses built as JSON.
+
+Requests go through `mlflow.protos.service_pb2`, as in MLflow's handlers, so
+field names, types and aliases are exactly MLflow's. Responses are built as
+plain dicts in the shape `message_to_json` produces (int64 as numbers, NaN and
+infinities as strings), because a chart answer holds thousands of points and
+building protobuf messages for them costs more than the query.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, TypeVar
+
+from google.protobuf import descriptor
+from google.protobuf.json_format import ParseError
+from google.protobuf.message import Message
+from mlflow.utils.proto_json_utils import parse_dict
+from starlette.requests import Request
+from starlette.responses import Response
+
+from compat.errors import invalid
+from query.experiments import Experiment
+from query.metrics import Point
+from query.runs import Run, RunInfo
+
+M = TypeVar("M", bound=Message)
+
+#: MLflow's own limit on a log-batch body, checked before parsing.
+MAX_REQUEST_BYTES = 1_000_000
+
+
+async def parse(request: Request, message: M) -> M:
+    """Fill `message` from the query string (GET) or the JSON body, the way MLflow's handlers do."""
+    if request.method == "GET":
+        fields: dict[str, Any] = {}
+        for field in message.DESCRIPTOR.fields:
+            if field.name not in request.query_params:
+                continue
+            if field.is_repeated:
+                fields[field.name] = request.query_params.getlist(field.name)
+            else:
+                fields[field.name] = _scalar(field, request.query_params[field.name])
+    else:
+        fields = await body(request)
+    try:
+        parse_dict(fields, message)
+    except ParseError as exc:
+        raise invalid(f"Invalid request for {message.DESCRIPTOR.name}: {exc}") from None
+    return message
+
+
+async def body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if len(raw) > MAX_REQUEST_BYTES and request.url.path.endswith("/runs/log-batch"):
+        raise invalid(f"Batched logging API requests must be at most {MAX_REQUEST_BYTES} bytes, got {len(raw)}")
+    if not raw.strip():
+        return {}
+    try:
+        parsed = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise invalid(f"Request body is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise invalid("Request body must be a JSON object")
+    return parsed
+
+
+def _scalar(field: Any, value: str) -> Any:
+    if field.type == descriptor.FieldDescriptor.TYPE_BOOL:
+        if value.lower() not in ("true", "false"):
+            raise invalid(f"Invalid boolean value: {value}, must be 'true' or 'false'.")
+        return value.lower() == "true"
+    return value
+
+
+def required(value: str, name: str) -> str:
+    if not value:
+        raise invalid(f"Missing value for required parameter '{name}'. See the API docs for more information.")
+    return value
+
+
+def ok(payload: dict[str, Any] | None = None) -> Response:
+    # allow_nan=False: NaN must already be MLflow's "NaN" string, never invalid JSON.
+    text = json.dumps(payload or {}, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    return Response(text, media_type="application/json")
+
+
+def number(value: float) -> float | str:
+    """A double as protobuf's JSON writes it."""
+    if math.isfinite(value):
+        return value
+    if math.isnan(value):
+        return "NaN"
+    return "Infinity" if value > 0 else "-Infinity"
+
+
+def metric(key: str, point: Point) -> dict[str, Any]:
+    step, timestamp, value = point
+    return {"key": key, "value": number(value), "timestamp": timestamp, "step": step}
+
+
+def run_info(info: RunInfo) -> dict[str, Any]:
+    shape: dict[str, Any] = {
+        "run_uuid": info.run_id,
+        "run_id": info.run_id,
+        "run_name": info.name,
+        "experiment_id": info.experiment_id,
+        "user_id": info.user,
+        "status": info.status,
+        "start_time": info.start_time,
+        "artifact_uri": info.artifact_uri,
+        "lifecycle_stage": info.lifecycle_stage,
+    }
+    if info.end_time is not None:
+        shape["end_time"] = info.end_time
+    return shape
+
+
+def run(value: Run) -> dict[str, Any]:
+    return {
+        "info": run_info(value.info),
+        "data": {
+            "metrics": [metric(k, p) for k, p in value.metrics.items()],
+            "params": [{"key": k, "value": v} for k, v in value.params.items()],
+            "tags": [{"key": k, "value": v} for k, v in value.tags.items()],
+        },
+        "inputs": {},
+        "outputs": {},
+    }
+
+
+def experiment(value: Experiment) -> dict[str, Any]:
+    return {
+        "experiment_id": value.experiment_id,
+        "name": value.name,
+        "artifact_location": value.artifact_root,
+        "lifecycle_stage": value.lifecycle_stage,
+        "last_update_time": value.last_update_time,
+        "creation_time": value.creation_time,
+        "tags": [{"key": k, "value": v} for k, v in value.tags.items()],
+    }

@@ -1,0 +1,15 @@
+"""Errors the read side raises. compat/ maps them to MLflow's error codes, once, at its edge."""
+
+from __future__ import annotations
+
+
+class QueryError(Exception):
+    """Base of read-side errors."""
+
+
+class InvalidQueryError(QueryError, ValueError):
+    """The caller's input (filter, order-by, page token, limits) cannot be answered. Never retryable."""
+
+
+class NotFoundError(QueryError, LookupError):
+    """The experiment or run the caller named does not exist."""

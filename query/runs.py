@@ -1,0 +1,92 @@
+"""Reading runs: their info, params, tags and latest metrics, a page of runs at a time.
+
+The run name lives in `runs.name`; MLflow also shows it as the `mlflow.runName`
+tag, so the tag is derived from the column whenever a writer did not set it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+
+from query import metrics, schema
+from query.connection import Client
+from query.experiments import default_artifact_location
+
+RUN_NAME_TAG = "mlflow.runName"
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    run_id: str
+    experiment_id: str
+    name: str
+    status: str
+    start_time: int
+    end_time: int | None
+    user: str
+    lifecycle_stage: str
+    version: int
+    artifact_uri: str
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    info: RunInfo
+    metrics: dict[str, metrics.Point] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def infos(client: Client, database: str, run_ids: Collection[str]) -> dict[str, RunInfo]:
+    """Info of the runs among `run_ids` that exist, deleted ones included."""
+    if not run_ids:
+        return {}
+    rows = client.query(
+        "SELECT r.run_id, r.experiment_id, r.name, r.status, r.start_time, r.end_time, r.user,"
+        " r.lifecycle_stage, r.version, e.artifact_location"
+        f" FROM (SELECT * FROM {database}.{schema.RUNS} FINAL WHERE run_id IN {{ids:Array(String)}}) AS r"
+        f" LEFT JOIN (SELECT experiment_id, artifact_location FROM {database}.{schema.EXPERIMENTS} FINAL) AS e"
+        " ON r.experiment_id = e.experiment_id",
+        parameters={"ids": list(run_ids)},
+    ).result_rows
+    found = {}
+    for run_id, experiment_id, name, status, start, end, user, stage, version, location in rows:
+        root = location or default_artifact_location(experiment_id)
+        found[run_id] = RunInfo(
+            run_id, experiment_id, name, status, start, end, user, stage, version, f"{root}/{run_id}/artifacts"
+        )
+    return found
+
+
+def runs(client: Client, database: str, run_ids: Sequence[str]) -> list[Run]:
+    """Whole runs, in the order of `run_ids`, skipping ids that do not exist."""
+    found = infos(client, database, run_ids)
+    if not found:
+        return []
+    ids = list(found)
+    params: dict[str, dict[str, str]] = {run_id: {} for run_id in ids}
+    for run_id, key, value in client.query(
+        f"SELECT run_id, key, any(value) FROM {database}.{schema.PARAMS}"
+        " WHERE run_id IN {ids:Array(String)} GROUP BY run_id, key ORDER BY key",
+        parameters={"ids": ids},
+    ).result_rows:
+        params[run_id][key] = value
+    tags: dict[str, dict[str, str]] = {run_id: {} for run_id in ids}
+    for run_id, key, value in client.query(
+        f"SELECT run_id, key, value FROM {database}.{schema.TAGS} FINAL"
+        " WHERE run_id IN {ids:Array(String)} AND deleted = 0 ORDER BY key",
+        parameters={"ids": ids},
+    ).result_rows:
+        tags[run_id][key] = value
+    latest = metrics.latest(client, database, ids)
+    result = []
+    for run_id in run_ids:
+        info = found.get(run_id)
+        if info is None:
+            continue
+        run_tags = tags[run_id]
+        if info.name:
+            run_tags.setdefault(RUN_NAME_TAG, info.name)
+        result.append(Run(info, latest[run_id], params[run_id], run_tags))
+    return result

@@ -1,0 +1,329 @@
+"""The MLflow REST API, driven by the real MLflow client against a real server on embedded chDB."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pytest
+import requests
+from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
+from mlflow.exceptions import MlflowException, RestException
+from mlflow.tracking import MlflowClient
+
+from ingest.client import Client
+from tests.conftest import RunningServer
+
+
+@pytest.fixture
+def mlflow_server(server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[RunningServer]:
+    # Errors are asserted, not retried: the client would otherwise back off for minutes on purpose-made 5xx.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    mlflow.set_tracking_uri(server.http_url)
+    yield server
+    mlflow.end_run()
+    mlflow.set_tracking_uri("")
+
+
+@pytest.fixture
+def client(mlflow_server: RunningServer) -> MlflowClient:
+    return MlflowClient(tracking_uri=mlflow_server.http_url)
+
+
+def error_code(exc: pytest.ExceptionInfo[MlflowException]) -> str:
+    return str(exc.value.error_code)
+
+
+def test_the_readme_example_round_trips(mlflow_server: RunningServer, tmp_path: Path) -> None:
+    mlflow.set_experiment("fraud-detection-v3")
+    artifact = tmp_path / "confusion_matrix.png"
+    artifact.write_bytes(b"\x89PNG fake image bytes")
+    with mlflow.start_run(run_name="rf-baseline") as run:
+        mlflow.log_params({"n_estimators": 100, "max_depth": 10})
+        mlflow.log_metrics({"accuracy": 0.94, "f1": 0.87})
+        mlflow.log_artifact(str(artifact))
+    found = mlflow.search_runs(
+        filter_string="metrics.accuracy > 0.9 and params.max_depth = '10'", order_by=["metrics.f1 DESC"]
+    )
+    assert list(found["run_id"]) == [run.info.run_id]
+    assert found["tags.mlflow.runName"][0] == "rf-baseline"
+    stored = MlflowClient().get_run(run.info.run_id)
+    assert stored.data.params == {"n_estimators": "100", "max_depth": "10"}
+    assert stored.data.metrics == {"accuracy": 0.94, "f1": 0.87}
+    assert stored.info.status == "FINISHED" and stored.info.end_time is not None
+    assert [a.path for a in MlflowClient().list_artifacts(run.info.run_id)] == ["confusion_matrix.png"]
+    downloaded = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "down"))
+    assert (Path(downloaded) / "confusion_matrix.png").read_bytes() == artifact.read_bytes()
+
+
+def test_experiment_lifecycle(client: MlflowClient) -> None:
+    experiment_id = client.create_experiment("exp-a", tags={"team": "vision"})
+    assert client.get_experiment(experiment_id).name == "exp-a"
+    assert client.get_experiment(experiment_id).tags == {"team": "vision"}
+    assert getattr(client.get_experiment_by_name("exp-a"), "experiment_id", None) == experiment_id
+    with pytest.raises(MlflowException) as exc:
+        client.create_experiment("exp-a")
+    assert error_code(exc) == "RESOURCE_ALREADY_EXISTS"
+
+    client.rename_experiment(experiment_id, "exp-b")
+    assert client.get_experiment(experiment_id).name == "exp-b"
+    assert client.get_experiment_by_name("exp-a") is None
+    # The old name is free again and must not collide with the renamed experiment's id.
+    other = client.create_experiment("exp-a")
+    assert other != experiment_id
+
+    client.set_experiment_tag(experiment_id, "stage", "prod")
+    client.delete_experiment_tag(experiment_id, "team")
+    assert client.get_experiment(experiment_id).tags == {"stage": "prod"}
+
+    client.delete_experiment(experiment_id)
+    assert client.get_experiment(experiment_id).lifecycle_stage == "deleted"
+    active = {e.name for e in client.search_experiments()}
+    assert "exp-b" not in active and {"exp-a", "Default"} <= active
+    deleted = {e.name for e in client.search_experiments(view_type=ViewType.DELETED_ONLY)}
+    assert deleted == {"exp-b"}
+    with pytest.raises(MlflowException) as exc:
+        client.create_run(experiment_id)
+    assert error_code(exc) == "INVALID_PARAMETER_VALUE"
+    client.restore_experiment(experiment_id)
+    assert client.get_experiment(experiment_id).lifecycle_stage == "active"
+
+    with pytest.raises(MlflowException) as exc:
+        client.get_experiment("123456")
+    assert error_code(exc) == "RESOURCE_DOES_NOT_EXIST"
+
+
+def test_search_experiments_filters_orders_and_pages(client: MlflowClient) -> None:
+    for name in ("sweep-1", "sweep-2", "sweep-3", "other"):
+        client.create_experiment(name, tags={"kind": "sweep" if name.startswith("sweep") else "x"})
+    names = [e.name for e in client.search_experiments(filter_string="name LIKE 'sweep-%'", order_by=["name DESC"])]
+    assert names == ["sweep-3", "sweep-2", "sweep-1"]
+    tagged = client.search_experiments(filter_string="tags.kind = 'x'")
+    assert [e.name for e in tagged] == ["other"]
+    first = client.search_experiments(max_results=2, order_by=["name ASC"])
+    assert first.token
+    second = client.search_experiments(max_results=10, order_by=["name ASC"], page_token=first.token)
+    assert [e.name for e in first] + [e.name for e in second] == sorted(
+        ["Default", "sweep-1", "sweep-2", "sweep-3", "other"]
+    )
+
+
+def test_run_lifecycle_and_tags(client: MlflowClient) -> None:
+    experiment_id = client.create_experiment("lifecycle")
+    run = client.create_run(experiment_id, run_name="first", tags={"owner": "ana"})
+    run_id = run.info.run_id
+    assert run.info.run_name == "first" and run.info.status == "RUNNING"
+    assert run.data.tags["owner"] == "ana" and run.data.tags["mlflow.runName"] == "first"
+
+    client.set_tag(run_id, "owner", "bo")
+    client.set_tag(run_id, "mlflow.runName", "renamed")
+    client.delete_tag(run_id, "owner")
+    stored = client.get_run(run_id)
+    assert "owner" not in stored.data.tags
+    assert stored.info.run_name == "renamed"
+    with pytest.raises(MlflowException) as exc:
+        client.delete_tag(run_id, "owner")
+    assert error_code(exc) == "RESOURCE_DOES_NOT_EXIST"
+
+    client.update_run(run_id, status="FAILED", name="final")
+    client.set_terminated(run_id, status="KILLED", end_time=1234)
+    stored = client.get_run(run_id)
+    assert (stored.info.status, stored.info.end_time, stored.info.run_name) == ("KILLED", 1234, "final")
+
+    client.delete_run(run_id)
+    assert client.get_run(run_id).info.lifecycle_stage == "deleted"
+    assert client.search_runs([experiment_id]) == []
+    assert [r.info.run_id for r in client.search_runs([experiment_id], run_view_type=ViewType.ALL)] == [run_id]
+    with pytest.raises(MlflowException) as exc:
+        client.log_metric(run_id, "loss", 1.0)
+    assert error_code(exc) == "INVALID_PARAMETER_VALUE"
+    client.restore_run(run_id)
+    client.log_metric(run_id, "loss", 1.0)
+    assert client.get_run(run_id).data.metrics == {"loss": 1.0}
+
+    with pytest.raises(MlflowException) as exc:
+        client.get_run("0123456789abcdef0123456789abcdef")
+    assert error_code(exc) == "RESOURCE_DOES_NOT_EXIST"
+    with pytest.raises(MlflowException) as exc:
+        client.log_metric("0123456789abcdef0123456789abcdef", "loss", 1.0)
+    assert error_code(exc) == "RESOURCE_DOES_NOT_EXIST"
+
+
+def test_params_are_immutable(client: MlflowClient) -> None:
+    run_id = client.create_run("0").info.run_id
+    client.log_param(run_id, "lr", "0.1")
+    client.log_param(run_id, "lr", "0.1")  # the same value again is fine, as in MLflow
+    with pytest.raises(MlflowException) as exc:
+        client.log_param(run_id, "lr", "0.2")
+    assert error_code(exc) == "INVALID_PARAMETER_VALUE"
+    assert "lr" in str(exc.value)
+    assert client.get_run(run_id).data.params == {"lr": "0.1"}
+
+
+def test_nan_and_infinities_round_trip(client: MlflowClient) -> None:
+    run_id = client.create_run("0").info.run_id
+    values = [math.nan, math.inf, -math.inf, 1.5]
+    client.log_batch(run_id, metrics=[Metric("odd", v, 1000 + i, i) for i, v in enumerate(values)])
+    history = client.get_metric_history(run_id, "odd")
+    got = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert math.isnan(got[0]) and got[1:] == [math.inf, -math.inf, 1.5]
+    assert client.get_run(run_id).data.metrics["odd"] == 1.5  # the latest by (step, timestamp, value)
+
+
+def test_history_pages_through_long_series_without_duplicates(client: MlflowClient) -> None:
+    run_id = client.create_run("0").info.run_id
+    total = 30_000  # more than the client's 25,000-point page
+    for start in range(0, total, 1000):
+        batch = [Metric("loss", float(s), 1_700_000_000_000 + s, s) for s in range(start, start + 1000)]
+        client.log_batch(run_id, metrics=batch)
+    # A client retry resends a batch it already sent; every read must still see each point once.
+    client.log_batch(run_id, metrics=[Metric("loss", float(s), 1_700_000_000_000 + s, s) for s in range(1000)])
+    history = client.get_metric_history(run_id, "loss")
+    assert [m.step for m in history] == list(range(total))
+
+
+def test_log_batch_limits_and_bad_input(client: MlflowClient, mlflow_server: RunningServer) -> None:
+    run_id = client.create_run("0").info.run_id
+    with pytest.raises(MlflowException) as exc:
+        client.log_metric(run_id, "bad key!", 1.0)
+    assert error_code(exc) == "INVALID_PARAMETER_VALUE"
+    url = f"{mlflow_server.http_url}/api/2.0/mlflow/runs/log-batch"
+    # The MLflow client splits batches itself, so the limits are checked with raw requests.
+    bodies: list[dict[str, Any]] = [
+        {"run_id": run_id, "params": [{"key": f"p{i}", "value": "v"} for i in range(101)]},
+        {"run_id": run_id, "metrics": [{"key": f"m{i}", "value": 1, "timestamp": 1} for i in range(1001)]},
+        {"run_id": run_id, "metrics": [{"key": "m", "value": True, "timestamp": 1}]},
+        {"run_id": run_id, "metrics": [{"key": "m", "value": 1.0}]},
+        {"run_id": run_id, "metrics": "not a list"},
+        {"metrics": []},
+    ]
+    for body in bodies:
+        answer = requests.post(url, json=body, timeout=10)
+        assert answer.status_code == 400, body
+        assert answer.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+    answer = requests.post(url, data=b"{not json", timeout=10)
+    assert answer.status_code == 400 and answer.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+    # Nothing from the bad requests was stored, and the run still takes good data.
+    client.log_batch(run_id, metrics=[Metric("m", 2.0, 1, 0)], tags=[RunTag("t", "v")])
+    stored = client.get_run(run_id)
+    assert stored.data.metrics == {"m": 2.0} and stored.data.tags["t"] == "v"
+
+
+def test_search_runs_grammar_and_pagination(client: MlflowClient) -> None:
+    experiment_id = client.create_experiment("grid")
+    ids = {}
+    for i in range(6):
+        run = client.create_run(experiment_id, run_name=f"trial-{i}", tags={"family": "cnn" if i % 2 else "mlp"})
+        client.log_batch(
+            run.info.run_id,
+            metrics=[Metric("acc", 0.5 + i / 10, 1, 0)],
+            params=[Param("depth", str(i)), Param("opt", "adam" if i < 3 else "SGD")],
+        )
+        if i == 5:
+            client.set_terminated(run.info.run_id)
+        ids[i] = run.info.run_id
+
+    def search(filter_string: str, order_by: list[str] | None = None) -> list[str]:
+        runs = client.search_runs([experiment_id], filter_string, order_by=order_by)
+        return [r.info.run_name for r in runs]
+
+    assert search("metrics.acc >= 0.8", ["metrics.acc DESC"]) == ["trial-5", "trial-4", "trial-3"]
+    in_ids = f"attributes.run_id IN ('{ids[1]}', '{ids[2]}')"
+    assert search(in_ids, ["params.depth ASC"]) == ["trial-1", "trial-2"]
+    assert search("params.missing IS NULL and tags.family IS NOT NULL and params.depth = '4'") == ["trial-4"]
+    assert search("params.opt ILIKE 'sgd'", ["attributes.run_name ASC"]) == ["trial-3", "trial-4", "trial-5"]
+    assert search("params.opt LIKE 'sgd'") == []
+    assert search("tags.family = 'cnn' and metrics.acc < 0.8", ["params.depth DESC"]) == ["trial-1"]
+    assert search("attributes.status = 'FINISHED'") == ["trial-5"]
+    assert search("attributes.run_name LIKE 'trial-%' and params.depth != '0'", ["metrics.acc ASC"])[:2] == [
+        "trial-1",
+        "trial-2",
+    ]
+    # Pages walk every run once, in a stable order.
+    seen: list[str] = []
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], max_results=4, order_by=["params.depth ASC"], page_token=token)
+        seen += [r.info.run_name for r in page]
+        token = page.token
+        if not token:
+            break
+    assert seen == [f"trial-{i}" for i in range(6)]
+    with pytest.raises(MlflowException) as exc:
+        client.search_runs([experiment_id], "metrics.acc >>> 1")
+    assert error_code(exc) == "INVALID_PARAMETER_VALUE"
+
+
+def test_points_from_the_ingest_client_are_visible_to_mlflow(mlflow_server: RunningServer) -> None:
+    with Client(mlflow_server.target) as ingest:
+        run = ingest.start_run(experiment="from-grpc", name="grpc-run", params={"lr": 0.01})
+        run.log_series("loss", np.arange(5000), np.linspace(1, 0, 5000))
+        run.finish()
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("from-grpc")
+    assert experiment is not None
+    [found] = client.search_runs([experiment.experiment_id], "params.lr = '0.01'")
+    assert found.info.run_name == "grpc-run" and found.info.status == "FINISHED"
+    assert found.data.metrics["loss"] == 0.0
+    assert len(client.get_metric_history(found.info.run_id, "loss")) == 5000
+
+
+def test_chart_call_samples_with_min_and_max(client: MlflowClient, mlflow_server: RunningServer) -> None:
+    runs = [client.create_run("0").info.run_id for _ in range(2)]
+    for run_id in runs:
+        values = np.zeros(10_000)
+        values[4321] = 100.0  # a spike sampling must keep
+        for start in range(0, 10_000, 1000):
+            client.log_batch(
+                run_id, metrics=[Metric("loss", float(values[s]), 1, s) for s in range(start, start + 1000)]
+            )
+    chart_query: dict[str, Any] = {"run_ids": runs, "metric_key": "loss", "max_results": 320}
+    answer = requests.get(
+        f"{mlflow_server.http_url}/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval",
+        params=chart_query,
+        timeout=30,
+    )
+    assert answer.status_code == 200
+    points: list[dict[str, Any]] = answer.json()["metrics"]
+    for run_id in runs:
+        mine = [p for p in points if p["run_id"] == run_id]
+        assert 2 < len(mine) <= 320
+        assert max(p["value"] for p in mine) == 100.0
+        assert [p["step"] for p in mine] == sorted(p["step"] for p in mine)
+    ranged = requests.get(
+        f"{mlflow_server.http_url}/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval",
+        params={"run_ids": runs[0], "metric_key": "loss", "start_step": 10, "end_step": 19},
+        timeout=30,
+    ).json()["metrics"]
+    assert [p["step"] for p in ranged] == list(range(10, 20))
+    bad = requests.get(
+        f"{mlflow_server.http_url}/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval",
+        params={"run_ids": runs[0], "metric_key": "loss", "start_step": 10},
+        timeout=30,
+    )
+    assert bad.status_code == 400 and bad.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+
+
+def test_unknown_routes_and_errors_are_mlflow_json(mlflow_server: RunningServer) -> None:
+    answer = requests.get(f"{mlflow_server.http_url}/api/2.0/mlflow/runs/get", params={"run_id": "nope"}, timeout=10)
+    assert answer.status_code == 404
+    assert answer.json()["error_code"] == "RESOURCE_DOES_NOT_EXIST"
+    answer = requests.get(f"{mlflow_server.http_url}/api/2.0/mlflow/experiments/get", timeout=10)
+    assert answer.status_code == 400 and "experiment_id" in answer.json()["message"]
+
+
+def test_run_status_names_match_mlflow(client: MlflowClient) -> None:
+    run_id = client.create_run("0").info.run_id
+    for status in ("SCHEDULED", "FAILED", "FINISHED"):
+        client.update_run(run_id, status=status)
+        assert client.get_run(run_id).info.status == status
+        assert RunStatus.from_string(status) == RunStatus.from_string(client.get_run(run_id).info.status)
+
+
+def test_rest_exception_type_is_the_clients(client: MlflowClient) -> None:
+    with pytest.raises(RestException):
+        client.get_run("missing")
