@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test check lint typecheck proto bench bench-ingest clean
+.PHONY: install browser serve test check lint typecheck proto bench bench-ingest bench-compat clean
 
 install: $(STAMP)
 
@@ -18,8 +18,12 @@ $(STAMP): pyproject.toml
 serve: install
 	$(BIN)/trackhouse serve $(ARGS)
 
-test: install check
+test: install browser check
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The UI test drives Debian's Chromium through Playwright; nothing is downloaded at run time.
+browser:
+	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 check: lint typecheck
 
@@ -43,5 +47,9 @@ bench-ingest: install
 	$(BIN)/python -m benchmarks.ingest
 	$(BIN)/python -m benchmarks.kafka
 
+# The MLflow API's read and log-batch targets (loads about 10^8 points first; takes several minutes).
+bench-compat: install
+	$(BIN)/python -m benchmarks.compat $(ARGS)
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache test-artifacts

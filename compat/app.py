@@ -13,6 +13,7 @@ from starlette.routing import BaseRoute, Route
 from compat.artifacts import ArtifactsConfig, artifact_routes
 from compat.backend import Backend
 from compat.experiments import ExperimentsApi
+from compat.graphql import GraphQlApi
 from compat.metrics import MetricsApi
 from compat.routing import mlflow_routes
 from compat.runs import RunsApi
@@ -41,5 +42,5 @@ def create_app(
         routes += mlflow_routes(endpoints)
         if artifacts is not None:
             routes += artifact_routes(artifacts, runs.artifact_uri)
-        routes += ui_routes(backend)
+        routes += ui_routes(GraphQlApi(backend, experiments, runs))
     return Starlette(routes=routes)

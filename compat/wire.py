@@ -138,5 +138,6 @@ def experiment(value: Experiment) -> dict[str, Any]:
         "lifecycle_stage": value.lifecycle_stage,
         "last_update_time": value.last_update_time,
         "creation_time": value.creation_time,
+        "workspace": "default",
         "tags": [{"key": k, "value": v} for k, v in value.tags.items()],
     }

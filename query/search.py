@@ -48,10 +48,12 @@ _is_experiment_tag: Callable[[str, str], bool] = SearchExperimentsUtils.is_tag
 _is_string_experiment_attribute: Callable[[str, str, str], bool] = SearchExperimentsUtils.is_string_attribute
 _is_numeric_experiment_attribute: Callable[[str, str, str], bool] = SearchExperimentsUtils.is_numeric_attribute
 
+# The comparators MLflow's parser accepts, each mapped to the only text of it that reaches SQL.
 _NUMERIC_OPERATORS = {op: op for op in (">", ">=", "=", "!=", "<", "<=")}
 _STRING_OPERATORS = {op: op for op in ("=", "!=", "LIKE", "ILIKE")}
 _LIST_OPERATORS = {"IN": "IN", "NOT IN": "NOT IN"}
-_NULL_OPERATORS = {"IS NULL": "NOT IN", "IS NOT NULL": "IN"}  # how the key's owners relate to the runs
+#: IS NULL holds for the runs that are not among the key's owners; IS NOT NULL for those that are.
+_NULL_OPERATORS = {"IS NULL": "NOT IN", "IS NOT NULL": "IN"}
 
 #: Run attributes as columns of the `r` subquery; artifact_uri is derived instead (see _RunQuery).
 _RUN_COLUMNS = {
@@ -241,7 +243,7 @@ class _RunQuery:
         elif key_type in ("metric", "parameter", "tag"):
             self.order.extend(self._joined_order(key_type, key, direction))
         else:
-            raise InvalidQueryError(f"Invalid order_by entity type '{key_type}'")
+            raise InvalidQueryError(f"Invalid identifier type '{key_type}'")
 
     def _attribute_order(self, key: str, direction: str) -> list[str]:
         # As in MLflow, runs without a value sort last in both directions.

@@ -1,0 +1,116 @@
+"""The stock MLflow UI in a real headless Chromium (Debian's package, driven by Playwright) against trackhouse.
+
+Browses the experiments list, a runs table, the chart view and a run's model-metrics
+tab for a run of 10^6 points, and fails on a missing table or chart, an error
+notification, a page error, or a failed API call. Screenshots are kept in
+$TRACKHOUSE_TEST_ARTIFACTS (default test-artifacts/).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from playwright.sync_api import Page, Response, sync_playwright
+
+from ingest.client import Client
+from tests.conftest import ROOT, RunningServer
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Without the networking flags Chromium keeps dialling Google's hosts, which this network refuses.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(os.environ.get("TRACKHOUSE_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+LONG_RUN_POINTS = 1_000_000
+# A stock server answers this 404 too (no auth configured); the UI expects it.
+EXPECTED_404 = ("/ajax-api/2.0/mlflow/users/current",)
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (make test installs it)")
+
+
+@pytest.fixture
+def page(server: RunningServer) -> Iterator[tuple[Page, list[str]]]:
+    problems: list[str] = []
+
+    def on_response(response: Response) -> None:
+        path = response.url.removeprefix(server.http_url).split("?")[0]
+        if response.status >= 400 and path not in EXPECTED_404:
+            problems.append(f"{response.status} {response.request.method} {path}")
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        tab = browser.new_page(viewport={"width": 1600, "height": 1000})
+        tab.on("response", on_response)
+        tab.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+        yield tab, problems
+        browser.close()
+
+
+def seed(server: RunningServer) -> tuple[str, str]:
+    """An experiment with three runs, one of them 10^6 points long. Returns (experiment id, long run id)."""
+    with Client(server.target) as ingest:
+        long_run = ingest.start_run(experiment="ui-e2e", name="long-run", params={"lr": 0.001, "layers": 48})
+        steps = np.arange(LONG_RUN_POINTS)
+        long_run.log_series("loss", steps, 1 / np.sqrt(steps + 1) + np.random.default_rng(0).random(steps.size) / 50)
+        long_run.log_series("accuracy", steps[::100], np.linspace(0.1, 0.95, steps[::100].size))
+        long_run.finish()
+        for i in range(2):
+            short = ingest.start_run(experiment="ui-e2e", name=f"short-{i}", params={"lr": 0.01 * (i + 1)})
+            short.log_series("loss", np.arange(1000), np.linspace(1, 0.2 + i / 10, 1000))
+            short.finish()
+    experiment = MlflowClient(server.http_url).get_experiment_by_name("ui-e2e")
+    assert experiment is not None
+    return experiment.experiment_id, long_run.run_id
+
+
+def settle(tab: Page) -> None:
+    """Give late requests time to fail. The runs page polls, so the network never goes idle for long."""
+    tab.wait_for_timeout(2_000)
+
+
+def no_error_notification(tab: Page) -> None:
+    alerts = tab.locator("[role=alert]").all_inner_texts()
+    assert not [a for a in alerts if re.search(r"error|failed|not found", a, re.IGNORECASE)], alerts
+
+
+def test_ui_pages_show_runs_and_charts_without_errors(server: RunningServer, page: tuple[Page, list[str]]) -> None:
+    experiment_id, long_run = seed(server)
+    tab, problems = page
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+
+    tab.goto(f"{server.http_url}/", wait_until="networkidle")
+    tab.get_by_text("ui-e2e").first.wait_for(timeout=30_000)
+    tab.screenshot(path=ARTIFACTS / "ui-1-experiments.png")
+
+    tab.goto(f"{server.http_url}/#/experiments/{experiment_id}/runs", wait_until="commit")
+    tab.wait_for_selector(".ag-center-cols-container .ag-row", timeout=30_000)
+    tab.get_by_text("long-run").first.wait_for(timeout=30_000)
+    assert tab.locator(".ag-center-cols-container .ag-row").count() == 3
+    tab.screenshot(path=ARTIFACTS / "ui-2-runs-table.png")
+
+    tab.locator('label:has(input[name="runs-view-mode"][value="CHART"])').click()
+    tab.wait_for_selector(".js-plotly-plot .scatterlayer path.js-line", timeout=30_000)
+    settle(tab)
+    tab.screenshot(path=ARTIFACTS / "ui-3-chart-view.png")
+
+    tab.goto(f"{server.http_url}/#/experiments/{experiment_id}/runs/{long_run}/model-metrics", wait_until="commit")
+    tab.wait_for_selector(".js-plotly-plot .scatterlayer path.js-line", timeout=30_000)
+    tab.get_by_text("loss").first.wait_for(timeout=30_000)
+    settle(tab)
+    tab.screenshot(path=ARTIFACTS / "ui-4-model-metrics-1e6-points.png")
+
+    no_error_notification(tab)
+    assert problems == []
