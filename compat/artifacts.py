@@ -44,6 +44,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from compat.routing import guarded
 from query.errors import NotFoundError
 
 # MLflow leaves these unannotated; naming their real types once keeps the calls below checked.
@@ -52,8 +53,6 @@ _resolve_uri_if_local: Callable[[str], str] = uri.resolve_uri_if_local
 _guess_mime_type: Callable[[str], str] = mime_type_utils._guess_mime_type
 _message_to_json: Callable[[Message], str] = proto_json_utils.message_to_json
 _parse_dict: Callable[[dict[str, Any], Message], None] = proto_json_utils.parse_dict
-_serialize_error: Callable[[MlflowException], str] = MlflowException.serialize_as_json
-_error_status: Callable[[MlflowException], int] = MlflowException.get_http_status_code
 
 _M = TypeVar("_M", bound=Message)
 
@@ -199,21 +198,7 @@ class _ArtifactService:
 
 
 def _route(path: str, endpoint: _Endpoint, method: str) -> Route:
-    return Route(path, _with_mlflow_errors(endpoint), methods=[method])
-
-
-def _with_mlflow_errors(endpoint: _Endpoint) -> _Endpoint:
-    async def wrapper(request: Request) -> Response:
-        try:
-            return await endpoint(request)
-        except MlflowException as e:
-            return _error_response(e)
-
-    return wrapper
-
-
-def _error_response(error: MlflowException) -> Response:
-    return Response(_serialize_error(error), status_code=_error_status(error), media_type="application/json")
+    return Route(path, guarded(endpoint), methods=[method])
 
 
 def _json(message: Message) -> Response:

@@ -66,11 +66,7 @@ class MetricsApi:
         run_ids = list(dict.fromkeys(message.run_ids))
         if not run_ids:
             raise invalid("Missing value for required parameter 'run_ids'. See the API docs for more information.")
-        if len(run_ids) > MAX_RUNS_PER_CHART:
-            raise invalid(
-                f"GetMetricHistoryBulkInterval request must specify at most {MAX_RUNS_PER_CHART} run_ids."
-                f" Received {len(run_ids)} run_ids."
-            )
+        _check_run_count(run_ids, "GetMetricHistoryBulkInterval request must specify at most")
         key = wire.required(message.metric_key, "metric_key")
         max_results = message.max_results if message.HasField("max_results") else MAX_POINTS_PER_RUN
         if not 1 <= max_results <= MAX_POINTS_PER_RUN:
@@ -89,11 +85,7 @@ class MetricsApi:
         run_ids = sorted(set(request.query_params.getlist("run_id")))
         if not run_ids:
             raise invalid("GetMetricHistoryBulk request must specify at least one run_id.")
-        if len(run_ids) > MAX_RUNS_PER_CHART:
-            raise invalid(
-                f"GetMetricHistoryBulk request cannot specify more than {MAX_RUNS_PER_CHART}"
-                f" run_ids. Received {len(run_ids)} run_ids."
-            )
+        _check_run_count(run_ids, "GetMetricHistoryBulk request cannot specify more than")
         key = request.query_params.get("metric_key")
         if key is None:
             raise invalid("GetMetricHistoryBulk request must specify a metric_key.")
@@ -106,6 +98,12 @@ class MetricsApi:
             page = await self._backend.read(metrics.history, run_id, key, max(limit, 1))
             series[run_id] = page.points
         return wire.ok({"metrics": _with_run_ids(key, series)[:limit]})
+
+
+def _check_run_count(run_ids: list[str], message: str) -> None:
+    """MLflow's cap on runs per chart call, with its wording for each call."""
+    if len(run_ids) > MAX_RUNS_PER_CHART:
+        raise invalid(f"{message} {MAX_RUNS_PER_CHART} run_ids. Received {len(run_ids)} run_ids.")
 
 
 def _with_run_ids(key: str, series: dict[str, list[Point]]) -> list[dict[str, Any]]:

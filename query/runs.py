@@ -65,20 +65,18 @@ def runs(client: Client, database: str, run_ids: Sequence[str]) -> list[Run]:
     if not found:
         return []
     ids = list(found)
-    params: dict[str, dict[str, str]] = {run_id: {} for run_id in ids}
-    for run_id, key, value in client.query(
+    params = _by_run(
+        client,
         f"SELECT run_id, key, any(value) FROM {database}.{schema.PARAMS}"
         " WHERE run_id IN {ids:Array(String)} GROUP BY run_id, key ORDER BY key",
-        parameters={"ids": ids},
-    ).result_rows:
-        params[run_id][key] = value
-    tags: dict[str, dict[str, str]] = {run_id: {} for run_id in ids}
-    for run_id, key, value in client.query(
+        ids,
+    )
+    tags = _by_run(
+        client,
         f"SELECT run_id, key, value FROM {database}.{schema.TAGS} FINAL"
         " WHERE run_id IN {ids:Array(String)} AND deleted = 0 ORDER BY key",
-        parameters={"ids": ids},
-    ).result_rows:
-        tags[run_id][key] = value
+        ids,
+    )
     latest = metrics.latest(client, database, ids)
     result = []
     for run_id in run_ids:
@@ -90,3 +88,11 @@ def runs(client: Client, database: str, run_ids: Sequence[str]) -> list[Run]:
             run_tags.setdefault(RUN_NAME_TAG, info.name)
         result.append(Run(info, latest[run_id], params[run_id], run_tags))
     return result
+
+
+def _by_run(client: Client, query: str, run_ids: list[str]) -> dict[str, dict[str, str]]:
+    """(run_id, key, value) rows as run_id -> {key: value}, with an entry for every run."""
+    found: dict[str, dict[str, str]] = {run_id: {} for run_id in run_ids}
+    for run_id, key, value in client.query(query, parameters={"ids": run_ids}).result_rows:
+        found[run_id][key] = value
+    return found

@@ -327,3 +327,76 @@ def test_run_status_names_match_mlflow(client: MlflowClient) -> None:
 def test_rest_exception_type_is_the_clients(client: MlflowClient) -> None:
     with pytest.raises(RestException):
         client.get_run("missing")
+
+
+GET_RUN_QUERY = (
+    "query GetRun($data: MlflowGetRunInput!) { mlflowGetRun(input: $data) { apiError { code message __typename }"
+    " run { info { runName runUuid startTime endTime __typename } data { metrics { key value step timestamp"
+    " __typename } __typename } __typename } __typename } }"
+)
+
+
+def test_graphql_answers_the_uis_two_operations(client: MlflowClient, mlflow_server: RunningServer) -> None:
+    experiment_id = client.create_experiment("gql", tags={"team": "a"})
+    run_id = client.create_run(experiment_id, run_name="g").info.run_id
+    client.log_batch(run_id, metrics=[Metric("odd", math.nan, 5, 3), Metric("fine", 0.5, 5, 3)])
+    url = f"{mlflow_server.http_url}/graphql"
+    answer = requests.post(
+        url,
+        json={"operationName": "GetRun", "variables": {"data": {"runId": run_id}}, "query": GET_RUN_QUERY},
+        timeout=10,
+    ).json()
+    assert answer["errors"] is None
+    run = answer["data"]["mlflowGetRun"]["run"]
+    assert run["__typename"] == "MlflowRunExtension"
+    assert run["info"]["runName"] == "g" and isinstance(run["info"]["startTime"], str)
+    metrics = {m["key"]: m for m in run["data"]["metrics"]}
+    assert metrics["fine"] == {
+        "__typename": "MlflowMetricExtension",
+        "key": "fine",
+        "step": "3",
+        "timestamp": "5",
+        "value": 0.5,
+    }
+    assert metrics["odd"]["value"] is None  # GraphQL has no NaN
+    assert run["experiment"]["tags"] == [{"__typename": "MlflowExperimentTag", "key": "team", "value": "a"}]
+
+    experiment = requests.post(
+        url,
+        json={"operationName": "MlflowGetExperimentQuery", "variables": {"input": {"experimentId": experiment_id}}},
+        timeout=10,
+    ).json()["data"]["mlflowGetExperiment"]["experiment"]
+    assert experiment["name"] == "gql" and experiment["creationTime"].isdigit()
+
+    missing = requests.post(
+        url, json={"operationName": "GetRun", "variables": {"data": {"runId": "nope"}}}, timeout=10
+    ).json()
+    assert missing == {"data": {"mlflowGetRun": None}, "errors": ["Run with id=nope not found"]}
+
+
+def test_ui_shell_and_features_trackhouse_lacks(mlflow_server: RunningServer) -> None:
+    base = mlflow_server.http_url
+    index = requests.get(f"{base}/", timeout=10)
+    assert index.status_code == 200 and "static-files" in index.text
+    assert requests.get(f"{base}/version", timeout=10).text == mlflow.__version__
+    assert requests.get(f"{base}/ajax-api/3.0/mlflow/server-info", timeout=10).json()["store_type"] == "SqlStore"
+    for method, path in (
+        ("POST", "/ajax-api/2.0/mlflow/logged-models/search"),
+        ("GET", "/ajax-api/2.0/mlflow/model-versions/search"),
+        ("POST", "/ajax-api/3.0/mlflow/traces/metrics"),
+        ("POST", "/ajax-api/3.0/mlflow/issues/search"),
+        ("GET", "/ajax-api/3.0/mlflow/scorers/list"),
+    ):
+        answer = requests.request(method, base + path, json={}, timeout=10)
+        assert (answer.status_code, answer.json()) == (200, {}), path
+    assert requests.get(f"{base}/ajax-api/2.0/mlflow/gateway-proxy", timeout=10).json() == {"endpoints": []}
+
+
+def test_a_reader_serves_the_api_and_refuses_writes(start_server: Any, tmp_path: Path) -> None:
+    reader = start_server(role="reader")
+    client = MlflowClient(tracking_uri=reader.http_url)
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+    answer = requests.post(f"{reader.http_url}/api/2.0/mlflow/experiments/create", json={"name": "x"}, timeout=10)
+    assert answer.status_code == 400
+    assert "read-only" in answer.json()["message"]
+    assert reader.server.grpc_port == 0  # no ingest on a reader
