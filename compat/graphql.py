@@ -75,9 +75,9 @@ class GraphQlApi:
                     "runUuid": info.run_id,
                     "experimentId": info.experiment_id,
                     "artifactUri": info.artifact_uri,
-                    "endTime": _int64(info.end_time),
+                    "endTime": str(info.end_time or 0),  # MLflow's GraphQL says "0" while a run is running
                     "lifecycleStage": info.lifecycle_stage,
-                    "startTime": _int64(info.start_time),
+                    "startTime": str(info.start_time),
                     "userId": info.user,
                 },
                 "experiment": _experiment(experiment) if experiment else None,
@@ -118,10 +118,6 @@ def _metric(key: str, point: Point) -> dict[str, Any]:
         "timestamp": str(timestamp),
         "value": number if isinstance(number, float) else None,
     }
-
-
-def _int64(value: int | None) -> str | None:
-    return None if value is None else str(value)
 
 
 def _input(variables: Any, name: str) -> dict[str, Any]:

@@ -47,7 +47,8 @@ _EMPTY: tuple[tuple[str, tuple[str, ...], dict[str, Any]], ...] = (
     ("3.0/mlflow/traces", ("GET",), {}),
     ("3.0/mlflow/traces/search", ("POST",), {}),
     ("3.0/mlflow/traces/metrics", ("POST",), {}),
-    ("3.0/mlflow/issues/search", ("POST",), {}),
+    ("3.0/mlflow/issues/search", ("POST",), {"next_page_token": ""}),
+    ("3.0/mlflow/datasets/search", ("POST",), {}),
     ("3.0/mlflow/scorers/list", ("GET",), {}),
     ("3.0/mlflow/gateway/endpoints/list", ("GET",), {}),
     (

@@ -28,7 +28,7 @@ from aiokafka.structs import ConsumerRecord
 from ingest import kafka
 from ingest.codec import DecodedRequest, decode_request
 from ingest.config import KafkaConfig
-from ingest.errors import PermanentError, QueueFullError, RetryableError
+from ingest.errors import InvalidArgumentError, PermanentError, QueueFullError, RetryableError
 from ingest.pipeline import Writer
 from ingest.telemetry import Telemetry
 
@@ -187,7 +187,9 @@ class KafkaReceiver:
             except KafkaError as error:  # the partition cannot move past it until it is kept somewhere
                 log.warning("dead-letter produce failed, retrying: %r", error)
                 await asyncio.sleep(1)
-        self._telemetry.dead_lettered.labels(reason=type(exc).__name__).inc()
+        # A fixed set of labels, like gRPC's rejected{reason}: dashboards must not follow error class names.
+        reason = "invalid_argument" if isinstance(exc, InvalidArgumentError) else "storage_rejected"
+        self._telemetry.dead_lettered.labels(reason=reason).inc()
         log.warning("dead-lettered %s/%d@%d: %s", message.topic, message.partition, message.offset, exc)
 
     def _report_lag(self) -> None:

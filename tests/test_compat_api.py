@@ -11,6 +11,8 @@ import mlflow
 import numpy as np
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
@@ -384,7 +386,6 @@ def test_ui_shell_and_features_trackhouse_lacks(mlflow_server: RunningServer) ->
         ("POST", "/ajax-api/2.0/mlflow/logged-models/search"),
         ("GET", "/ajax-api/2.0/mlflow/model-versions/search"),
         ("POST", "/ajax-api/3.0/mlflow/traces/metrics"),
-        ("POST", "/ajax-api/3.0/mlflow/issues/search"),
         ("GET", "/ajax-api/3.0/mlflow/scorers/list"),
     ):
         answer = requests.request(method, base + path, json={}, timeout=10)
@@ -400,3 +401,48 @@ def test_a_reader_serves_the_api_and_refuses_writes(start_server: Any, tmp_path:
     assert answer.status_code == 400
     assert "read-only" in answer.json()["message"]
     assert reader.server.grpc_port == 0  # no ingest on a reader
+
+
+HOSTILE_PIECES = ["'", '"', "`", "\\", "--", "/*", "*/", ";", "%", "_", "DROP TABLE runs", "\u202e", "é", "\x00", "🙂"]
+hostile_text = st.lists(st.sampled_from(HOSTILE_PIECES) | st.text(max_size=5), max_size=8).map("".join)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=hostile_text, key=hostile_text, raw=hostile_text)
+def test_hostile_search_input_is_a_clear_400_or_a_correct_answer(
+    searchable: tuple[str, str, str], value: str, key: str, raw: str
+) -> None:
+    base, experiment_id, run_id = searchable
+    quoted = "'" + value.replace("'", "\\'") + "'"
+    for filter_string in (
+        f"params.p = {quoted}",
+        f"tags.`{key}` LIKE {quoted}",
+        f"attributes.run_name ILIKE {quoted}",
+        raw,
+        raw * 400,  # very long input
+    ):
+        body = {"experiment_ids": [experiment_id], "filter": filter_string}
+        answer = requests.post(f"{base}/api/2.0/mlflow/runs/search", json=body, timeout=30)
+        assert answer.status_code in (200, 400), (filter_string, answer.text[:300])
+        if answer.status_code == 400:
+            assert answer.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+            assert "Code:" not in answer.json()["message"], "a ClickHouse error leaked"
+        else:  # the only run has p = 'v' and no other tags: it may match only a filter it satisfies
+            found = [r["info"]["run_id"] for r in answer.json().get("runs", [])]
+            assert found in ([], [run_id])
+            if found and filter_string.startswith("params.p ="):
+                assert value == "v"
+    token = requests.post(
+        f"{base}/api/2.0/mlflow/runs/search",
+        json={"experiment_ids": [experiment_id], "page_token": raw or "x"},
+        timeout=30,
+    )
+    assert token.status_code == 400 and token.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+
+
+@pytest.fixture
+def searchable(client: MlflowClient, mlflow_server: RunningServer) -> tuple[str, str, str]:
+    experiment_id = client.create_experiment("hostile")
+    run_id = client.create_run(experiment_id, run_name="only").info.run_id
+    client.log_param(run_id, "p", "v")
+    return mlflow_server.http_url, experiment_id, run_id

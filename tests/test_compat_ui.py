@@ -9,7 +9,6 @@ $TRACKHOUSE_TEST_ARTIFACTS (default test-artifacts/).
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +36,18 @@ ARTIFACTS = Path(os.environ.get("TRACKHOUSE_TEST_ARTIFACTS", ROOT / "test-artifa
 LONG_RUN_POINTS = 1_000_000
 # A stock server answers this 404 too (no auth configured); the UI expects it.
 EXPECTED_404 = ("/ajax-api/2.0/mlflow/users/current",)
+# The UI's error toasts vanish after about 3 s, so a MutationObserver records every one as it appears.
+RECORD_TOASTS = """
+window.__toasts = [];
+new MutationObserver(mutations => {
+  for (const m of mutations) for (const node of m.addedNodes) {
+    if (node.nodeType !== 1) continue;
+    const selector = '.du-bois-light-notification-notice-error, .du-bois-light-alert-error';
+    const found = node.matches(selector) ? [node] : [...node.querySelectorAll(selector)];
+    for (const e of found) window.__toasts.push(e.innerText.slice(0, 300));
+  }
+}).observe(document, {childList: true, subtree: true});
+"""
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (make test installs it)")
 
@@ -53,6 +64,7 @@ def page(server: RunningServer) -> Iterator[tuple[Page, list[str]]]:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         tab = browser.new_page(viewport={"width": 1600, "height": 1000})
+        tab.add_init_script(RECORD_TOASTS)
         tab.on("response", on_response)
         tab.on("pageerror", lambda error: problems.append(f"page error: {error}"))
         yield tab, problems
@@ -82,8 +94,10 @@ def settle(tab: Page) -> None:
 
 
 def no_error_notification(tab: Page) -> None:
-    alerts = tab.locator("[role=alert]").all_inner_texts()
-    assert not [a for a in alerts if re.search(r"error|failed|not found", a, re.IGNORECASE)], alerts
+    assert tab.evaluate("window.__toasts") == []  # every error toast or alert since the page loaded
+    assert tab.locator(".du-bois-light-alert-error").count() == 0
+    for text in ("Request error", "Can't load run details", "Page Not Found"):
+        assert tab.get_by_text(text).count() == 0, text
 
 
 def test_ui_pages_show_runs_and_charts_without_errors(server: RunningServer, page: tuple[Page, list[str]]) -> None:
@@ -100,11 +114,13 @@ def test_ui_pages_show_runs_and_charts_without_errors(server: RunningServer, pag
     tab.get_by_text("long-run").first.wait_for(timeout=30_000)
     assert tab.locator(".ag-center-cols-container .ag-row").count() == 3
     tab.screenshot(path=ARTIFACTS / "ui-2-runs-table.png")
+    no_error_notification(tab)
 
     tab.locator('label:has(input[name="runs-view-mode"][value="CHART"])').click()
     tab.wait_for_selector(".js-plotly-plot .scatterlayer path.js-line", timeout=30_000)
     settle(tab)
     tab.screenshot(path=ARTIFACTS / "ui-3-chart-view.png")
+    no_error_notification(tab)
 
     tab.goto(f"{server.http_url}/#/experiments/{experiment_id}/runs/{long_run}/model-metrics", wait_until="commit")
     tab.wait_for_selector(".js-plotly-plot .scatterlayer path.js-line", timeout=30_000)

@@ -141,7 +141,7 @@ def test_poison_messages_go_to_the_dead_letter_topic_and_the_partition_keeps_mov
     assert "schema_version 99" in reasons[1]
     assert "bad key!" in reasons[2]
     assert "does not exist" in reasons[3]
-    assert 'trackhouse_dead_lettered_total{reason="InvalidArgumentError"} 4.0' in scrape(worker.http_url)
+    assert 'trackhouse_dead_lettered_total{reason="invalid_argument"} 4.0' in scrape(worker.http_url)
 
 
 def test_two_workers_one_leaves_mid_stream(
