@@ -105,7 +105,7 @@ def test_ui_pages_show_runs_and_charts_without_errors(server: RunningServer, pag
     tab, problems = page
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
 
-    tab.goto(f"{server.http_url}/", wait_until="networkidle")
+    tab.goto(f"{server.http_url}/", wait_until="commit")  # never "networkidle": a telemetry worker keeps polling
     tab.get_by_text("ui-e2e").first.wait_for(timeout=30_000)
     tab.screenshot(path=ARTIFACTS / "ui-1-experiments.png")
 
