@@ -9,8 +9,9 @@ background merges reach), then starts the server and times, median of --repeats:
 - the same for one --long-points run;
 - runs/search with a metric filter over --search-runs runs in one experiment (1,000 per page, as
   MlflowClient.search_runs asks);
-and then MLflow's log-batch (1,000 metrics per call, 4 client processes sending pre-encoded bodies)
-against trackhouse and a stock `mlflow server` on SQLite, side by side in each repeat.
+and then MLflow's log-batch (1,000 metrics per call; --log-batch-writers concurrent writers, as in a sweep of
+that many trials, in 4 client processes sending pre-encoded bodies) against trackhouse and a stock
+`mlflow server` on SQLite, side by side in each repeat.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import json
 import statistics
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -38,7 +40,7 @@ from query.connection import StoreConfig, connect
 DB = "trackhouse"
 CHART_EXPERIMENT = "100"
 SEARCH_EXPERIMENT = "200"
-LOG_BATCH_CLIENTS = 4
+LOG_BATCH_PROCESSES = 4
 METRICS_PER_BATCH = 1000
 
 
@@ -127,18 +129,26 @@ def read_targets(http: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _log_batches(endpoint: str, bodies: list[bytes]) -> None:
-    """One client process: synchronous log-batch calls, one after another, as a training loop makes them."""
-    session = requests.Session()
-    for body in bodies:
-        answer = session.post(
-            f"{endpoint}/api/2.0/mlflow/runs/log-batch", data=body, headers={"Content-Type": "application/json"}
-        )
-        answer.raise_for_status()
+def _log_batches(endpoint: str, bodies_per_writer: list[list[bytes]]) -> None:
+    """One client process: a thread per writer, each making synchronous log-batch calls as a training loop does."""
+
+    def write(bodies: list[bytes]) -> None:
+        session = requests.Session()
+        for body in bodies:
+            answer = session.post(
+                f"{endpoint}/api/2.0/mlflow/runs/log-batch", data=body, headers={"Content-Type": "application/json"}
+            )
+            answer.raise_for_status()
+
+    threads = [threading.Thread(target=write, args=(bodies,)) for bodies in bodies_per_writer]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
-def log_batch_rate(endpoint: str, batches: int) -> tuple[float, list[str]]:
-    """Points/s of LOG_BATCH_CLIENTS processes sending MLflow log-batch requests of METRICS_PER_BATCH metrics.
+def log_batch_rate(endpoint: str, writers: int, batches: int) -> tuple[float, list[str]]:
+    """Points/s of `writers` concurrent MLflow log-batch writers, one run each, METRICS_PER_BATCH metrics per call.
 
     The bodies are the JSON MlflowClient.log_batch sends, encoded before the clock starts: the
     MLflow client spends about 40 ms of its own CPU per 1,000-metric call (measured), which on
@@ -147,7 +157,7 @@ def log_batch_rate(endpoint: str, batches: int) -> tuple[float, list[str]]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=endpoint)
-    run_ids = [client.create_run("0").info.run_id for _ in range(LOG_BATCH_CLIENTS)]
+    run_ids = [client.create_run("0").info.run_id for _ in range(writers)]
     now = int(time.time() * 1000)
     bodies = [
         [
@@ -164,11 +174,13 @@ def log_batch_rate(endpoint: str, batches: int) -> tuple[float, list[str]]:
         ]
         for run_id in run_ids
     ]
+    processes = min(LOG_BATCH_PROCESSES, writers)
+    shares = [bodies[i::processes] for i in range(processes)]
     started = time.perf_counter()
-    with ProcessPoolExecutor(LOG_BATCH_CLIENTS) as pool:
-        list(pool.map(_log_batches, [endpoint] * len(run_ids), bodies))
+    with ProcessPoolExecutor(processes) as pool:
+        list(pool.map(_log_batches, [endpoint] * processes, shares))
     elapsed = time.perf_counter() - started
-    return LOG_BATCH_CLIENTS * batches * METRICS_PER_BATCH / elapsed, run_ids
+    return writers * batches * METRICS_PER_BATCH / elapsed, run_ids
 
 
 def stored_points(endpoint: str, run_ids: list[str], batches: int) -> bool:
@@ -193,8 +205,9 @@ def main() -> None:
     parser.add_argument("--search-runs", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--log-batch-repeats", type=int, default=3)
-    parser.add_argument("--trackhouse-batches", type=int, default=100, help="log_batch calls per client, trackhouse")
-    parser.add_argument("--stock-batches", type=int, default=5, help="log_batch calls per client, stock MLflow")
+    parser.add_argument("--log-batch-writers", type=int, default=32, help="concurrent log-batch writers (runs)")
+    parser.add_argument("--trackhouse-batches", type=int, default=20, help="log-batch calls per writer, trackhouse")
+    parser.add_argument("--stock-batches", type=int, default=2, help="log-batch calls per writer, stock MLflow")
     args = parser.parse_args()
     results: dict[str, Any] = {"args": vars(args)}
     with tempfile.TemporaryDirectory(prefix="trackhouse-compat-") as tmp:
@@ -208,9 +221,9 @@ def main() -> None:
             stock.start(Path(tmp) / "stock")
             rates: dict[str, list[float]] = {"trackhouse": [], "stock": [], "ratio": []}
             for _ in range(args.log_batch_repeats):
-                ours, run_ids = log_batch_rate(server.http, args.trackhouse_batches)
+                ours, run_ids = log_batch_rate(server.http, args.log_batch_writers, args.trackhouse_batches)
                 assert stored_points(server.http, run_ids, args.trackhouse_batches), "trackhouse lost or doubled points"
-                theirs, _ = log_batch_rate(stock.endpoint, args.stock_batches)
+                theirs, _ = log_batch_rate(stock.endpoint, args.log_batch_writers, args.stock_batches)
                 rates["trackhouse"].append(ours)
                 rates["stock"].append(theirs)
                 rates["ratio"].append(ours / theirs)

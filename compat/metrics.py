@@ -107,7 +107,13 @@ def _check_run_count(run_ids: list[str], message: str) -> None:
 
 
 def _with_run_ids(key: str, series: dict[str, list[Point]]) -> list[dict[str, Any]]:
-    return [{**wire.metric(key, point), "run_id": run_id} for run_id, points in series.items() for point in points]
+    # Built in one comprehension: a chart answer for 100 runs holds 32,000 of these.
+    number = wire.number
+    return [
+        {"key": key, "value": number(value), "timestamp": timestamp, "step": step, "run_id": run_id}
+        for run_id, points in series.items()
+        for step, timestamp, value in points
+    ]
 
 
 def _encode_token(after: Point) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from dataclasses import replace
@@ -25,9 +26,9 @@ from compat.errors import invalid, not_found
 from compat.experiments import ExperimentsApi
 from compat.routing import Endpoint
 from ingest import validation
-from ingest.batch import ACTIVE, DELETED, Batch, Metrics, ParamRow, RunRow, TagRow
+from ingest.batch import ACTIVE, DELETED, Batch, Float64Array, Int32Array, Int64Array, Metrics, ParamRow, RunRow, TagRow
 from ingest.errors import UnknownRunError
-from query import runs, search
+from query import metrics, runs, search
 from query.runs import RUN_NAME_TAG, RunInfo
 
 DEFAULT_SEARCH_RESULTS = 1000
@@ -126,8 +127,14 @@ class RunsApi:
             list(message.order_by),
             message.page_token or None,
         )
-        found = await self._backend.read(runs.runs, page.ids)
-        payload: dict[str, Any] = {"runs": [wire.run(r) for r in found]}
+        # A search page holds up to 50,000 runs: its four parts are read concurrently, on separate clients.
+        found, params, tags, latest = await asyncio.gather(
+            self._backend.read(runs.infos, page.ids),
+            self._backend.read(runs.params_of, page.ids),
+            self._backend.read(runs.tags_of, page.ids),
+            self._backend.read(metrics.latest, page.ids),
+        )
+        payload: dict[str, Any] = {"runs": [wire.run(r) for r in runs.assemble(page.ids, found, params, tags, latest)]}
         if page.next_page_token:
             payload["next_page_token"] = page.next_page_token
         return wire.ok(payload)
@@ -257,9 +264,60 @@ def _json_scalar(value: object, name: str) -> str:
 
 
 def _metrics(run_id: str, entries: list[Any], single: bool = False) -> Metrics:
-    """Columns for the points of one run. The REST path is small per request; numpy keeps the batcher's shape."""
+    """Columns for the points of one run, built a column at a time; any oddity takes the careful path."""
     if not entries:
         return Metrics()
+    columns = _plain_columns(entries)
+    if columns is None:
+        columns = _checked_columns(entries, single)
+    keys, key_index, step, timestamp, value = columns
+    for key in keys:
+        validation.check_key(key)
+    return Metrics(
+        run_ids=(run_id,),
+        keys=keys,
+        run_index=np.zeros(len(entries), np.int32),
+        key_index=key_index,
+        step=step,
+        timestamp=timestamp,
+        value=value,
+    )
+
+
+_Columns = tuple[tuple[str, ...], Int32Array, Int64Array, Int64Array, Float64Array]
+
+
+def _plain_columns(entries: list[Any]) -> _Columns | None:
+    """The common case, as the MLflow client sends it: string keys, numeric values, integer steps and timestamps.
+
+    Whole columns go to numpy at once (about 10x faster than entry by entry, measured); None means
+    something is unusual (a missing field, a string value such as "NaN", a bool) and every entry is checked.
+    """
+    try:
+        keys = [e["key"] for e in entries]
+        values = [e["value"] for e in entries]
+        timestamps = [e["timestamp"] for e in entries]
+        steps = [e.get("step", 0) for e in entries]
+    except (KeyError, TypeError, AttributeError):
+        return None
+    if (
+        not set(map(type, keys)) <= {str}
+        or not set(map(type, values)) <= {float, int}
+        or not set(map(type, timestamps)) <= {int}
+        or not set(map(type, steps)) <= {int}
+    ):
+        return None
+    try:
+        step, timestamp = np.array(steps, np.int64), np.array(timestamps, np.int64)
+    except OverflowError:
+        return None
+    index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+    key_index = np.fromiter((index[k] for k in keys), np.int32, len(keys))
+    return tuple(index), key_index, step, timestamp, np.array(values, np.float64)
+
+
+def _checked_columns(entries: list[Any], single: bool) -> _Columns:
+    """Entry by entry, naming the first bad field as MLflow would."""
     keys: dict[str, int] = {}
     key_index = np.empty(len(entries), np.int32)
     step = np.empty(len(entries), np.int64)
@@ -268,22 +326,13 @@ def _metrics(run_id: str, entries: list[Any], single: bool = False) -> Metrics:
     for i, entry in enumerate(entries):
         path = "" if single else f"metrics[{i}]"
         if not isinstance(entry, dict):
-            raise invalid(f"Invalid value for parameter '{path}': expected an object.")
+            raise invalid(f"Invalid value for parameter '{path or 'metric'}': expected an object.")
         key = _field(entry, "key", path)
-        validation.check_key(key)
         key_index[i] = keys.setdefault(key, len(keys))
         value[i] = _double(_present(entry, "value", path), _join(path, "value"))
         timestamp[i] = _int64(_present(entry, "timestamp", path), _join(path, "timestamp"))
         step[i] = _int64(entry.get("step", 0), _join(path, "step"))
-    return Metrics(
-        run_ids=(run_id,),
-        keys=tuple(keys),
-        run_index=np.zeros(len(entries), np.int32),
-        key_index=key_index,
-        step=step,
-        timestamp=timestamp,
-        value=value,
-    )
+    return tuple(keys), key_index, step, timestamp, value
 
 
 _SPECIAL = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}

@@ -13,6 +13,7 @@ import json
 import math
 from typing import Any, TypeVar
 
+import orjson
 from google.protobuf import descriptor
 from google.protobuf.json_format import ParseError
 from google.protobuf.message import Message
@@ -58,9 +59,12 @@ async def body(request: Request) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        parsed = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise invalid(f"Request body is not valid JSON: {exc}") from None
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:  # Python's reader also takes bare NaN and Infinity, as a stock (Flask) server does
+            parsed = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise invalid(f"Request body is not valid JSON: {exc}") from None
     if not isinstance(parsed, dict):
         raise invalid("Request body must be a JSON object")
     return parsed
@@ -81,9 +85,8 @@ def required(value: str, name: str) -> str:
 
 
 def ok(payload: dict[str, Any] | None = None) -> Response:
-    # allow_nan=False: NaN must already be MLflow's "NaN" string, never invalid JSON.
-    text = json.dumps(payload or {}, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
-    return Response(text, media_type="application/json")
+    # NaN and infinities are already MLflow's strings here (see `number`); orjson would write null.
+    return Response(orjson.dumps(payload or {}), media_type="application/json")
 
 
 def number(value: float) -> float | str:

@@ -63,8 +63,8 @@ def sampled(
     the runs line up; each bucket contributes its lowest and highest point. A series
     with no more points than `max_points` comes back whole.
 
-    Long ranges are answered from the rollups (one row per run, key and 256 steps), so
-    the cost follows the number of chart buckets, not the length of the series. With a
+    Long ranges are answered from the rollups (one row per run, key and 256 or 4,096
+    steps), so the cost follows the number of chart buckets, not the length of the series. With a
     step range, a rollup bucket straddling an end may contribute a point just outside
     it, which is dropped; its other points are then represented by the buckets inside.
     """
@@ -72,21 +72,35 @@ def sampled(
         return {}
     buckets = max(1, max_points // 2)
     scope = _Scope(list(run_ids), key, start_step, end_step)
-    first, last = _rollup_bounds(client, database, scope)
-    if first is None or last is None:
-        return {run_id: [] for run_id in run_ids}
-    if last - first + 1 >= buckets:
-        series = _from_rollups(client, database, scope, first, -(-(last - first + 1) // buckets))
-    else:
+    series: dict[str, list[Point]] | None = None
+    for level in _LEVELS:  # coarsest first: the first level with a bucket per chart bucket answers
+        first, last = _rollup_bounds(client, database, scope, level)
+        if first is None or last is None:
+            return {run_id: [] for run_id in run_ids}
+        if last - first + 1 >= buckets:
+            series = _from_rollups(client, database, scope, level, first, -(-(last - first + 1) // buckets))
+            break
+    if series is None:
+        assert first is not None and last is not None  # the fine level's bounds, from the loop's last pass
         # Short range: the raw points within it are few (under buckets * ROLLUP_WIDTH per run).
-        lo = max(first * schema.ROLLUP_WIDTH, start_step if start_step is not None else _MIN_STEP)
-        hi = min((last + 1) * schema.ROLLUP_WIDTH - 1, end_step if end_step is not None else _MAX_STEP)
+        lo = max(first * _FINE.width, start_step if start_step is not None else _MIN_STEP)
+        hi = min((last + 1) * _FINE.width - 1, end_step if end_step is not None else _MAX_STEP)
         series = _from_points(client, database, _Scope(scope.run_ids, key, lo, hi), buckets)
     result: dict[str, list[Point]] = {run_id: [] for run_id in run_ids}
     for run_id, points in series.items():
         result[run_id] = [p for p in sorted(set(points)) if scope.contains(p[0])]
     return result
 
+
+@dataclass(frozen=True, slots=True)
+class _Level:
+    table: str
+    #: Steps per bucket.
+    width: int
+
+
+_FINE = _Level(schema.METRIC_ROLLUPS, schema.ROLLUP_WIDTH)
+_LEVELS = (_Level(schema.METRIC_ROLLUPS_COARSE, schema.ROLLUP_WIDTH * schema.COARSE_FACTOR), _FINE)
 
 _MIN_STEP = -(2**63)
 _MAX_STEP = 2**63 - 1
@@ -115,23 +129,25 @@ class _Scope:
         return sql, parameters
 
 
-def _rollup_bounds(client: Client, database: str, scope: _Scope) -> tuple[int | None, int | None]:
-    """The first and last rollup bucket holding points of the scope, or None when there are none."""
-    where, parameters = scope.where("bucket", schema.ROLLUP_WIDTH)
+def _rollup_bounds(client: Client, database: str, scope: _Scope, level: _Level) -> tuple[int | None, int | None]:
+    """The first and last bucket of `level` holding points of the scope, or None when there are none."""
+    where, parameters = scope.where("bucket", level.width)
     count, first, last = client.query(
-        f"SELECT count(), min(bucket), max(bucket) FROM {database}.{schema.METRIC_ROLLUPS} WHERE {where}",
+        f"SELECT count(), min(bucket), max(bucket) FROM {database}.{level.table} WHERE {where}",
         parameters=parameters,
     ).result_rows[0]
     return (int(first), int(last)) if count else (None, None)
 
 
-def _from_rollups(client: Client, database: str, scope: _Scope, first: int, per_bucket: int) -> dict[str, list[Point]]:
-    where, parameters = scope.where("bucket", schema.ROLLUP_WIDTH)
+def _from_rollups(
+    client: Client, database: str, scope: _Scope, level: _Level, first: int, per_bucket: int
+) -> dict[str, list[Point]]:
+    where, parameters = scope.where("bucket", level.width)
     rows = client.query(
         "SELECT run_id, intDiv(bucket - {first:Int64}, {per:Int64}) AS b,"
         " argMinMerge(low_step), argMinMerge(low_timestamp), min(low),"
         " argMaxMerge(high_step), argMaxMerge(high_timestamp), max(high)"
-        f" FROM {database}.{schema.METRIC_ROLLUPS} WHERE {where} GROUP BY run_id, b",
+        f" FROM {database}.{level.table} WHERE {where} GROUP BY run_id, b",
         parameters={**parameters, "first": first, "per": per_bucket},
     ).result_rows
     series: dict[str, list[Point]] = {}

@@ -65,34 +65,56 @@ def runs(client: Client, database: str, run_ids: Sequence[str]) -> list[Run]:
     if not found:
         return []
     ids = list(found)
-    params = _by_run(
+    return assemble(
+        run_ids,
+        found,
+        params_of(client, database, ids),
+        tags_of(client, database, ids),
+        metrics.latest(client, database, ids),
+    )
+
+
+def params_of(client: Client, database: str, run_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+    return _by_run(
         client,
         f"SELECT run_id, key, any(value) FROM {database}.{schema.PARAMS}"
         " WHERE run_id IN {ids:Array(String)} GROUP BY run_id, key ORDER BY key",
-        ids,
+        run_ids,
     )
-    tags = _by_run(
+
+
+def tags_of(client: Client, database: str, run_ids: Sequence[str]) -> dict[str, dict[str, str]]:
+    return _by_run(
         client,
         f"SELECT run_id, key, value FROM {database}.{schema.TAGS} FINAL"
         " WHERE run_id IN {ids:Array(String)} AND deleted = 0 ORDER BY key",
-        ids,
+        run_ids,
     )
-    latest = metrics.latest(client, database, ids)
+
+
+def assemble(
+    run_ids: Sequence[str],
+    found: dict[str, RunInfo],
+    params: dict[str, dict[str, str]],
+    tags: dict[str, dict[str, str]],
+    latest: dict[str, dict[str, metrics.Point]],
+) -> list[Run]:
+    """Runs from separately read parts, so a caller may read the parts concurrently."""
     result = []
     for run_id in run_ids:
         info = found.get(run_id)
         if info is None:
             continue
-        run_tags = tags[run_id]
+        run_tags = tags.get(run_id, {})
         if info.name:
             run_tags.setdefault(RUN_NAME_TAG, info.name)
-        result.append(Run(info, latest[run_id], params[run_id], run_tags))
+        result.append(Run(info, latest.get(run_id, {}), params.get(run_id, {}), run_tags))
     return result
 
 
-def _by_run(client: Client, query: str, run_ids: list[str]) -> dict[str, dict[str, str]]:
+def _by_run(client: Client, query: str, run_ids: Sequence[str]) -> dict[str, dict[str, str]]:
     """(run_id, key, value) rows as run_id -> {key: value}, with an entry for every run."""
     found: dict[str, dict[str, str]] = {run_id: {} for run_id in run_ids}
-    for run_id, key, value in client.query(query, parameters={"ids": run_ids}).result_rows:
+    for run_id, key, value in client.query(query, parameters={"ids": list(run_ids)}).result_rows:
         found[run_id][key] = value
     return found

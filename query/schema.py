@@ -18,8 +18,11 @@ PARAMS = "params"
 TAGS = "tags"
 EXPERIMENT_TAGS = "experiment_tags"
 METRIC_ROLLUPS = "metric_rollups"
+METRIC_ROLLUPS_COARSE = "metric_rollups_coarse"
 #: Steps per rollup bucket. Charts over more than ~160 buckets of this many steps read rollups, not points.
 ROLLUP_WIDTH = 256
+#: Fine buckets per coarse bucket: 4,096 steps, for charts of many long runs at once.
+COARSE_FACTOR = 16
 MIGRATIONS_TABLE = "schema_migrations"
 
 DEFAULT_EXPERIMENT_ID = "0"
@@ -141,12 +144,31 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             """INSERT INTO {db}.metric_rollups SELECT {rollup_select} FROM {db}.metrics GROUP BY run_id, key, bucket""",
         ),
     ),
+    (
+        4,
+        (
+            # A coarser level, fed from the fine rollups (a cascading view), so it costs inserts
+            # almost nothing: its input is 1/256 of the points. 100 runs of 10^6 points chart
+            # from 24k coarse rows instead of 390k fine ones.
+            """CREATE TABLE IF NOT EXISTS {db}.metric_rollups_coarse AS {db}.metric_rollups""",
+            """CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.metric_rollups_coarse_mv TO {db}.metric_rollups_coarse AS
+            SELECT {coarse_select} FROM {db}.metric_rollups GROUP BY run_id, key, bucket""",
+            """INSERT INTO {db}.metric_rollups_coarse SELECT {coarse_select} FROM {db}.metric_rollups
+            GROUP BY run_id, key, bucket""",
+        ),
+    ),
 )
 
 _ROLLUP_SELECT = (
     f"run_id, key, intDiv(step, {ROLLUP_WIDTH}) AS bucket, min(value) AS low, max(value) AS high,"
     " argMinState(step, value) AS low_step, argMaxState(step, value) AS high_step,"
     " argMinState(timestamp, value) AS low_timestamp, argMaxState(timestamp, value) AS high_timestamp"
+)
+
+_COARSE_SELECT = (
+    f"run_id, key, intDiv(bucket, {COARSE_FACTOR}) AS bucket, min(low) AS low, max(high) AS high,"
+    " argMinMergeState(low_step) AS low_step, argMaxMergeState(high_step) AS high_step,"
+    " argMinMergeState(low_timestamp) AS low_timestamp, argMaxMergeState(high_timestamp) AS high_timestamp"
 )
 
 
@@ -170,6 +192,7 @@ def migrate(client: Client, database: str) -> int:
                     default_id=DEFAULT_EXPERIMENT_ID,
                     default_name=DEFAULT_EXPERIMENT_NAME,
                     rollup_select=_ROLLUP_SELECT,
+                    coarse_select=_COARSE_SELECT,
                 )
             )
         client.command(f"INSERT INTO {database}.{MIGRATIONS_TABLE} VALUES ({version}, now64(3))")

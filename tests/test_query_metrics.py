@@ -95,3 +95,25 @@ def test_latest_follows_mlflow_rule(sql: Client) -> None:
     write(sql, "l", "m", np.array([5, 9, 9, 9, 3]), np.array([1.0, 2.0, 3.0, 0.5, 99.0]), np.array([1, 10, 10, 5, 100]))
     write(sql, "l", "m", np.array([9]), np.array([3.0]), np.array([10]))  # duplicate
     assert metrics.latest(sql, DB, ["l", "none"]) == {"l": {"m": (9, 10, 3.0)}, "none": {}}
+
+
+@pytest.mark.parametrize(("n", "width"), [(1_000_000, 4096), (100_000, 256)])
+def test_sampled_series_from_rollups_is_each_buckets_exact_min_and_max(sql: Client, n: int, width: int) -> None:
+    """A long series (coarse rollups) and a medium one (fine rollups) give exactly the brute-force extremes."""
+    rng = np.random.default_rng(n)
+    steps = np.arange(n) + 7  # not aligned to a bucket
+    values = rng.standard_normal(n)
+    timestamps = 1_700_000_000_000 + steps * 3
+    write(sql, "long", "loss", steps, values, timestamps)
+    write(sql, "long", "loss", steps[: n // 3], values[: n // 3], timestamps[: n // 3])  # duplicates change nothing
+    series = metrics.sampled(sql, DB, ["long"], "loss", max_points=320)["long"]
+    rollup = steps // width
+    per = -(-(int(rollup[-1]) - int(rollup[0]) + 1) // 160)
+    chart_bucket = (rollup - rollup[0]) // per
+    expected = set()
+    for bucket in np.unique(chart_bucket):
+        mask = chart_bucket == bucket
+        for pick in (np.argmin(values[mask]), np.argmax(values[mask])):
+            expected.add((int(steps[mask][pick]), int(timestamps[mask][pick]), float(values[mask][pick])))
+    assert set(series) == expected
+    assert len(series) <= 320
