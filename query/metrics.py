@@ -8,7 +8,7 @@ User input travels only as bound parameters.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +88,7 @@ def sampled(
         series = _from_points(client, database, _Scope(scope.run_ids, key, lo, hi), buckets)
     result: dict[str, list[Point]] = {run_id: [] for run_id in run_ids}
     for run_id, points in series.items():
-        result[run_id] = [p for p in sorted(set(points)) if scope.contains(p[0])]
+        result[run_id] = points if scope.unbounded else [p for p in points if scope.contains(p[0])]
     return result
 
 
@@ -112,6 +112,10 @@ class _Scope:
     key: str
     start_step: int | None
     end_step: int | None
+
+    @property
+    def unbounded(self) -> bool:
+        return self.start_step is None and self.end_step is None
 
     def contains(self, step: int) -> bool:
         return (self.start_step is None or step >= self.start_step) and (self.end_step is None or step <= self.end_step)
@@ -147,14 +151,28 @@ def _from_rollups(
         "SELECT run_id, intDiv(bucket - {first:Int64}, {per:Int64}) AS b,"
         " argMinMerge(low_step), argMinMerge(low_timestamp), min(low),"
         " argMaxMerge(high_step), argMaxMerge(high_timestamp), max(high)"
-        f" FROM {database}.{level.table} WHERE {where} GROUP BY run_id, b",
+        f" FROM {database}.{level.table} WHERE {where} GROUP BY run_id, b ORDER BY run_id, b",
         parameters={**parameters, "first": first, "per": per_bucket},
     ).result_rows
+    return _in_order(
+        (run_id, (int(ls), int(lt), float(lv)), (int(hs), int(ht), float(hv)))
+        for run_id, _, ls, lt, lv, hs, ht, hv in rows
+    )
+
+
+def _in_order(buckets: Iterable[tuple[str, Point, Point]]) -> dict[str, list[Point]]:
+    """Series from (run_id, lowest, highest) per bucket, buckets in step order: each bucket's two points
+    in (step, timestamp, value) order, once if they are the same point. Buckets never share steps, so
+    the whole series is in order without sorting (sorting 32,000 points cost a chart call 10 ms)."""
     series: dict[str, list[Point]] = {}
-    for run_id, _, low_step, low_ts, low, high_step, high_ts, high in rows:
-        series.setdefault(run_id, []).extend(
-            [(int(low_step), int(low_ts), float(low)), (int(high_step), int(high_ts), float(high))]
-        )
+    for run_id, low, high in buckets:
+        points = series.setdefault(run_id, [])
+        if low == high:
+            points.append(low)
+        elif low < high:
+            points += (low, high)
+        else:
+            points += (high, low)
     return series
 
 
@@ -170,13 +188,10 @@ def _from_points(client: Client, database: str, scope: _Scope, buckets: int) -> 
     rows = client.query(
         "SELECT run_id, intDiv(step - {first:Int64}, {width:Int64}) AS bucket,"
         " argMin((step, timestamp, value), value) AS low, argMax((step, timestamp, value), value) AS high"
-        f" FROM {table} WHERE {where} GROUP BY run_id, bucket",
+        f" FROM {table} WHERE {where} GROUP BY run_id, bucket ORDER BY run_id, bucket",
         parameters={**parameters, "first": int(first), "width": width},
     ).result_rows
-    series: dict[str, list[Point]] = {}
-    for run_id, _, low, high in rows:
-        series.setdefault(run_id, []).extend([_point(low), _point(high)])
-    return series
+    return _in_order((run_id, _point(low), _point(high)) for run_id, _, low, high in rows)
 
 
 def latest(client: Client, database: str, run_ids: Collection[str]) -> dict[str, dict[str, Point]]:
