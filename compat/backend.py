@@ -41,10 +41,6 @@ class Backend:
         self._config = config
         self._pipeline = pipeline
 
-    @property
-    def writable(self) -> bool:
-        return self._pipeline is not None
-
     @asynccontextmanager
     async def _client(self) -> AsyncIterator[Client]:
         client = await self._idle.get()

@@ -16,10 +16,9 @@ from mlflow.protos.databricks_pb2 import (
     RESOURCE_DOES_NOT_EXIST,
     TEMPORARILY_UNAVAILABLE,
 )
-from starlette.requests import Request
 from starlette.responses import Response
 
-from ingest.errors import IngestError, PermanentError, RetryableError
+from ingest.errors import PermanentError, RetryableError
 from query.errors import InvalidQueryError, NotFoundError
 
 log = logging.getLogger(__name__)
@@ -69,11 +68,3 @@ def to_response(exc: Exception) -> Response:
         media_type="application/json",
         headers=headers,
     )
-
-
-async def handle(_: Request, exc: Exception) -> Response:
-    """Starlette exception handler for every error class the API raises."""
-    return to_response(exc)
-
-
-HANDLED: tuple[type[Exception], ...] = (MlflowException, IngestError, InvalidQueryError, NotFoundError)

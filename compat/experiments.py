@@ -114,8 +114,7 @@ class ExperimentsApi:
 
     async def set_tag(self, request: Request) -> Response:
         message = await wire.parse(request, pb.SetExperimentTag())
-        found = await self.experiment(wire.required(message.experiment_id, "experiment_id"))
-        _require_active(found)
+        found = await self.active_experiment(wire.required(message.experiment_id, "experiment_id"))
         key = wire.required(message.key, "key")
         row = ExperimentTagRow(found.experiment_id, key, _tag_value(key, message.value), next_version())
         await self._backend.write(Batch(experiment_tags=(row,)))
@@ -123,8 +122,7 @@ class ExperimentsApi:
 
     async def delete_tag(self, request: Request) -> Response:
         message = await wire.parse(request, pb.DeleteExperimentTag())
-        found = await self.experiment(wire.required(message.experiment_id, "experiment_id"))
-        _require_active(found)
+        found = await self.active_experiment(wire.required(message.experiment_id, "experiment_id"))
         key = wire.required(message.key, "key")
         if key not in found.tags:
             raise not_found(f"No tag with name: {key} in experiment with id {found.experiment_id}")
@@ -136,6 +134,16 @@ class ExperimentsApi:
         found = (await self._backend.read(experiments.by_ids, [experiment_id])).get(experiment_id)
         if found is None:
             raise not_found(f"No Experiment with id={experiment_id} exists")
+        return found
+
+    async def active_experiment(self, experiment_id: str) -> Experiment:
+        """The experiment, which must not be deleted: runs and tags are only added to active ones."""
+        found = await self.experiment(experiment_id)
+        if found.lifecycle_stage != ACTIVE:
+            raise invalid(
+                f"The experiment {found.experiment_id} must be in the 'active' state. "
+                f"Current state is {found.lifecycle_stage}."
+            )
         return found
 
     async def _set_stage(
@@ -164,14 +172,6 @@ class ExperimentsApi:
         if existing is not None:
             state = "" if existing.lifecycle_stage == ACTIVE else " (deleted)"
             raise MlflowException(f"Experiment(name={name}) already exists{state}.", error_code=RESOURCE_ALREADY_EXISTS)
-
-
-def _require_active(found: Experiment) -> None:
-    if found.lifecycle_stage != ACTIVE:
-        raise invalid(
-            f"The experiment {found.experiment_id} must be in the 'active' state. "
-            f"Current state is {found.lifecycle_stage}."
-        )
 
 
 def _tag_value(key: str, value: str) -> str:

@@ -13,6 +13,7 @@ from mlflow.entities import ViewType
 from mlflow.protos import service_pb2 as pb
 from mlflow.utils.name_utils import _generate_random_name
 from mlflow.utils.validation import (
+    MAX_BATCH_LOG_REQUEST_SIZE,
     MAX_ENTITIES_PER_BATCH,
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_TAGS_PER_BATCH,
@@ -57,12 +58,7 @@ class RunsApi:
 
     async def create(self, request: Request) -> Response:
         message = await wire.parse(request, pb.CreateRun())
-        experiment = await self._experiments.experiment(message.experiment_id or "0")
-        if experiment.lifecycle_stage != ACTIVE:
-            raise invalid(
-                f"The experiment {experiment.experiment_id} must be in the 'active' state. "
-                f"Current state is {experiment.lifecycle_stage}."
-            )
+        experiment = await self._experiments.active_experiment(message.experiment_id or "0")
         given = {tag.key: tag.value for tag in message.tags}
         name = message.run_name or given.get(RUN_NAME_TAG) or _generate_random_name()
         if message.run_name and given.get(RUN_NAME_TAG, name) != name:
@@ -140,7 +136,7 @@ class RunsApi:
         return wire.ok(payload)
 
     async def log_batch(self, request: Request) -> Response:
-        body = await wire.body(request)
+        body = await wire.body(request, MAX_BATCH_LOG_REQUEST_SIZE)
         run_id = wire.required(_string(body.get("run_id") or body.get("run_uuid"), "run_id"), "run_id")
         metrics = _list(body, "metrics")
         params = _list(body, "params")
@@ -180,8 +176,8 @@ class RunsApi:
         message = await wire.parse(request, pb.DeleteTag())
         run_id = wire.required(message.run_id, "run_id")
         key = wire.required(message.key, "key")
-        await self.active_run(run_id)
         found = await self._run(run_id)
+        _check_active(found.info)
         if key not in found.tags:
             raise not_found(f"No tag with name: {key} in run with id {run_id}")
         row = TagRow(run_id, key, "", next_version(), deleted=True)
@@ -199,8 +195,7 @@ class RunsApi:
 
     async def active_run(self, run_id: str) -> RunInfo:
         info = await self.existing_run(run_id)
-        if info.lifecycle_stage != ACTIVE:
-            raise invalid(f"The run {run_id} must be in the 'active' state. Current state is {info.lifecycle_stage}.")
+        _check_active(info)
         return info
 
     async def _run(self, run_id: str) -> runs.Run:
@@ -227,6 +222,11 @@ class RunsApi:
         if info.lifecycle_stage != stage:
             await self._backend.write(Batch(runs=(_run_row(replace(info, lifecycle_stage=stage)),)))
         return wire.ok()
+
+
+def _check_active(info: RunInfo) -> None:
+    if info.lifecycle_stage != ACTIVE:
+        raise invalid(f"The run {info.run_id} must be in the 'active' state. Current state is {info.lifecycle_stage}.")
 
 
 def _run_row(info: RunInfo) -> RunRow:

@@ -28,9 +28,6 @@ from query.runs import Run, RunInfo
 
 M = TypeVar("M", bound=Message)
 
-#: MLflow's own limit on a log-batch body, checked before parsing.
-MAX_REQUEST_BYTES = 1_000_000
-
 
 async def parse(request: Request, message: M) -> M:
     """Fill `message` from the query string (GET) or the JSON body, the way MLflow's handlers do."""
@@ -52,10 +49,11 @@ async def parse(request: Request, message: M) -> M:
     return message
 
 
-async def body(request: Request) -> dict[str, Any]:
+async def body(request: Request, max_bytes: int | None = None) -> dict[str, Any]:
+    """The JSON object in the body; `max_bytes` is a caller's limit on its size, checked before parsing."""
     raw = await request.body()
-    if len(raw) > MAX_REQUEST_BYTES and request.url.path.endswith("/runs/log-batch"):
-        raise invalid(f"Batched logging API requests must be at most {MAX_REQUEST_BYTES} bytes, got {len(raw)}")
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise invalid(f"Batched logging API requests must be at most {max_bytes} bytes, got {len(raw)}")
     if not raw.strip():
         return {}
     try:

@@ -21,6 +21,9 @@ def experiment_id_for_name(name: str) -> str:
     return str(10**17 + digest % (9 * 10**17))
 
 
+_ID_CANDIDATES = 8
+
+
 def allocate_experiment_id(client: Client, database: str, name: str) -> str:
     """The id for a new experiment called `name`: the name's own id unless another experiment holds it.
 
@@ -38,9 +41,6 @@ def allocate_experiment_id(client: Client, database: str, name: str) -> str:
         if holders.get(candidate, name) == name:
             return candidate
     raise RuntimeError(f"no free experiment id among {_ID_CANDIDATES} candidates for {name!r}")
-
-
-_ID_CANDIDATES = 8
 
 
 def experiment_ids_by_name(client: Client, database: str, names: Collection[str]) -> dict[str, str]:

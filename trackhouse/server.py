@@ -182,7 +182,7 @@ async def serve(config: ServerConfig) -> None:
         print(
             f"trackhouse ready role={config.role} grpc={config.grpc.host}:{server.grpc_port}"
             f" http=http://{config.http_host}:{server.http_port}"
-            f" storage={config.store.url if config.reads or config.stores else '-'}"
+            f" storage={config.store.url if config.reads else '-'}"
             f" kafka={config.kafka.bootstrap + '/' + config.kafka.topic if config.kafka else '-'}",
             flush=True,
         )
