@@ -63,9 +63,9 @@ def sampled(
     the runs line up; each bucket contributes its lowest and highest point. A series
     with no more points than `max_points` comes back whole.
 
-    Long ranges are answered from the rollups (one row per run, key and 256 or 4,096
+    Long ranges are answered from the extremes (one row per run, key and 256 or 4,096
     steps), so the cost follows the number of chart buckets, not the length of the series. With a
-    step range, a rollup bucket straddling an end may contribute a point just outside
+    step range, an extremes bucket straddling an end may contribute a point just outside
     it, which is dropped; its other points are then represented by the buckets inside.
     """
     if not run_ids or max_points <= 0:
@@ -73,18 +73,18 @@ def sampled(
     buckets = max(1, max_points // 2)
     scope = _Scope(list(run_ids), key, start_step, end_step)
     series: dict[str, list[Point]] | None = None
-    for level in _LEVELS:  # coarsest first: the first level with a bucket per chart bucket answers
-        first, last = _rollup_bounds(client, database, scope, level)
+    for width in _WIDTHS:  # coarsest first: the first width with a bucket per chart bucket answers
+        first, last = _extremes_bounds(client, database, scope, width)
         if first is None or last is None:
             return {run_id: [] for run_id in run_ids}
         if last - first + 1 >= buckets:
-            series = _from_rollups(client, database, scope, level, first, -(-(last - first + 1) // buckets))
+            series = _from_extremes(client, database, scope, width, first, -(-(last - first + 1) // buckets))
             break
     if series is None:
         assert first is not None and last is not None  # the fine level's bounds, from the loop's last pass
-        # Short range: the raw points within it are few (under buckets * ROLLUP_WIDTH per run).
-        lo = max(first * _FINE.width, start_step if start_step is not None else _MIN_STEP)
-        hi = min((last + 1) * _FINE.width - 1, end_step if end_step is not None else _MAX_STEP)
+        # Short range: the raw points within it are few (under buckets * FINE_WIDTH per run).
+        lo = max(first * schema.FINE_WIDTH, start_step if start_step is not None else _MIN_STEP)
+        hi = min((last + 1) * schema.FINE_WIDTH - 1, end_step if end_step is not None else _MAX_STEP)
         series = _from_points(client, database, _Scope(scope.run_ids, key, lo, hi), buckets)
     result: dict[str, list[Point]] = {run_id: [] for run_id in run_ids}
     for run_id, points in series.items():
@@ -92,16 +92,8 @@ def sampled(
     return result
 
 
-@dataclass(frozen=True, slots=True)
-class _Level:
-    table: str
-    #: Steps per bucket.
-    width: int
-
-
-_FINE = _Level(schema.METRIC_ROLLUPS, schema.ROLLUP_WIDTH)
-_LEVELS = (_Level(schema.METRIC_ROLLUPS_COARSE, schema.ROLLUP_WIDTH * schema.COARSE_FACTOR), _FINE)
-
+#: Bucket widths of the stored extremes, coarsest first.
+_WIDTHS = (schema.COARSE_WIDTH, schema.FINE_WIDTH)
 _MIN_STEP = -(2**63)
 _MAX_STEP = 2**63 - 1
 
@@ -120,10 +112,14 @@ class _Scope:
     def contains(self, step: int) -> bool:
         return (self.start_step is None or step >= self.start_step) and (self.end_step is None or step <= self.end_step)
 
-    def where(self, step_column: str, width: int = 1) -> tuple[str, dict[str, object]]:
-        """The WHERE clause for these runs and this key, with the step range in units of `width` steps."""
+    def where(self, step_column: str, width: int | None = None) -> tuple[str, dict[str, object]]:
+        """The WHERE clause for these runs and this key: points, or extremes `width` steps wide."""
         sql = "run_id IN {runs:Array(String)} AND key = {key:String}"
         parameters: dict[str, object] = {"runs": self.run_ids, "key": self.key}
+        if width is not None:
+            sql += " AND width = {width:UInt16}"
+            parameters["width"] = width
+        width = width or 1
         if self.start_step is not None:
             sql += f" AND {step_column} >= {{lo:Int64}}"
             parameters["lo"] = self.start_step // width
@@ -133,25 +129,25 @@ class _Scope:
         return sql, parameters
 
 
-def _rollup_bounds(client: Client, database: str, scope: _Scope, level: _Level) -> tuple[int | None, int | None]:
-    """The first and last bucket of `level` holding points of the scope, or None when there are none."""
-    where, parameters = scope.where("bucket", level.width)
+def _extremes_bounds(client: Client, database: str, scope: _Scope, width: int) -> tuple[int | None, int | None]:
+    """The first and last bucket `width` steps wide holding points of the scope, or None when there are none."""
+    where, parameters = scope.where("bucket", width)
     count, first, last = client.query(
-        f"SELECT count(), min(bucket), max(bucket) FROM {database}.{level.table} WHERE {where}",
+        f"SELECT count(), min(bucket), max(bucket) FROM {database}.{schema.METRIC_EXTREMES} WHERE {where}",
         parameters=parameters,
     ).result_rows[0]
     return (int(first), int(last)) if count else (None, None)
 
 
-def _from_rollups(
-    client: Client, database: str, scope: _Scope, level: _Level, first: int, per_bucket: int
+def _from_extremes(
+    client: Client, database: str, scope: _Scope, width: int, first: int, per_bucket: int
 ) -> dict[str, list[Point]]:
-    where, parameters = scope.where("bucket", level.width)
+    where, parameters = scope.where("bucket", width)
+    # Tuple elements come back as plain columns: clickhouse-connect decodes tuples per row (see `latest`).
     rows = client.query(
-        "SELECT run_id, intDiv(bucket - {first:Int64}, {per:Int64}) AS b,"
-        " argMinMerge(low_step), argMinMerge(low_timestamp), min(low),"
-        " argMaxMerge(high_step), argMaxMerge(high_timestamp), max(high)"
-        f" FROM {database}.{level.table} WHERE {where} GROUP BY run_id, b ORDER BY run_id, b",
+        f"SELECT run_id, b, l.2, l.3, {schema.order_value_sql('l.1')}, h.2, h.3, {schema.order_value_sql('h.1')}"
+        " FROM (SELECT run_id, intDiv(bucket - {first:Int64}, {per:Int64}) AS b, min(low) AS l, max(high) AS h"
+        f" FROM {database}.{schema.METRIC_EXTREMES} WHERE {where} GROUP BY run_id, b) ORDER BY run_id, b",
         parameters={**parameters, "first": first, "per": per_bucket},
     ).result_rows
     return _in_order(

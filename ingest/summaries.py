@@ -1,0 +1,189 @@
+"""Per-flush summaries of metric points, computed column-wise with numpy before the insert.
+
+Two summaries are kept beside the raw points, and written by the sink in the same flush:
+- each series' latest point, MLflow's maximum by (step, timestamp, value), for search and run pages;
+- each chart bucket's lowest and highest point, at two bucket widths, so a chart of a long series
+  reads 1/256 or 1/4,096 of its rows with every spike intact.
+
+Why not materialized views: a view costs every insert about 1.3 µs per group it produces, plus a
+fixed ~5 ms, and a wide flush (a sweep logging 1,000 keys per run, one step at a time) has as many
+groups as points. Measured on 32,000 such points: 20 ms to insert without views, 144 ms with the
+three views this module replaces.
+
+Every summary is a minimum or maximum of whole points, so it ignores duplicates and order: a
+retried flush, a Kafka redelivery or another node's flush of the same bucket combine with it
+in ClickHouse's background merges (AggregatingMergeTree) to the same answer.
+
+Values are ordered through `value_order`, a bijection from float64 to int64 that keeps their
+order, so ClickHouse compares plain integers and NaN has a defined place: a bucket's lowest and
+highest points skip NaN unless the bucket holds nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ingest.batch import Float64Array, Int32Array, Int64Array, Metrics
+from query import schema
+
+# Buckets are floor(step / width): an arithmetic right shift, so negative steps bucket like the others.
+_FINE_SHIFT = schema.FINE_WIDTH.bit_length() - 1
+_COARSE_SHIFT = schema.COARSE_WIDTH.bit_length() - 1 - _FINE_SHIFT
+assert schema.FINE_WIDTH == 1 << _FINE_SHIFT and schema.COARSE_WIDTH == schema.FINE_WIDTH << _COARSE_SHIFT
+
+INT64_MIN = np.iinfo(np.int64).min
+INT64_MAX = np.iinfo(np.int64).max
+#: Flips the magnitude bits of negative floats, so their int64 bit patterns sort as the floats do.
+_MAGNITUDE = np.int64(INT64_MAX)
+NAN_LOW, NAN_HIGH = schema.NAN_LOW, schema.NAN_HIGH
+
+
+def value_order(value: Float64Array, nan: int) -> Int64Array:
+    """Each float's place in float order, as an int64; NaN gets `nan`. schema.value_order_sql is the same in SQL."""
+    bits = value.view(np.int64)
+    order: Int64Array = np.where(bits >= 0, bits, bits ^ _MAGNITUDE)
+    order[np.isnan(value)] = nan
+    return order
+
+
+def order_value(order: Int64Array) -> Float64Array:
+    """The inverse of `value_order` (NaN for either NaN order)."""
+    bits: Int64Array = np.where(order >= 0, order, order ^ _MAGNITUDE)
+    return bits.view(np.float64)
+
+
+@dataclass(frozen=True, slots=True)
+class Extremes:
+    """The lowest and highest point of each (run, key, bucket) at one width, as (value order, step, timestamp)."""
+
+    width: int
+    run_index: Int32Array
+    key_index: Int32Array
+    bucket: Int64Array
+    low: tuple[Int64Array, Int64Array, Int64Array]
+    high: tuple[Int64Array, Int64Array, Int64Array]
+
+    def __len__(self) -> int:
+        return len(self.bucket)
+
+
+@dataclass(frozen=True, slots=True)
+class Latest:
+    """Each (run, key)'s latest point in the flush."""
+
+    run_index: Int32Array
+    key_index: Int32Array
+    step: Int64Array
+    timestamp: Int64Array
+    value: Float64Array
+
+
+@dataclass(frozen=True, slots=True)
+class Summaries:
+    latest: Latest
+    #: Fine, then coarse.
+    extremes: tuple[Extremes, Extremes]
+
+
+def summarize(metrics: Metrics) -> Summaries:
+    """The flush's summaries: numpy passes over whole columns, no Python object per point or per group."""
+    keys = max(len(metrics.keys), 1)
+    series = metrics.run_index.astype(np.int64) * keys + metrics.key_index
+    fine = metrics.step >> _FINE_SHIFT  # arithmetic shift: floor division, also for negative steps
+    order = _grouping_order(series, fine)
+    series, fine = series[order], fine[order]
+    step, timestamp = metrics.step[order], metrics.timestamp[order]
+    value = metrics.value[order]
+
+    starts = _starts((series, fine))
+    low = _reduce(np.minimum, INT64_MAX, (value_order(value, NAN_LOW), step, timestamp), starts)
+    high = _reduce(np.maximum, INT64_MIN, (value_order(value, NAN_HIGH), step, timestamp), starts)
+    fine_series, fine_bucket = series[starts], fine[starts]
+
+    coarse_bucket = fine_bucket >> _COARSE_SHIFT
+    coarse_starts = _starts((fine_series, coarse_bucket))
+    coarse = _extremes(
+        schema.COARSE_WIDTH,
+        fine_series[coarse_starts],
+        coarse_bucket[coarse_starts],
+        keys,
+        _reduce(np.minimum, INT64_MAX, low, coarse_starts),
+        _reduce(np.maximum, INT64_MIN, high, coarse_starts),
+    )
+
+    series_starts = _starts((series,))
+    newest = _reduce(np.maximum, INT64_MIN, (step, timestamp, value_order(value, NAN_LOW)), series_starts)
+    latest_series = series[series_starts]
+    return Summaries(
+        latest=Latest(
+            run_index=(latest_series // keys).astype(np.int32),
+            key_index=(latest_series % keys).astype(np.int32),
+            step=newest[0],
+            timestamp=newest[1],
+            value=order_value(newest[2]),
+        ),
+        extremes=(_extremes(schema.FINE_WIDTH, fine_series, fine_bucket, keys, low, high), coarse),
+    )
+
+
+def _grouping_order(series: Int64Array, bucket: Int64Array) -> Int64Array:
+    """A permutation that puts each (series, bucket) together, series by series, buckets ascending.
+
+    One packed int64 key when the ranges allow (a stable sort of a nearly sorted flush costs
+    about 1 ms per 250,000 points, measured); a two-key lexsort otherwise.
+    """
+    if not len(series):
+        return np.empty(0, np.int64)
+    low = int(bucket.min())
+    span = int(bucket.max()) - low + 1
+    if (int(series.max()) + 1) * span < 2**62:
+        packed = series * span + (bucket - low)
+        return np.argsort(packed, kind="stable")
+    return np.lexsort((bucket, series))
+
+
+def _starts(columns: tuple[Int64Array, ...]) -> Int64Array:
+    """Where each run of equal rows begins, across `columns` (already grouped)."""
+    n = len(columns[0])
+    if not n:
+        return np.empty(0, np.int64)
+    changed = np.zeros(n, bool)
+    changed[0] = True
+    for column in columns:
+        changed[1:] |= column[1:] != column[:-1]
+    return np.flatnonzero(changed)
+
+
+Triple = tuple[Int64Array, Int64Array, Int64Array]
+
+
+def _reduce(pick: Callable[..., Int64Array], sentinel: int, columns: Triple, starts: Int64Array) -> Triple:
+    """Per group, the lexicographic minimum (or maximum) of the (a, b, c) triples, one column at a time:
+    the best a, then the best b among the rows holding that a, then the best c among those."""
+    if not len(starts):
+        empty = np.empty(0, np.int64)
+        return empty, empty, empty
+    lengths = np.diff(np.append(starts, len(columns[0])))
+    best: list[Int64Array] = []
+    candidates: np.ndarray | None = None
+    for column in columns:
+        masked = column if candidates is None else np.where(candidates, column, sentinel)
+        chosen: Int64Array = pick.reduceat(masked, starts)  # type: ignore[attr-defined]
+        hit = column == np.repeat(chosen, lengths)
+        candidates = hit if candidates is None else candidates & hit
+        best.append(chosen)
+    return best[0], best[1], best[2]
+
+
+def _extremes(width: int, series: Int64Array, bucket: Int64Array, keys: int, low: Triple, high: Triple) -> Extremes:
+    return Extremes(
+        width=width,
+        run_index=(series // keys).astype(np.int32),
+        key_index=(series % keys).astype(np.int32),
+        bucket=bucket,
+        low=low,
+        high=high,
+    )
