@@ -18,7 +18,7 @@ from clickhouse_connect.driver import exceptions as ch_errors
 
 from ingest.batch import Batch, Int32Array, Int64Array, Metrics
 from ingest.errors import PermanentError, RetryableError
-from ingest.summaries import Extremes, Summaries, summarize
+from ingest.summaries import Extremes, Summaries, pack_points, summarize
 from query import schema
 from query.connection import Client
 
@@ -98,14 +98,15 @@ def _extremes(level: Extremes, dictionaries: _Dictionaries) -> pa.Table:
             **dictionaries.columns(level.run_index, level.key_index),
             "width": np.full(len(level), level.width, np.uint16),
             "bucket": level.bucket,
-            "low": _point_struct(level.low),
-            "high": _point_struct(level.high),
+            "low": _int256(level.low),
+            "high": _int256(level.high),
         }
     )
 
 
-def _point_struct(columns: tuple[Int64Array, Int64Array, Int64Array]) -> pa.StructArray:
-    return pa.StructArray.from_arrays(list(columns), names=["value_order", "step", "timestamp"])
+def _int256(point: tuple[Int64Array, Int64Array, Int64Array]) -> pa.FixedSizeBinaryArray:
+    # ClickHouse reads 32-byte fixed-size binary into Int256 columns.
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(32), len(point[0]), [None, pa.py_buffer(pack_points(*point))])
 
 
 class ClickHouseSink:

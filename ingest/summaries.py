@@ -55,6 +55,16 @@ def order_value(order: Int64Array) -> Float64Array:
     return bits.view(np.float64)
 
 
+def pack_points(order: Int64Array, step: Int64Array, timestamp: Int64Array) -> bytes:
+    """Points as little-endian Int256s that sort as (value order, step, timestamp), 32 bytes each.
+    schema.pack_point_sql is the same in SQL, and says why."""
+    words = np.zeros((len(order), 4), np.int64)
+    words[:, 1] = timestamp ^ INT64_MIN  # the sign bit flipped: the lower words compare unsigned
+    words[:, 2] = step ^ INT64_MIN
+    words[:, 3] = order  # the top word carries the Int256's sign
+    return words.astype("<i8", copy=False).tobytes()
+
+
 @dataclass(frozen=True, slots=True)
 class Extremes:
     """The lowest and highest point of each (run, key, bucket) at one width, as (value order, step, timestamp)."""

@@ -143,9 +143,8 @@ def _from_extremes(
     client: Client, database: str, scope: _Scope, width: int, first: int, per_bucket: int
 ) -> dict[str, list[Point]]:
     where, parameters = scope.where("bucket", width)
-    # Tuple elements come back as plain columns: clickhouse-connect decodes tuples per row (see `latest`).
     rows = client.query(
-        f"SELECT run_id, b, l.2, l.3, {schema.order_value_sql('l.1')}, h.2, h.3, {schema.order_value_sql('h.1')}"
+        f"SELECT run_id, b, {', '.join(schema.unpack_point_sql('l'))}, {', '.join(schema.unpack_point_sql('h'))}"
         " FROM (SELECT run_id, intDiv(bucket - {first:Int64}, {per:Int64}) AS b, min(low) AS l, max(high) AS h"
         f" FROM {database}.{schema.METRIC_EXTREMES} WHERE {where} GROUP BY run_id, b) ORDER BY run_id, b",
         parameters={**parameters, "first": first, "per": per_bucket},

@@ -165,16 +165,17 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
         5,
         (
             # The sink now computes every summary with numpy (ingest.summaries) and inserts it in the
-            # same flush: the views cost wide flushes 4-7x their insert time (measured). Extremes are
-            # (value order, step, timestamp) triples: value order is an int64 that sorts as the floats
-            # do, so ClickHouse compares integers and NaN has a defined place.
+            # same flush: the views cost wide flushes 4-7x their insert time (measured). A bucket's lowest
+            # and highest point are each packed into one Int256 that sorts as (value, step, timestamp)
+            # (see pack_point_sql): merging Int256 minima cost 0.63 us per row against 2.6 us for the
+            # same triple as a Tuple (measured), and merges rewrite every row several times.
             """CREATE TABLE IF NOT EXISTS {db}.metric_extremes (
                 run_id LowCardinality(String),
                 key LowCardinality(String),
                 width UInt16,
                 bucket Int64,
-                low SimpleAggregateFunction(min, Tuple(value_order Int64, step Int64, timestamp Int64)),
-                high SimpleAggregateFunction(max, Tuple(value_order Int64, step Int64, timestamp Int64))
+                low SimpleAggregateFunction(min, Int256),
+                high SimpleAggregateFunction(max, Int256)
             ) ENGINE = AggregatingMergeTree
             ORDER BY (run_id, key, width, bucket)""",
             "DROP VIEW IF EXISTS {db}.latest_metrics_mv",
@@ -206,6 +207,7 @@ _COARSE_SELECT = (
 
 
 _MAGNITUDE_BITS = 2**63 - 1
+_SIGN_BIT = f"toInt64('{-(2**63)}')"
 
 
 def value_order_sql(column: str, nan: int) -> str:
@@ -217,18 +219,33 @@ def value_order_sql(column: str, nan: int) -> str:
     )
 
 
-def order_value_sql(column: str) -> str:
-    """SQL for ingest.summaries.order_value: the float back from its value order."""
-    return f"reinterpretAsFloat64(if({column} >= 0, {column}, bitXor({column}, toInt64('{_MAGNITUDE_BITS}'))))"
+def pack_point_sql(order: str, step: str, timestamp: str) -> str:
+    """One Int256 that sorts as (value order, step, timestamp): little-endian 64-bit words
+    (0, timestamp, step, value order), step and timestamp with their sign bit flipped so the
+    unsigned lower words order as signed numbers. ingest.summaries.pack_points in numpy."""
+    words = ("toInt64(0)", f"bitXor({timestamp}, {_SIGN_BIT})", f"bitXor({step}, {_SIGN_BIT})", order)
+    return f"reinterpretAsInt256(concat({', '.join(f'reinterpretAsFixedString({w})' for w in words)}))"
+
+
+def unpack_point_sql(packed: str) -> tuple[str, str, str]:
+    """SQL for the step, timestamp and value of a point packed by pack_point_sql."""
+    raw = f"reinterpretAsFixedString({packed})"
+
+    def word(index: int) -> str:
+        return f"reinterpretAsInt64(substring({raw}, {index * 8 + 1}, 8))"
+
+    order = word(3)
+    value = f"reinterpretAsFloat64(if({order} >= 0, {order}, bitXor({order}, toInt64('{_MAGNITUDE_BITS}'))))"
+    return f"bitXor({word(2)}, {_SIGN_BIT})", f"bitXor({word(1)}, {_SIGN_BIT})", value
 
 
 def extremes_select(width: int) -> str:
+    """The SELECT list summarising points into metric_extremes rows `width` steps wide (for backfills)."""
     shift = width.bit_length() - 1  # floor(step / width), also for negative steps
-    low = value_order_sql("value", NAN_LOW)
-    high = value_order_sql("value", NAN_HIGH)
+    low = pack_point_sql(value_order_sql("value", NAN_LOW), "step", "timestamp")
+    high = pack_point_sql(value_order_sql("value", NAN_HIGH), "step", "timestamp")
     return (
-        f"run_id, key, {width} AS width, bitShiftRight(step, {shift}) AS bucket,"
-        f" min(({low}, step, timestamp)) AS low, max(({high}, step, timestamp)) AS high"
+        f"run_id, key, {width} AS width, bitShiftRight(step, {shift}) AS bucket, min({low}) AS low, max({high}) AS high"
     )
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from ingest.batch import Batch, Metrics
 from ingest.sink import ClickHouseSink
-from ingest.summaries import order_value, summarize, value_order
+from ingest.summaries import order_value, pack_points, summarize, value_order
 from query import metrics, schema
 from query.connection import Client, StoreConfig, connect
 
@@ -97,6 +97,19 @@ def test_value_order_keeps_float_order_and_inverts_exactly() -> None:
     assert np.isnan(order_value(np.array([schema.NAN_LOW, schema.NAN_HIGH], np.int64))).all()
 
 
+INT64 = st.integers(-(2**63), 2**63 - 1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(INT64, INT64, INT64), min_size=1, max_size=20))
+def test_packed_points_sort_as_their_triples(triples: list[tuple[int, int, int]]) -> None:
+    """What lets ClickHouse take a bucket's extremes as plain Int256 minima and maxima."""
+    columns = [np.array(column, np.int64) for column in zip(*triples, strict=True)]
+    raw = pack_points(columns[0], columns[1], columns[2])
+    packed = [int.from_bytes(raw[i * 32 : (i + 1) * 32], "little", signed=True) for i in range(len(triples))]
+    assert sorted(range(len(triples)), key=packed.__getitem__) == sorted(range(len(triples)), key=triples.__getitem__)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_extremes_are_each_buckets_lowest_and_highest_point(seed: int) -> None:
     m = random_metrics(seed, 5_000)
@@ -112,8 +125,8 @@ def test_extremes_are_each_buckets_lowest_and_highest_point(seed: int) -> None:
     st.lists(
         st.tuples(
             st.integers(0, 2),
-            st.integers(-(2**63), 2**63 - 1) | st.integers(-600, 600),
-            st.integers(-(2**63), 2**63 - 1) | st.integers(0, 3),
+            INT64 | st.integers(-600, 600),
+            INT64 | st.integers(0, 3),
             st.floats(allow_nan=True) | st.sampled_from([0.0, -0.0, 1.0]),
         ),
         min_size=1,
@@ -152,8 +165,7 @@ def sql(tmp_path: Path) -> Iterator[Client]:
 
 def _stored_extremes(sql: Client, source: str) -> dict[tuple[Any, ...], tuple[Any, ...]]:
     rows = sql.query(
-        f"SELECT run_id, key, width, bucket, l.1, l.2, l.3, h.1, h.2, h.3 FROM (SELECT run_id, key, width, bucket,"
-        f" min(low) AS l, max(high) AS h FROM ({source}) GROUP BY run_id, key, width, bucket)"
+        f"SELECT run_id, key, width, bucket, min(low), max(high) FROM ({source}) GROUP BY run_id, key, width, bucket"
     ).result_rows
     return {tuple(r[:4]): tuple(r[4:]) for r in rows}
 
