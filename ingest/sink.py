@@ -18,7 +18,7 @@ from clickhouse_connect.driver import exceptions as ch_errors
 
 from ingest.batch import Batch, Int32Array, Int64Array, Metrics
 from ingest.errors import PermanentError, RetryableError
-from ingest.summaries import Extremes, Summaries, pack_points, summarize
+from ingest.summaries import Extremes, Summaries, pack, summarize
 from query import schema
 from query.connection import Client
 
@@ -81,9 +81,7 @@ def latest_table(summaries: Summaries, dictionaries: _Dictionaries) -> pa.Table:
     return pa.table(
         {
             **dictionaries.columns(latest.run_index, latest.key_index),
-            "latest": pa.StructArray.from_arrays(
-                [latest.step, latest.timestamp, latest.value], names=["step", "timestamp", "value"]
-            ),
+            "latest": _int256((latest.step, latest.timestamp, latest.order)),
         }
     )
 
@@ -104,9 +102,9 @@ def _extremes(level: Extremes, dictionaries: _Dictionaries) -> pa.Table:
     )
 
 
-def _int256(point: tuple[Int64Array, Int64Array, Int64Array]) -> pa.FixedSizeBinaryArray:
-    # ClickHouse reads 32-byte fixed-size binary into Int256 columns.
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(32), len(point[0]), [None, pa.py_buffer(pack_points(*point))])
+def _int256(triple: tuple[Int64Array, Int64Array, Int64Array]) -> pa.FixedSizeBinaryArray:
+    """Packed points (ingest.summaries.pack): ClickHouse reads 32-byte fixed-size binary into Int256 columns."""
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(32), len(triple[0]), [None, pa.py_buffer(pack(*triple))])
 
 
 class ClickHouseSink:

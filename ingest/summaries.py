@@ -55,13 +55,13 @@ def order_value(order: Int64Array) -> Float64Array:
     return bits.view(np.float64)
 
 
-def pack_points(order: Int64Array, step: Int64Array, timestamp: Int64Array) -> bytes:
-    """Points as little-endian Int256s that sort as (value order, step, timestamp), 32 bytes each.
-    schema.pack_point_sql is the same in SQL, and says why."""
-    words = np.zeros((len(order), 4), np.int64)
-    words[:, 1] = timestamp ^ INT64_MIN  # the sign bit flipped: the lower words compare unsigned
-    words[:, 2] = step ^ INT64_MIN
-    words[:, 3] = order  # the top word carries the Int256's sign
+def pack(first: Int64Array, second: Int64Array, third: Int64Array) -> bytes:
+    """Little-endian Int256s, 32 bytes each, that sort as the (first, second, third) triples.
+    schema.pack_sql is the same in SQL, and says why."""
+    words = np.zeros((len(first), 4), np.int64)
+    words[:, 1] = third ^ INT64_MIN  # the sign bit flipped: the lower words compare unsigned
+    words[:, 2] = second ^ INT64_MIN
+    words[:, 3] = first  # the top word carries the Int256's sign
     return words.astype("<i8", copy=False).tobytes()
 
 
@@ -82,13 +82,17 @@ class Extremes:
 
 @dataclass(frozen=True, slots=True)
 class Latest:
-    """Each (run, key)'s latest point in the flush."""
+    """Each (run, key)'s latest point in the flush; NaN orders above every number (`value_order` with NAN_LOW)."""
 
     run_index: Int32Array
     key_index: Int32Array
     step: Int64Array
     timestamp: Int64Array
-    value: Float64Array
+    order: Int64Array
+
+    @property
+    def value(self) -> Float64Array:
+        return order_value(self.order)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +137,7 @@ def summarize(metrics: Metrics) -> Summaries:
             key_index=(latest_series % keys).astype(np.int32),
             step=newest[0],
             timestamp=newest[1],
-            value=order_value(newest[2]),
+            order=newest[2],
         ),
         extremes=(_extremes(schema.FINE_WIDTH, fine_series, fine_bucket, keys, low, high), coarse),
     )

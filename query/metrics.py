@@ -144,7 +144,7 @@ def _from_extremes(
 ) -> dict[str, list[Point]]:
     where, parameters = scope.where("bucket", width)
     rows = client.query(
-        f"SELECT run_id, b, {', '.join(schema.unpack_point_sql('l'))}, {', '.join(schema.unpack_point_sql('h'))}"
+        f"SELECT run_id, b, {', '.join(schema.extreme_point_sql('l'))}, {', '.join(schema.extreme_point_sql('h'))}"
         " FROM (SELECT run_id, intDiv(bucket - {first:Int64}, {per:Int64}) AS b, min(low) AS l, max(high) AS h"
         f" FROM {database}.{schema.METRIC_EXTREMES} WHERE {where} GROUP BY run_id, b) ORDER BY run_id, b",
         parameters={**parameters, "first": first, "per": per_bucket},
@@ -193,9 +193,8 @@ def latest(client: Client, database: str, run_ids: Collection[str]) -> dict[str,
     """Each run's latest point per key: the maximum by (step, timestamp, value), as MLflow defines it."""
     if not run_ids:
         return {}
-    # Tuple elements come back as plain columns: clickhouse-connect decodes tuples per row, 1.5x slower (measured).
     rows = client.query(
-        "SELECT run_id, key, l.1, l.2, l.3 FROM (SELECT run_id, key, max(latest) AS l"
+        f"SELECT run_id, key, {', '.join(schema.latest_point_sql('l'))} FROM (SELECT run_id, key, max(latest) AS l"
         f" FROM {database}.{schema.LATEST_METRICS} WHERE run_id IN {{runs:Array(String)}} GROUP BY run_id, key)",
         parameters={"runs": list(run_ids)},
     ).result_rows

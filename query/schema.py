@@ -11,7 +11,8 @@ import time
 from query.connection import Client
 
 METRICS = "metrics"
-LATEST_METRICS = "latest_metrics"
+#: Each (run, key)'s latest point, packed (see latest_point_sql). Replaced `latest_metrics` in migration 5.
+LATEST_METRICS = "metric_latest"
 EXPERIMENTS = "experiments"
 RUNS = "runs"
 PARAMS = "params"
@@ -165,10 +166,16 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
         5,
         (
             # The sink now computes every summary with numpy (ingest.summaries) and inserts it in the
-            # same flush: the views cost wide flushes 4-7x their insert time (measured). A bucket's lowest
-            # and highest point are each packed into one Int256 that sorts as (value, step, timestamp)
-            # (see pack_point_sql): merging Int256 minima cost 0.63 us per row against 2.6 us for the
-            # same triple as a Tuple (measured), and merges rewrite every row several times.
+            # same flush: the views cost wide flushes 4-7x their insert time (measured). Each summary
+            # point is one Int256 that sorts as the point should (see pack_sql): merging Int256 minima
+            # cost 0.63 us per row against 2.6 us for the same triple as a Tuple (measured), and
+            # merges rewrite every row several times.
+            """CREATE TABLE IF NOT EXISTS {db}.metric_latest (
+                run_id LowCardinality(String),
+                key LowCardinality(String),
+                latest SimpleAggregateFunction(max, Int256)
+            ) ENGINE = AggregatingMergeTree
+            ORDER BY (run_id, key)""",
             """CREATE TABLE IF NOT EXISTS {db}.metric_extremes (
                 run_id LowCardinality(String),
                 key LowCardinality(String),
@@ -183,12 +190,14 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "DROP VIEW IF EXISTS {db}.metric_rollups_coarse_mv",
             # Points stored before this migration, summarised as ingest.summaries does (a test holds
             # the two to the same answers).
+            """INSERT INTO {db}.metric_latest SELECT {latest_select} FROM {db}.metrics GROUP BY run_id, key""",
             """INSERT INTO {db}.metric_extremes SELECT {extremes_select_fine} FROM {db}.metrics
             GROUP BY run_id, key, bucket""",
             """INSERT INTO {db}.metric_extremes SELECT {extremes_select_coarse} FROM {db}.metrics
             GROUP BY run_id, key, bucket""",
             "DROP TABLE IF EXISTS {db}.metric_rollups_coarse",
             "DROP TABLE IF EXISTS {db}.metric_rollups",
+            "DROP TABLE IF EXISTS {db}.latest_metrics",
         ),
     ),
 )
@@ -219,31 +228,52 @@ def value_order_sql(column: str, nan: int) -> str:
     )
 
 
-def pack_point_sql(order: str, step: str, timestamp: str) -> str:
-    """One Int256 that sorts as (value order, step, timestamp): little-endian 64-bit words
-    (0, timestamp, step, value order), step and timestamp with their sign bit flipped so the
-    unsigned lower words order as signed numbers. ingest.summaries.pack_points in numpy."""
-    words = ("toInt64(0)", f"bitXor({timestamp}, {_SIGN_BIT})", f"bitXor({step}, {_SIGN_BIT})", order)
+def pack_sql(first: str, second: str, third: str) -> str:
+    """One Int256 that sorts as the int64 triple (first, second, third): little-endian 64-bit words
+    (0, third, second, first), the lower two with their sign bit flipped so that, compared unsigned
+    as Int256 compares them, they order as signed numbers. ingest.summaries.pack in numpy."""
+    words = ("toInt64(0)", f"bitXor({third}, {_SIGN_BIT})", f"bitXor({second}, {_SIGN_BIT})", first)
     return f"reinterpretAsInt256(concat({', '.join(f'reinterpretAsFixedString({w})' for w in words)}))"
 
 
-def unpack_point_sql(packed: str) -> tuple[str, str, str]:
-    """SQL for the step, timestamp and value of a point packed by pack_point_sql."""
+def unpack_sql(packed: str) -> tuple[str, str, str]:
+    """SQL for the (first, second, third) int64s packed by pack_sql."""
     raw = f"reinterpretAsFixedString({packed})"
 
     def word(index: int) -> str:
         return f"reinterpretAsInt64(substring({raw}, {index * 8 + 1}, 8))"
 
-    order = word(3)
-    value = f"reinterpretAsFloat64(if({order} >= 0, {order}, bitXor({order}, toInt64('{_MAGNITUDE_BITS}'))))"
-    return f"bitXor({word(2)}, {_SIGN_BIT})", f"bitXor({word(1)}, {_SIGN_BIT})", value
+    return word(3), f"bitXor({word(2)}, {_SIGN_BIT})", f"bitXor({word(1)}, {_SIGN_BIT})"
+
+
+def order_value_sql(order: str) -> str:
+    """The float whose value_order_sql is `order` (NaN for either NaN order)."""
+    return f"reinterpretAsFloat64(if({order} >= 0, {order}, bitXor({order}, toInt64('{_MAGNITUDE_BITS}'))))"
+
+
+def extreme_point_sql(packed: str) -> tuple[str, str, str]:
+    """SQL for the step, timestamp and value of a metric_extremes low or high: packed (value order, step, timestamp)."""
+    order, step, timestamp = unpack_sql(packed)
+    return step, timestamp, order_value_sql(order)
+
+
+def latest_point_sql(packed: str) -> tuple[str, str, str]:
+    """SQL for the step, timestamp and value of a metric_latest point: packed (step, timestamp, value order),
+    so the maximum is MLflow's latest, with NaN above every number on a tie of step and timestamp."""
+    step, timestamp, order = unpack_sql(packed)
+    return step, timestamp, order_value_sql(order)
+
+
+def latest_select() -> str:
+    """The SELECT list summarising points into metric_latest rows (for backfills)."""
+    return f"run_id, key, max({pack_sql('step', 'timestamp', value_order_sql('value', NAN_LOW))}) AS latest"
 
 
 def extremes_select(width: int) -> str:
     """The SELECT list summarising points into metric_extremes rows `width` steps wide (for backfills)."""
     shift = width.bit_length() - 1  # floor(step / width), also for negative steps
-    low = pack_point_sql(value_order_sql("value", NAN_LOW), "step", "timestamp")
-    high = pack_point_sql(value_order_sql("value", NAN_HIGH), "step", "timestamp")
+    low = pack_sql(value_order_sql("value", NAN_LOW), "step", "timestamp")
+    high = pack_sql(value_order_sql("value", NAN_HIGH), "step", "timestamp")
     return (
         f"run_id, key, {width} AS width, bitShiftRight(step, {shift}) AS bucket, min({low}) AS low, max({high}) AS high"
     )
@@ -270,6 +300,7 @@ def migrate(client: Client, database: str) -> int:
                     default_name=DEFAULT_EXPERIMENT_NAME,
                     rollup_select=_ROLLUP_SELECT,
                     coarse_select=_COARSE_SELECT,
+                    latest_select=latest_select(),
                     extremes_select_fine=extremes_select(FINE_WIDTH),
                     extremes_select_coarse=extremes_select(COARSE_WIDTH),
                 )

@@ -49,6 +49,8 @@ _is_string_experiment_attribute: Callable[[str, str, str], bool] = SearchExperim
 _is_numeric_experiment_attribute: Callable[[str, str, str], bool] = SearchExperimentsUtils.is_numeric_attribute
 
 # The comparators MLflow's parser accepts, each mapped to the only text of it that reaches SQL.
+#: A run's latest value of a metric, from metric_latest's packed point.
+_LATEST_VALUE = schema.latest_point_sql("latest")[2]
 _NUMERIC_OPERATORS = {op: op for op in (">", ">=", "=", "!=", "<", "<=")}
 _STRING_OPERATORS = {op: op for op in ("=", "!=", "LIKE", "ILIKE")}
 _LIST_OPERATORS = {"IN": "IN", "NOT IN": "NOT IN"}
@@ -184,7 +186,7 @@ class _RunQuery:
         elif _is_numeric_attribute(key_type, key, comparator):
             self.conditions.append(f"{_RUN_COLUMNS[key]} {_NUMERIC_OPERATORS[comparator]} {self.params.number(value)}")
         elif _is_metric(key_type, comparator):
-            matching = f"tupleElement(latest, 3) {_NUMERIC_OPERATORS[comparator]} {self.params.number(_float(value))}"
+            matching = f"{_LATEST_VALUE} {_NUMERIC_OPERATORS[comparator]} {self.params.number(_float(value))}"
             self.conditions.append(f"run_id IN (SELECT run_id FROM ({self._latest(key)}) WHERE {matching})")
         elif _is_param(key_type, comparator) or _is_tag(key_type, comparator):
             self._add_param_or_tag(key_type, key, comparator, value)
@@ -260,7 +262,7 @@ class _RunQuery:
     def _joined_order(self, key_type: str, key: str, direction: str) -> list[str]:
         alias = f"o{len(self.joins)}"
         if key_type == "metric":
-            source = f"SELECT run_id, tupleElement(latest, 3) AS value, 1 AS present FROM ({self._latest(key)})"
+            source = f"SELECT run_id, {_LATEST_VALUE} AS value, 1 AS present FROM ({self._latest(key)})"
             # MLflow: numbers, then NaN, then runs without the metric, whatever the direction.
             rank = f"if({alias}.present = 1, if(isNaN({alias}.value), 1, 0), 2)"
         else:

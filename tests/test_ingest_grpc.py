@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ingest.client import Client, ClientConfig
 from ingest.codec import BlockColumns, encode_request
 from ingest.errors import InvalidArgumentError
+from query import schema
 from tests.conftest import RunningServer
 from trackhouse.v1 import ingest_pb2
 
@@ -75,8 +76,10 @@ def test_issue_example_round_trip(server: RunningServer) -> None:
     assert ("team", "nlp") in server.rows(
         "SELECT key, value FROM trackhouse.tags FINAL WHERE run_id = {r:String}", r=rid
     )
+    value = schema.latest_point_sql("latest")[2]
     latest = server.scalar(
-        "SELECT latest.value FROM trackhouse.latest_metrics FINAL WHERE run_id = {r:String} AND key = 'loss'", r=rid
+        f"SELECT {value} FROM trackhouse.{schema.LATEST_METRICS} FINAL WHERE run_id = {{r:String}} AND key = 'loss'",
+        r=rid,
     )
     assert latest == pytest.approx(1.0 / 10_000)
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,6 +23,8 @@ from mlflow.entities import Experiment, ExperimentTag, Metric, Param, Run, RunDa
 from mlflow.exceptions import MlflowException
 from mlflow.utils.search_utils import SearchExperimentsUtils, SearchUtils
 
+from ingest.batch import Batch, Metrics
+from ingest.sink import ClickHouseSink
 from query import schema, search
 from query.connection import Client, StoreConfig, connect
 from query.errors import InvalidQueryError
@@ -123,8 +126,19 @@ def write_runs(sql: Client, db: str, runs: Sequence[RunSpec]) -> list[Run]:
 
 
 def write_points(sql: Client, db: str, rows: list[list[Any]]) -> None:
-    """(run_id, key, step, timestamp, value) rows, through the metrics table and its materialized view."""
-    sql.insert(schema.METRICS, rows, column_names=["run_id", "key", "step", "timestamp", "value"], database=db)
+    """(run_id, key, step, timestamp, value) rows, through the real sink, which also writes their summaries."""
+    run_ids = tuple(dict.fromkeys(r[0] for r in rows))
+    keys = tuple(dict.fromkeys(r[1] for r in rows))
+    metrics = Metrics(
+        run_ids=run_ids,
+        keys=keys,
+        run_index=np.array([run_ids.index(r[0]) for r in rows], np.int32),
+        key_index=np.array([keys.index(r[1]) for r in rows], np.int32),
+        step=np.array([r[2] for r in rows], np.int64),
+        timestamp=np.array([r[3] for r in rows], np.int64),
+        value=np.array([r[4] for r in rows], np.float64),
+    )
+    ClickHouseSink(sql, db).write(Batch(metrics=metrics))
 
 
 def write_tags(sql: Client, db: str, rows: list[list[Any]]) -> None:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from ingest.batch import Batch, Metrics
 from ingest.sink import ClickHouseSink
-from ingest.summaries import order_value, pack_points, summarize, value_order
+from ingest.summaries import order_value, pack, summarize, value_order
 from query import metrics, schema
 from query.connection import Client, StoreConfig, connect
 
@@ -105,7 +105,7 @@ INT64 = st.integers(-(2**63), 2**63 - 1)
 def test_packed_points_sort_as_their_triples(triples: list[tuple[int, int, int]]) -> None:
     """What lets ClickHouse take a bucket's extremes as plain Int256 minima and maxima."""
     columns = [np.array(column, np.int64) for column in zip(*triples, strict=True)]
-    raw = pack_points(columns[0], columns[1], columns[2])
+    raw = pack(columns[0], columns[1], columns[2])
     packed = [int.from_bytes(raw[i * 32 : (i + 1) * 32], "little", signed=True) for i in range(len(triples))]
     assert sorted(range(len(triples)), key=packed.__getitem__) == sorted(range(len(triples)), key=triples.__getitem__)
 
@@ -171,8 +171,8 @@ def _stored_extremes(sql: Client, source: str) -> dict[tuple[Any, ...], tuple[An
 
 
 def test_sink_and_sql_backfill_agree(sql: Client) -> None:
-    """The sink's numpy summaries equal the migration's SQL over the same points, written in three flushes
-    (one repeated): the backfill and the write path can be mixed in one table."""
+    """The sink's numpy summaries (extremes and latest points) equal the migration's SQL over the same points,
+    written in three flushes (one repeated): the backfill and the write path can be mixed in one table."""
     m = random_metrics(7, 20_000, step_span=200_000)
     sink = ClickHouseSink(sql, DB)
     thirds = np.array_split(np.arange(len(m)), 3)
@@ -185,6 +185,11 @@ def test_sink_and_sql_backfill_agree(sql: Client) -> None:
     )
     stored = _stored_extremes(sql, f"SELECT * FROM {table}")
     assert stored == _stored_extremes(sql, backfill)
+    latest = "SELECT run_id, key, max(latest) FROM ({}) GROUP BY run_id, key ORDER BY run_id, key"
+    from_sink = sql.query(latest.format(f"SELECT * FROM {DB}.{schema.LATEST_METRICS}")).result_rows
+    from_sql = f"SELECT {schema.latest_select()} FROM {DB}.{schema.METRICS} GROUP BY run_id, key"
+    assert from_sink == sql.query(latest.format(from_sql)).result_rows
+    assert len(from_sink) == 12
     assert len(stored) == len(brute_force(m, schema.FINE_WIDTH)) + len(brute_force(m, schema.COARSE_WIDTH))
 
 
@@ -215,13 +220,15 @@ def test_upgrade_from_views_backfills_extremes_and_drops_the_views(
     client.insert(
         schema.METRICS, rows, column_names=["run_id", "key", "step", "timestamp", "value"], database=DB
     )  # the old write path: the views summarise
-    before = metrics.latest(client, DB, ["r"])
+    old_latest = client.query(f"SELECT key, latest.1, latest.2, latest.3 FROM {DB}.latest_metrics FINAL").result_rows
+    assert old_latest == [("loss", 299_999, 1_700_000_299_999, values[-1])]
     monkeypatch.undo()
 
     assert schema.migrate(client, DB) == schema.MIGRATIONS[-1][0]
     tables = {r[0] for r in client.query(f"SELECT name FROM system.tables WHERE database = '{DB}'").result_rows}
-    assert not tables & {"metric_rollups", "metric_rollups_coarse", "metric_rollups_mv", "latest_metrics_mv"}
-    assert metrics.latest(client, DB, ["r"]) == before
+    gone = {"metric_rollups", "metric_rollups_coarse", "metric_rollups_mv", "latest_metrics", "latest_metrics_mv"}
+    assert not tables & gone
+    assert metrics.latest(client, DB, ["r"]) == {"r": {"loss": (299_999, 1_700_000_299_999, values[-1])}}
     chart = metrics.sampled(client, DB, ["r"], "loss", max_points=320)["r"]
     assert (123_456, 1_700_000_000_000 + 123_456, 50.0) in chart
     assert 250 <= len(chart) <= 320
