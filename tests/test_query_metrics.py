@@ -98,8 +98,8 @@ def test_latest_follows_mlflow_rule(sql: Client) -> None:
 
 
 @pytest.mark.parametrize(("n", "width"), [(1_000_000, 4096), (100_000, 256)])
-def test_sampled_series_from_rollups_is_each_buckets_exact_min_and_max(sql: Client, n: int, width: int) -> None:
-    """A long series (coarse rollups) and a medium one (fine rollups) give exactly the brute-force extremes."""
+def test_sampled_series_from_extremes_is_each_buckets_exact_min_and_max(sql: Client, n: int, width: int) -> None:
+    """A long series (coarse extremes) and a medium one (fine extremes) give exactly the brute-force extremes."""
     rng = np.random.default_rng(n)
     steps = np.arange(n) + 7  # not aligned to a bucket
     values = rng.standard_normal(n)
@@ -107,9 +107,9 @@ def test_sampled_series_from_rollups_is_each_buckets_exact_min_and_max(sql: Clie
     write(sql, "long", "loss", steps, values, timestamps)
     write(sql, "long", "loss", steps[: n // 3], values[: n // 3], timestamps[: n // 3])  # duplicates change nothing
     series = metrics.sampled(sql, DB, ["long"], "loss", max_points=320)["long"]
-    rollup = steps // width
-    per = -(-(int(rollup[-1]) - int(rollup[0]) + 1) // 160)
-    chart_bucket = (rollup - rollup[0]) // per
+    stored_bucket = steps // width
+    per = -(-(int(stored_bucket[-1]) - int(stored_bucket[0]) + 1) // 160)
+    chart_bucket = (stored_bucket - stored_bucket[0]) // per
     expected = set()
     for bucket in np.unique(chart_bucket):
         mask = chart_bucket == bucket
