@@ -11,7 +11,8 @@ background merges reach), then starts the server and times, median of --repeats:
   MlflowClient.search_runs asks);
 and then MLflow's log-batch (1,000 metrics per call; --log-batch-writers concurrent writers, as in a sweep of
 that many trials, in 4 client processes sending pre-encoded bodies) against trackhouse and a stock
-`mlflow server` on SQLite, side by side in each repeat.
+`mlflow server` on SQLite, side by side in each repeat. One unmeasured round warms both servers up first,
+and every measurement starts once the machine is quiet (see wait_until_quiet).
 """
 
 from __future__ import annotations
@@ -194,6 +195,30 @@ def log_batch_rate(endpoint: str, writers: int, batches: int) -> tuple[float, li
     return writers * batches * METRICS_PER_BATCH / elapsed, run_ids
 
 
+def wait_until_quiet(busy_below: float = 0.1, window_s: float = 0.5, timeout_s: float = 120) -> None:
+    """Wait until the whole machine's CPU use stays under `busy_below` for `window_s`.
+
+    Each system's background work (trackhouse's merges, the stock server's worker start-up) would
+    otherwise land on the other system's measurement: on 2 cores, the first repeat after the stock
+    server started ran at 55-70% of the later ones.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        busy_before, total_before = _cpu_ticks()
+        time.sleep(window_s)
+        busy_after, total_after = _cpu_ticks()
+        if busy_after - busy_before < busy_below * max(total_after - total_before, 1):
+            return
+    print(f"the machine stayed busy for {timeout_s:.0f} s; measuring anyway", flush=True)
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies over all CPUs since boot, from /proc/stat."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle and iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def stored_points(endpoint: str, run_ids: list[str], batches: int) -> bool:
     """Spot check: every step of two keys of every run is stored exactly once."""
     session = requests.Session()
@@ -231,10 +256,15 @@ def main() -> None:
             results.update(read_targets(server.http, args))
             if args.log_batch_repeats:
                 stock.start(Path(tmp) / "stock")
+                for endpoint in (server.http, stock.endpoint):  # warm-up, not measured
+                    wait_until_quiet()
+                    log_batch_rate(endpoint, args.log_batch_writers, 1)
             rates: dict[str, list[float]] = {"trackhouse": [], "stock": [], "ratio": []}
             for _ in range(args.log_batch_repeats):
+                wait_until_quiet()
                 ours, run_ids = log_batch_rate(server.http, args.log_batch_writers, args.trackhouse_batches)
                 assert stored_points(server.http, run_ids, args.trackhouse_batches), "trackhouse lost or doubled points"
+                wait_until_quiet()
                 theirs, _ = log_batch_rate(stock.endpoint, args.log_batch_writers, args.stock_batches)
                 rates["trackhouse"].append(ours)
                 rates["stock"].append(theirs)
