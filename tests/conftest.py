@@ -22,6 +22,7 @@ import pytest
 
 from ingest.config import BatcherConfig, KafkaConfig, ReceiverConfig
 from ingest.receiver_grpc import GrpcConfig
+from query import schema
 from query.connection import Client, StoreConfig, connect
 from tests.serving import wait_until_ready
 from tests.tansu import KafkaBroker, free_port
@@ -174,3 +175,12 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 60, what: str = "
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+def sql(tmp_path: Path) -> Iterator[Client]:
+    """An embedded chDB store with the schema migrated into database `trackhouse`, in this test's own directory."""
+    client = connect(StoreConfig.for_data_dir(tmp_path / "data"))
+    schema.migrate(client, "trackhouse")
+    yield client
+    client.close()

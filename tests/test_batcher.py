@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,16 +18,7 @@ from ingest.config import BatcherConfig, ConfigError
 from ingest.errors import InvalidArgumentError, PermanentError, QueueFullError, RetryableError, UnavailableError
 from ingest.sink import ClickHouseSink
 from ingest.telemetry import Telemetry
-from query import schema
-from query.connection import Client, StoreConfig, connect
-
-
-@pytest.fixture
-def sql(tmp_path: Path) -> Iterator[Client]:
-    client = connect(StoreConfig.for_data_dir(tmp_path / "data"))
-    schema.migrate(client, "trackhouse")
-    yield client
-    client.close()
+from query.connection import Client
 
 
 class RecordingSink:

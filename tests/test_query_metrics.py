@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from ingest.batch import Batch, Metrics
 from ingest.sink import ClickHouseSink
-from query import metrics, schema
-from query.connection import Client, StoreConfig, connect
+from query import metrics
+from query.connection import Client
 
 DB = "trackhouse"
-
-
-@pytest.fixture
-def sql(tmp_path: Path) -> Iterator[Client]:
-    client = connect(StoreConfig.for_data_dir(tmp_path / "data"))
-    schema.migrate(client, DB)
-    yield client
-    client.close()
 
 
 def write(

@@ -4,7 +4,6 @@ ClickHouse's own aggregation of the same points, and across the migration that i
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -153,14 +152,6 @@ def test_summaries_hold_for_any_points(points: list[tuple[int, int, int, float]]
         mine = [(p[1], p[2], p[3]) for p in points if p[0] == run_index]
         best = max(mine, key=lambda p: (p[0], p[1], _ordered(p[2], nan_last=True)))
         assert same_point((int(latest.step[i]), int(latest.timestamp[i]), float(latest.value[i])), best)
-
-
-@pytest.fixture
-def sql(tmp_path: Path) -> Iterator[Client]:
-    client = connect(StoreConfig.for_data_dir(tmp_path / "data"))
-    schema.migrate(client, DB)
-    yield client
-    client.close()
 
 
 def _stored_extremes(sql: Client, source: str) -> dict[tuple[Any, ...], tuple[Any, ...]]:
