@@ -43,16 +43,20 @@ NAN_LOW, NAN_HIGH = schema.NAN_LOW, schema.NAN_HIGH
 
 def value_order(value: Float64Array, nan: int) -> Int64Array:
     """Each float's place in float order, as an int64; NaN gets `nan`. schema.value_order_sql is the same in SQL."""
-    bits = value.view(np.int64)
-    order: Int64Array = np.where(bits >= 0, bits, bits ^ _MAGNITUDE)
+    order = _flip_negative(value.view(np.int64))
     order[np.isnan(value)] = nan
     return order
 
 
 def order_value(order: Int64Array) -> Float64Array:
     """The inverse of `value_order` (NaN for either NaN order)."""
-    bits: Int64Array = np.where(order >= 0, order, order ^ _MAGNITUDE)
-    return bits.view(np.float64)
+    return _flip_negative(order).view(np.float64)
+
+
+def _flip_negative(bits: Int64Array) -> Int64Array:
+    """Negative numbers' magnitude bits flipped: its own inverse, so it both encodes and decodes value orders."""
+    flipped: Int64Array = np.where(bits >= 0, bits, bits ^ _MAGNITUDE)
+    return flipped
 
 
 def pack(first: Int64Array, second: Int64Array, third: Int64Array) -> bytes:
@@ -112,8 +116,10 @@ def summarize(metrics: Metrics) -> Summaries:
     step, timestamp = metrics.step[order], metrics.timestamp[order]
     value = metrics.value[order]
 
+    # NaN after every number: what a low skips, and what wins a tie of step and timestamp for the latest.
+    nan_last = value_order(value, NAN_LOW)
     starts = _starts((series, fine))
-    low = _reduce(np.minimum, INT64_MAX, (value_order(value, NAN_LOW), step, timestamp), starts)
+    low = _reduce(np.minimum, INT64_MAX, (nan_last, step, timestamp), starts)
     high = _reduce(np.maximum, INT64_MIN, (value_order(value, NAN_HIGH), step, timestamp), starts)
     fine_series, fine_bucket = series[starts], fine[starts]
 
@@ -129,12 +135,12 @@ def summarize(metrics: Metrics) -> Summaries:
     )
 
     series_starts = _starts((series,))
-    newest = _reduce(np.maximum, INT64_MIN, (step, timestamp, value_order(value, NAN_LOW)), series_starts)
-    latest_series = series[series_starts]
+    newest = _reduce(np.maximum, INT64_MIN, (step, timestamp, nan_last), series_starts)
+    run_index, key_index = _split(series[series_starts], keys)
     return Summaries(
         latest=Latest(
-            run_index=(latest_series // keys).astype(np.int32),
-            key_index=(latest_series % keys).astype(np.int32),
+            run_index=run_index,
+            key_index=key_index,
             step=newest[0],
             timestamp=newest[1],
             order=newest[2],
@@ -193,11 +199,10 @@ def _reduce(pick: Callable[..., Int64Array], sentinel: int, columns: Triple, sta
 
 
 def _extremes(width: int, series: Int64Array, bucket: Int64Array, keys: int, low: Triple, high: Triple) -> Extremes:
-    return Extremes(
-        width=width,
-        run_index=(series // keys).astype(np.int32),
-        key_index=(series % keys).astype(np.int32),
-        bucket=bucket,
-        low=low,
-        high=high,
-    )
+    run_index, key_index = _split(series, keys)
+    return Extremes(width=width, run_index=run_index, key_index=key_index, bucket=bucket, low=low, high=high)
+
+
+def _split(series: Int64Array, keys: int) -> tuple[Int32Array, Int32Array]:
+    """Run and key indices back from series ids (run_index * keys + key_index)."""
+    return (series // keys).astype(np.int32), (series % keys).astype(np.int32)

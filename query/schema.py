@@ -224,10 +224,12 @@ _SIGN_BIT = f"toInt64('{-(2**63)}')"
 def value_order_sql(column: str, nan: int) -> str:
     """A float's place in float order, as an int64 (its bits, with a negative float's magnitude bits
     flipped); NaN gets `nan`. ingest.summaries.value_order is the same function in numpy."""
-    bits = f"reinterpretAsInt64({column})"
-    return (
-        f"if(isNaN({column}), toInt64('{nan}'), if({bits} >= 0, {bits}, bitXor({bits}, toInt64('{_MAGNITUDE_BITS}'))))"
-    )
+    return f"if(isNaN({column}), toInt64('{nan}'), {_flip_negative_sql(f'reinterpretAsInt64({column})')})"
+
+
+def _flip_negative_sql(bits: str) -> str:
+    """Negative numbers' magnitude bits flipped: its own inverse, so it both encodes and decodes value orders."""
+    return f"if({bits} >= 0, {bits}, bitXor({bits}, toInt64('{_MAGNITUDE_BITS}')))"
 
 
 def pack_sql(first: str, second: str, third: str) -> str:
@@ -250,7 +252,7 @@ def unpack_sql(packed: str) -> tuple[str, str, str]:
 
 def order_value_sql(order: str) -> str:
     """The float whose value_order_sql is `order` (NaN for either NaN order)."""
-    return f"reinterpretAsFloat64(if({order} >= 0, {order}, bitXor({order}, toInt64('{_MAGNITUDE_BITS}'))))"
+    return f"reinterpretAsFloat64({_flip_negative_sql(order)})"
 
 
 def extreme_point_sql(packed: str) -> tuple[str, str, str]:
