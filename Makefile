@@ -32,7 +32,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy trackhouse ingest query compat benchmarks tests
+	$(BIN)/mypy trackhouse benchmarks tests
 
 # Regenerate the committed protobuf code (tests fail when it is stale).
 proto: install

@@ -33,10 +33,10 @@ import requests
 from benchmarks.ingest import ServerUnderTest, save_results
 from benchmarks.reads import load, timed
 from benchmarks.systems import StockMlflow
-from ingest.batch import Batch, ExperimentRow, Metrics, ParamRow, RunRow
-from ingest.sink import ClickHouseSink
-from query import schema
-from query.connection import StoreConfig, connect
+from trackhouse.ingest.batch import Batch, ExperimentRow, Metrics, ParamRow, RunRow
+from trackhouse.ingest.sink import ClickHouseSink
+from trackhouse.query import schema
+from trackhouse.query.connection import StoreConfig, connect
 
 DB = "trackhouse"
 CHART_EXPERIMENT = "100"

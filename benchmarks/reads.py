@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 
 from benchmarks.ingest import save_results
-from ingest.batch import Batch, Metrics
-from ingest.sink import ClickHouseSink
-from query import metrics, schema
-from query.connection import StoreConfig, connect
+from trackhouse.ingest.batch import Batch, Metrics
+from trackhouse.ingest.sink import ClickHouseSink
+from trackhouse.query import metrics, schema
+from trackhouse.query.connection import StoreConfig, connect
 
 DB = "trackhouse"
 CHUNK = 1_000_000

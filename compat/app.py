@@ -10,14 +10,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from compat.artifacts import ArtifactsConfig, artifact_routes
-from compat.backend import Backend
-from compat.experiments import ExperimentsApi
-from compat.graphql import GraphQlApi
-from compat.metrics import MetricsApi
-from compat.routing import mlflow_routes
-from compat.runs import RunsApi
-from compat.ui import ui_routes
+from trackhouse.compat.artifacts import ArtifactsConfig, artifact_routes
+from trackhouse.compat.backend import Backend
+from trackhouse.compat.experiments import ExperimentsApi
+from trackhouse.compat.graphql import GraphQlApi
+from trackhouse.compat.metrics import MetricsApi
+from trackhouse.compat.routing import mlflow_routes
+from trackhouse.compat.runs import RunsApi
+from trackhouse.compat.ui import ui_routes
 
 
 def create_app(

@@ -44,8 +44,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from compat.routing import guarded
-from query.errors import NotFoundError
+from trackhouse.compat.routing import guarded
+from trackhouse.query.errors import NotFoundError
 
 # MLflow leaves these unannotated; naming their real types once keeps the calls below checked.
 _validate_path_is_safe: Callable[[str], str] = uri.validate_path_is_safe

@@ -13,11 +13,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Concatenate, ParamSpec, TypeVar
 
-from ingest.batch import Batch
-from ingest.codec import DecodedRequest
-from ingest.errors import PermanentError
-from ingest.pipeline import WritePipeline
-from query.connection import Client
+from trackhouse.ingest.batch import Batch
+from trackhouse.ingest.codec import DecodedRequest
+from trackhouse.ingest.errors import PermanentError
+from trackhouse.ingest.pipeline import WritePipeline
+from trackhouse.query.connection import Client
 
 P = ParamSpec("P")
 T = TypeVar("T")

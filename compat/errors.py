@@ -18,8 +18,8 @@ from mlflow.protos.databricks_pb2 import (
 )
 from starlette.responses import Response
 
-from ingest.errors import PermanentError, RetryableError
-from query.errors import InvalidQueryError, NotFoundError
+from trackhouse.ingest.errors import PermanentError, RetryableError
+from trackhouse.query.errors import InvalidQueryError, NotFoundError
 
 log = logging.getLogger(__name__)
 

@@ -11,14 +11,14 @@ from mlflow.utils.validation import MAX_EXPERIMENT_TAG_VAL_LENGTH
 from starlette.requests import Request
 from starlette.responses import Response
 
-from compat import wire
-from compat.backend import Backend, next_version, now_ms
-from compat.errors import RESOURCE_ALREADY_EXISTS, invalid, not_found
-from compat.routing import Endpoint
-from ingest import validation
-from ingest.batch import ACTIVE, DELETED, Batch, ExperimentRow, ExperimentTagRow
-from query import catalog, experiments, search
-from query.experiments import Experiment
+from trackhouse.compat import wire
+from trackhouse.compat.backend import Backend, next_version, now_ms
+from trackhouse.compat.errors import RESOURCE_ALREADY_EXISTS, invalid, not_found
+from trackhouse.compat.routing import Endpoint
+from trackhouse.ingest import validation
+from trackhouse.ingest.batch import ACTIVE, DELETED, Batch, ExperimentRow, ExperimentTagRow
+from trackhouse.query import catalog, experiments, search
+from trackhouse.query.experiments import Experiment
 
 DEFAULT_SEARCH_RESULTS = 1000
 

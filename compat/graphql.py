@@ -15,13 +15,13 @@ from mlflow.exceptions import MlflowException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from compat import wire
-from compat.backend import Backend
-from compat.experiments import ExperimentsApi
-from compat.runs import RunsApi
-from query import experiments, runs
-from query.experiments import Experiment
-from query.metrics import Point
+from trackhouse.compat import wire
+from trackhouse.compat.backend import Backend
+from trackhouse.compat.experiments import ExperimentsApi
+from trackhouse.compat.runs import RunsApi
+from trackhouse.query import experiments, runs
+from trackhouse.query.experiments import Experiment
+from trackhouse.query.metrics import Point
 
 
 class GraphQlApi:

@@ -11,13 +11,13 @@ from mlflow.protos import service_pb2 as pb
 from starlette.requests import Request
 from starlette.responses import Response
 
-from compat import wire
-from compat.backend import Backend
-from compat.errors import invalid
-from compat.routing import Endpoint
-from compat.runs import RunsApi
-from query import metrics
-from query.metrics import Point
+from trackhouse.compat import wire
+from trackhouse.compat.backend import Backend
+from trackhouse.compat.errors import invalid
+from trackhouse.compat.routing import Endpoint
+from trackhouse.compat.runs import RunsApi
+from trackhouse.query import metrics
+from trackhouse.query.metrics import Point
 
 #: What the MLflow client asks for per page; also our page size when a caller gives none.
 HISTORY_PAGE = 25_000

@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from compat.errors import to_response
+from trackhouse.compat.errors import to_response
 
 Handler = Callable[[Request], Awaitable[Response]]
 #: (path below the prefix, HTTP method, handler)

@@ -21,16 +21,27 @@ from mlflow.utils.validation import (
 from starlette.requests import Request
 from starlette.responses import Response
 
-from compat import wire
-from compat.backend import Backend, next_version, now_ms
-from compat.errors import invalid, not_found
-from compat.experiments import ExperimentsApi
-from compat.routing import Endpoint
-from ingest import validation
-from ingest.batch import ACTIVE, DELETED, Batch, Float64Array, Int32Array, Int64Array, Metrics, ParamRow, RunRow, TagRow
-from ingest.errors import UnknownRunError
-from query import metrics, runs, search
-from query.runs import RUN_NAME_TAG, RunInfo
+from trackhouse.compat import wire
+from trackhouse.compat.backend import Backend, next_version, now_ms
+from trackhouse.compat.errors import invalid, not_found
+from trackhouse.compat.experiments import ExperimentsApi
+from trackhouse.compat.routing import Endpoint
+from trackhouse.ingest import validation
+from trackhouse.ingest.batch import (
+    ACTIVE,
+    DELETED,
+    Batch,
+    Float64Array,
+    Int32Array,
+    Int64Array,
+    Metrics,
+    ParamRow,
+    RunRow,
+    TagRow,
+)
+from trackhouse.ingest.errors import UnknownRunError
+from trackhouse.query import metrics, runs, search
+from trackhouse.query.runs import RUN_NAME_TAG, RunInfo
 
 DEFAULT_SEARCH_RESULTS = 1000
 _USER_TAG = "mlflow.user"

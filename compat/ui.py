@@ -17,9 +17,9 @@ from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from compat import wire
-from compat.graphql import GraphQlApi
-from compat.routing import guarded
+from trackhouse.compat import wire
+from trackhouse.compat.graphql import GraphQlApi
+from trackhouse.compat.routing import guarded
 
 # Located without importing mlflow.server, which would load Flask and SQLAlchemy for nothing.
 BUILD_DIR = Path(mlflow.__file__).parent / "server" / "js" / "build"

@@ -21,10 +21,10 @@ from mlflow.utils.proto_json_utils import parse_dict
 from starlette.requests import Request
 from starlette.responses import Response
 
-from compat.errors import invalid
-from query.experiments import Experiment
-from query.metrics import Point
-from query.runs import Run, RunInfo
+from trackhouse.compat.errors import invalid
+from trackhouse.query.experiments import Experiment
+from trackhouse.query.metrics import Point
+from trackhouse.query.runs import Run, RunInfo
 
 M = TypeVar("M", bound=Message)
 

@@ -16,11 +16,17 @@ import logging
 import random
 import time
 
-from ingest.batch import Batch
-from ingest.config import BatcherConfig
-from ingest.errors import InvalidArgumentError, PermanentError, QueueFullError, RetryableError, UnavailableError
-from ingest.sink import Sink
-from ingest.telemetry import Telemetry
+from trackhouse.ingest.batch import Batch
+from trackhouse.ingest.config import BatcherConfig
+from trackhouse.ingest.errors import (
+    InvalidArgumentError,
+    PermanentError,
+    QueueFullError,
+    RetryableError,
+    UnavailableError,
+)
+from trackhouse.ingest.sink import Sink
+from trackhouse.ingest.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
-from ingest.batch import ACTIVE, Batch, ExperimentRow, RunRow
-from ingest.errors import InvalidArgumentError, UnknownRunError
-from query import catalog
-from query.connection import Client
+from trackhouse.ingest.batch import ACTIVE, Batch, ExperimentRow, RunRow
+from trackhouse.ingest.errors import InvalidArgumentError, UnknownRunError
+from trackhouse.query import catalog
+from trackhouse.query.connection import Client
 
 K = TypeVar("K")
 V = TypeVar("V")

@@ -45,11 +45,11 @@ import numpy.typing as npt
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
-from ingest import validation
-from ingest.client_columns import RunBuffer, by_run, only_run, slice_block
-from ingest.codec import STATUS_VALUES, BlockColumns, encode_request
-from ingest.config import DEFAULT_KAFKA_TOPIC
-from ingest.errors import IngestError, InvalidArgumentError
+from trackhouse.ingest import validation
+from trackhouse.ingest.client_columns import RunBuffer, by_run, only_run, slice_block
+from trackhouse.ingest.codec import STATUS_VALUES, BlockColumns, encode_request
+from trackhouse.ingest.config import DEFAULT_KAFKA_TOPIC
+from trackhouse.ingest.errors import IngestError, InvalidArgumentError
 from trackhouse.v1 import ingest_pb2
 
 log = logging.getLogger(__name__)

@@ -7,8 +7,8 @@ import array
 import numpy as np
 import numpy.typing as npt
 
-from ingest import validation
-from ingest.codec import BlockColumns
+from trackhouse.ingest import validation
+from trackhouse.ingest.codec import BlockColumns
 from trackhouse.v1 import ingest_pb2
 
 _COMPACT_KEYS_ABOVE = 1024  # a run with more keys than this sends only the keys each block uses

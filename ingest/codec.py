@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from ingest import validation
-from ingest.batch import Batch, Int32Array, Metrics, ParamRow, RunRow, TagRow, union_dictionaries
-from ingest.errors import InvalidArgumentError
+from trackhouse.ingest import validation
+from trackhouse.ingest.batch import Batch, Int32Array, Metrics, ParamRow, RunRow, TagRow, union_dictionaries
+from trackhouse.ingest.errors import InvalidArgumentError
 from trackhouse.v1 import encode_view_pb2, ingest_pb2
 
 SCHEMA_VERSION = 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ingest.errors import PermanentError
+from trackhouse.ingest.errors import PermanentError
 
 DEFAULT_FLUSH_POINTS = 250_000
 DEFAULT_FLUSH_INTERVAL_MS = 200

@@ -14,11 +14,11 @@ from collections.abc import Awaitable
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from ingest import kafka
-from ingest.codec import DecodedRequest, split_by_run
-from ingest.config import KafkaConfig
-from ingest.errors import UnavailableError
-from ingest.telemetry import Telemetry
+from trackhouse.ingest import kafka
+from trackhouse.ingest.codec import DecodedRequest, split_by_run
+from trackhouse.ingest.config import KafkaConfig
+from trackhouse.ingest.errors import UnavailableError
+from trackhouse.ingest.telemetry import Telemetry
 
 
 class KafkaForwarder:

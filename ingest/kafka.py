@@ -7,8 +7,8 @@ import logging
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, TopicAlreadyExistsError
 
-from ingest.config import KafkaConfig
-from ingest.errors import IngestError, InvalidArgumentError, UnavailableError
+from trackhouse.ingest.config import KafkaConfig
+from trackhouse.ingest.errors import IngestError, InvalidArgumentError, UnavailableError
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Protocol
 
-from ingest.batcher import Batcher
-from ingest.catalog import Catalog
-from ingest.codec import DecodedRequest
-from ingest.telemetry import Telemetry
+from trackhouse.ingest.batcher import Batcher
+from trackhouse.ingest.catalog import Catalog
+from trackhouse.ingest.codec import DecodedRequest
+from trackhouse.ingest.telemetry import Telemetry
 
 
 class Writer(Protocol):

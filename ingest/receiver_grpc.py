@@ -16,11 +16,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from ingest.codec import decode_request
-from ingest.config import DEFAULT_MAX_MESSAGE_BYTES
-from ingest.errors import IngestError, QueueFullError, RetryableError
-from ingest.pipeline import Writer
-from ingest.telemetry import Telemetry
+from trackhouse.ingest.codec import decode_request
+from trackhouse.ingest.config import DEFAULT_MAX_MESSAGE_BYTES
+from trackhouse.ingest.errors import IngestError, QueueFullError, RetryableError
+from trackhouse.ingest.pipeline import Writer
+from trackhouse.ingest.telemetry import Telemetry
 from trackhouse.v1 import ingest_pb2
 
 SERVICE_NAME = "trackhouse.v1.Ingest"

@@ -25,12 +25,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord
 
-from ingest import kafka
-from ingest.codec import DecodedRequest, decode_request
-from ingest.config import KafkaConfig
-from ingest.errors import InvalidArgumentError, PermanentError, QueueFullError, RetryableError
-from ingest.pipeline import Writer
-from ingest.telemetry import Telemetry
+from trackhouse.ingest import kafka
+from trackhouse.ingest.codec import DecodedRequest, decode_request
+from trackhouse.ingest.config import KafkaConfig
+from trackhouse.ingest.errors import InvalidArgumentError, PermanentError, QueueFullError, RetryableError
+from trackhouse.ingest.pipeline import Writer
+from trackhouse.ingest.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ import numpy as np
 import pyarrow as pa
 from clickhouse_connect.driver import exceptions as ch_errors
 
-from ingest.batch import Batch, Int32Array, Int64Array, Metrics
-from ingest.errors import PermanentError, RetryableError
-from ingest.summaries import Extremes, Summaries, pack, summarize
-from query import schema
-from query.connection import Client
+from trackhouse.ingest.batch import Batch, Int32Array, Int64Array, Metrics
+from trackhouse.ingest.errors import PermanentError, RetryableError
+from trackhouse.ingest.summaries import Extremes, Summaries, pack, summarize
+from trackhouse.query import schema
+from trackhouse.query.connection import Client
 
 # ClickHouse error codes that describe the server's state, not the data: the same insert may succeed later.
 # 159 TIMEOUT_EXCEEDED, 202 TOO_MANY_SIMULTANEOUS_QUERIES, 209 SOCKET_TIMEOUT, 210 NETWORK_ERROR,

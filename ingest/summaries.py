@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ingest.batch import Float64Array, Int32Array, Int64Array, Metrics
-from query import schema
+from trackhouse.ingest.batch import Float64Array, Int32Array, Int64Array, Metrics
+from trackhouse.query import schema
 
 # Buckets are floor(step / width): an arithmetic right shift, so negative steps bucket like the others.
 _FINE_SHIFT = schema.FINE_WIDTH.bit_length() - 1

@@ -11,7 +11,7 @@ import posixpath
 import re
 from functools import lru_cache
 
-from ingest.errors import InvalidArgumentError
+from trackhouse.ingest.errors import InvalidArgumentError
 
 MAX_KEY_LENGTH = 250
 MAX_PARAM_VALUE_LENGTH = 6000

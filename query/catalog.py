@@ -8,8 +8,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Collection
 
-from query import schema
-from query.connection import Client
+from trackhouse.query import schema
+from trackhouse.query.connection import Client
 
 
 def experiment_id_for_name(name: str) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from query import schema
-from query.connection import Client
+from trackhouse.query import schema
+from trackhouse.query.connection import Client
 
 _COLUMNS = "experiment_id, name, artifact_location, lifecycle_stage, creation_time, last_update_time, version"
 

@@ -12,8 +12,8 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from query import schema
-from query.connection import Client
+from trackhouse.query import schema
+from trackhouse.query.connection import Client
 
 #: (step, timestamp, value): MLflow's ordering of a run's points for one key.
 Point = tuple[int, int, float]

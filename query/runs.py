@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from query import metrics, schema
-from query.connection import Client
-from query.experiments import default_artifact_location
+from trackhouse.query import metrics, schema
+from trackhouse.query.connection import Client
+from trackhouse.query.experiments import default_artifact_location
 
 RUN_NAME_TAG = "mlflow.runName"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from query.connection import Client
+from trackhouse.query.connection import Client
 
 METRICS = "metrics"
 #: Each (run, key)'s latest point, packed (see latest_point_sql). Replaced `latest_metrics` in migration 5.

@@ -22,9 +22,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 from mlflow.utils.search_utils import SearchExperimentsUtils, SearchUtils
 
-from query import schema
-from query.connection import Client
-from query.errors import InvalidQueryError
+from trackhouse.query import schema
+from trackhouse.query.connection import Client
+from trackhouse.query.errors import InvalidQueryError
 
 #: re2, behind LIKE, fails to compile patterns of roughly 70,000 characters (measured); MLflow's
 #: longest values (tags) have 8,000, so this leaves room for wildcards and stays clear of re2.

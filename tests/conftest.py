@@ -20,12 +20,12 @@ from typing import Any
 
 import pytest
 
-from ingest.config import BatcherConfig, KafkaConfig, ReceiverConfig
-from ingest.receiver_grpc import GrpcConfig
-from query import schema
-from query.connection import Client, StoreConfig, connect
 from tests.serving import wait_until_ready
 from tests.tansu import KafkaBroker, free_port
+from trackhouse.ingest.config import BatcherConfig, KafkaConfig, ReceiverConfig
+from trackhouse.ingest.receiver_grpc import GrpcConfig
+from trackhouse.query import schema
+from trackhouse.query.connection import Client, StoreConfig, connect
 from trackhouse.server import Server, ServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent

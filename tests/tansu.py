@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ingest.config import KafkaConfig
+from trackhouse.ingest.config import KafkaConfig
 
 
 def free_port() -> int:

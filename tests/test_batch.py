@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ingest.batch import Batch, Metrics, union_dictionaries
+from trackhouse.ingest.batch import Batch, Metrics, union_dictionaries
 
 
 def metrics(run: str, keys: tuple[str, ...], key_index: list[int]) -> Metrics:

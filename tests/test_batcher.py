@@ -12,13 +12,19 @@ import time
 import numpy as np
 import pytest
 
-from ingest.batch import Batch, Metrics
-from ingest.batcher import Batcher
-from ingest.config import BatcherConfig, ConfigError
-from ingest.errors import InvalidArgumentError, PermanentError, QueueFullError, RetryableError, UnavailableError
-from ingest.sink import ClickHouseSink
-from ingest.telemetry import Telemetry
-from query.connection import Client
+from trackhouse.ingest.batch import Batch, Metrics
+from trackhouse.ingest.batcher import Batcher
+from trackhouse.ingest.config import BatcherConfig, ConfigError
+from trackhouse.ingest.errors import (
+    InvalidArgumentError,
+    PermanentError,
+    QueueFullError,
+    RetryableError,
+    UnavailableError,
+)
+from trackhouse.ingest.sink import ClickHouseSink
+from trackhouse.ingest.telemetry import Telemetry
+from trackhouse.query.connection import Client
 
 
 class RecordingSink:

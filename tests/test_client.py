@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from ingest.client import BufferFullError, Client, ClientConfig
-from ingest.errors import IngestError, InvalidArgumentError
 from tests.conftest import ROOT, RunningServer
 from tests.tansu import free_port
+from trackhouse.ingest.client import BufferFullError, Client, ClientConfig
+from trackhouse.ingest.errors import IngestError, InvalidArgumentError
 
 
 def unreachable() -> str:
@@ -80,7 +80,7 @@ def test_mismatched_series_lengths_and_float_steps() -> None:
 
 def test_atexit_flushes_a_client_that_was_never_closed(server: RunningServer) -> None:
     script = f"""
-from ingest.client import Client
+from trackhouse.ingest.client import Client
 client = Client("{server.target}")
 run = client.start_run(experiment="atexit")
 for step in range(1000):

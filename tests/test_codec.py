@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from ingest.codec import BlockColumns, decode_request, encode_request, split_by_run
-from ingest.errors import InvalidArgumentError
+from trackhouse.ingest.codec import BlockColumns, decode_request, encode_request, split_by_run
+from trackhouse.ingest.errors import InvalidArgumentError
 from trackhouse.v1 import ingest_pb2
 
 RUN = "a" * 32

@@ -17,8 +17,8 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 
-from ingest.client import Client
 from tests.conftest import RunningServer
+from trackhouse.ingest.client import Client
 
 
 @pytest.fixture

@@ -26,9 +26,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from compat.artifacts import ArtifactsConfig, artifact_routes
-from compat.http_server import HttpServer
-from query.errors import NotFoundError
+from trackhouse.compat.artifacts import ArtifactsConfig, artifact_routes
+from trackhouse.compat.http_server import HttpServer
+from trackhouse.query.errors import NotFoundError
 
 EXPERIMENT_ID = "7"
 

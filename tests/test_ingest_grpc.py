@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ingest.client import Client, ClientConfig
-from ingest.codec import BlockColumns, encode_request
-from ingest.errors import InvalidArgumentError
-from query import schema
 from tests.conftest import RunningServer
+from trackhouse.ingest.client import Client, ClientConfig
+from trackhouse.ingest.codec import BlockColumns, encode_request
+from trackhouse.ingest.errors import InvalidArgumentError
+from trackhouse.query import schema
 from trackhouse.v1 import ingest_pb2
 
 COUNT_DISTINCT = "SELECT count() FROM (SELECT DISTINCT * FROM trackhouse.metrics WHERE run_id = {run:String})"

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from ingest import kafka
-from ingest.client import Client, ClientConfig
-from ingest.codec import BlockColumns, encode_request
-from ingest.receiver_kafka import ERROR_HEADER
 from tests.conftest import RunningServer, ServerProcess, wait_until
 from tests.tansu import KafkaBroker
+from trackhouse.ingest import kafka
+from trackhouse.ingest.client import Client, ClientConfig
+from trackhouse.ingest.codec import BlockColumns, encode_request
+from trackhouse.ingest.receiver_kafka import ERROR_HEADER
 from trackhouse.v1 import ingest_pb2
 
 DISTINCT = "SELECT count() FROM (SELECT DISTINCT * FROM trackhouse.metrics WHERE run_id IN {runs:Array(String)})"

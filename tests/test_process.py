@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ingest.client import Client, ClientConfig
 from tests.conftest import ROOT, ServerProcess
+from trackhouse.ingest.client import Client, ClientConfig
 
 pytestmark = pytest.mark.slow
 

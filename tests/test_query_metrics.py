@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ingest.batch import Batch, Metrics
-from ingest.sink import ClickHouseSink
-from query import metrics
-from query.connection import Client
+from trackhouse.ingest.batch import Batch, Metrics
+from trackhouse.ingest.sink import ClickHouseSink
+from trackhouse.query import metrics
+from trackhouse.query.connection import Client
 
 DB = "trackhouse"
 

@@ -23,11 +23,11 @@ from mlflow.entities import Experiment, ExperimentTag, Metric, Param, Run, RunDa
 from mlflow.exceptions import MlflowException
 from mlflow.utils.search_utils import SearchExperimentsUtils, SearchUtils
 
-from ingest.batch import Batch, Metrics
-from ingest.sink import ClickHouseSink
-from query import schema, search
-from query.connection import Client, StoreConfig, connect
-from query.errors import InvalidQueryError
+from trackhouse.ingest.batch import Batch, Metrics
+from trackhouse.ingest.sink import ClickHouseSink
+from trackhouse.query import schema, search
+from trackhouse.query.connection import Client, StoreConfig, connect
+from trackhouse.query.errors import InvalidQueryError
 
 ACTIVE, DELETED, ALL = ViewType.ACTIVE_ONLY, ViewType.DELETED_ONLY, ViewType.ALL
 NAN, INF = math.nan, math.inf

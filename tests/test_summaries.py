@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingest.batch import Batch, Metrics
-from ingest.sink import ClickHouseSink
-from ingest.summaries import order_value, pack, summarize, value_order
-from query import metrics, schema
-from query.connection import Client, StoreConfig, connect
+from trackhouse.ingest.batch import Batch, Metrics
+from trackhouse.ingest.sink import ClickHouseSink
+from trackhouse.ingest.summaries import order_value, pack, summarize, value_order
+from trackhouse.query import metrics, schema
+from trackhouse.query.connection import Client, StoreConfig, connect
 
 DB = "trackhouse"
 SPECIALS = np.array([math.nan, math.inf, -math.inf, 0.0, -0.0, 5e-324, -5e-324, 1.7976931348623157e308, -1.5])

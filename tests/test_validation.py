@@ -4,8 +4,8 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import _validate_metric_name
 
-from ingest import validation
-from ingest.errors import InvalidArgumentError
+from trackhouse.ingest import validation
+from trackhouse.ingest.errors import InvalidArgumentError
 
 KEYS = [
     "loss",

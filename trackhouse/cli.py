@@ -14,10 +14,10 @@ from pathlib import Path
 from aiokafka.errors import KafkaError
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from ingest import config as defaults
-from ingest.config import BatcherConfig, ConfigError, KafkaConfig, ReceiverConfig
-from ingest.receiver_grpc import GrpcConfig
-from query.connection import StoreConfig
+from trackhouse.ingest import config as defaults
+from trackhouse.ingest.config import BatcherConfig, ConfigError, KafkaConfig, ReceiverConfig
+from trackhouse.ingest.receiver_grpc import GrpcConfig
+from trackhouse.query.connection import StoreConfig
 from trackhouse.server import ServerConfig, serve
 
 

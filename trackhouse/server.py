@@ -13,21 +13,21 @@ import logging
 import signal
 from dataclasses import dataclass, field
 
-from compat.app import create_app
-from compat.artifacts import ArtifactsConfig
-from compat.backend import Backend, BackendConfig
-from compat.http_server import HttpServer
-from ingest.batcher import Batcher
-from ingest.catalog import Catalog
-from ingest.config import BatcherConfig, ConfigError, KafkaConfig, ReceiverConfig
-from ingest.forwarder_kafka import KafkaForwarder
-from ingest.pipeline import WritePipeline, Writer
-from ingest.receiver_grpc import GrpcConfig, GrpcReceiver
-from ingest.receiver_kafka import KafkaReceiver
-from ingest.sink import ClickHouseSink
-from ingest.telemetry import Telemetry
-from query import schema
-from query.connection import Client, StoreConfig, connect
+from trackhouse.compat.app import create_app
+from trackhouse.compat.artifacts import ArtifactsConfig
+from trackhouse.compat.backend import Backend, BackendConfig
+from trackhouse.compat.http_server import HttpServer
+from trackhouse.ingest.batcher import Batcher
+from trackhouse.ingest.catalog import Catalog
+from trackhouse.ingest.config import BatcherConfig, ConfigError, KafkaConfig, ReceiverConfig
+from trackhouse.ingest.forwarder_kafka import KafkaForwarder
+from trackhouse.ingest.pipeline import WritePipeline, Writer
+from trackhouse.ingest.receiver_grpc import GrpcConfig, GrpcReceiver
+from trackhouse.ingest.receiver_kafka import KafkaReceiver
+from trackhouse.ingest.sink import ClickHouseSink
+from trackhouse.ingest.telemetry import Telemetry
+from trackhouse.query import schema
+from trackhouse.query.connection import Client, StoreConfig, connect
 
 log = logging.getLogger("trackhouse")
 
