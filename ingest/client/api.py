@@ -76,7 +76,7 @@ class ClientConfig:
     full_policy: FullPolicy = "block"
     #: With "block": raise BufferFullError after waiting this long. None waits indefinitely.
     block_timeout_s: float | None = None
-    #: Most points in one request.
+    #: Most points in one request; the server's limits (learned on connecting) may make requests smaller.
     request_points: int = 250_000
     #: Buffered points are sent at least this often.
     linger_ms: int = 50
@@ -160,7 +160,8 @@ class Client:
         self._failure: Exception | None = None
         self._wake_requested = False
         # Learned from the server on each connection; until then nothing is encoded, so nothing is too large.
-        self._limits: Limits | None = None
+        # Kafka has no handshake: its producer's own limits apply from the start.
+        self._limits: Limits | None = KafkaSession.LIMITS if self._kafka else None
         self._loop = asyncio.new_event_loop()
         self._wake = asyncio.Event()
         self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),), daemon=True)

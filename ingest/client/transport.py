@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 from urllib.parse import urlsplit
 
 import grpc
@@ -316,6 +316,8 @@ async def _classify(
 class KafkaSession:
     """Produce requests in order; a delivery with acks=all is the acknowledgement. Needs trackhouse[kafka]."""
 
+    LIMITS: ClassVar[Limits] = Limits(max_message_bytes=_MAX_SEND_BYTES)
+
     target: Target
     linger_s: float
 
@@ -336,7 +338,6 @@ class KafkaSession:
         )
         try:
             await producer.start()
-            outbox.use_limits(Limits(max_message_bytes=_MAX_SEND_BYTES))
             await self._produce(producer, outbox)
         except KafkaError as exc:
             raise RetryLater(f"Kafka: {exc!r}") from exc
