@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from tests.serving import wait_until_ready
-from trackhouse.ingest.client import Client
+from trackhouse import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = [f"layer.{i}.grad_norm" for i in range(10)]

@@ -40,7 +40,7 @@ def hpo_trials(kind: str, endpoint: str, experiment: str, trials: int, keys: int
     values = rng.random((steps, keys))
     calls: list[float] = []
     if kind == "trackhouse":
-        from trackhouse.ingest.client import Client
+        from trackhouse import Client
 
         with Client(endpoint) as client:
             created = time.perf_counter()
@@ -102,7 +102,7 @@ def llm_rank(kind: str, endpoint: str, run_id: str, rank: int, keys: int, steps:
     values = np.random.default_rng(rank).random((steps, keys))
     calls: list[float] = []
     if kind == "trackhouse":
-        from trackhouse.ingest.client import Client
+        from trackhouse import Client
 
         with Client(endpoint) as client:
             run = client.attach_run(run_id)
@@ -137,7 +137,7 @@ def llm_rank(kind: str, endpoint: str, run_id: str, rank: int, keys: int, steps:
 def create_llm_run(kind: str, endpoint: str, experiment: str) -> str:
     """Rank 0's job: create the run, stored before any rank logs into it."""
     if kind == "trackhouse":
-        from trackhouse.ingest.client import Client
+        from trackhouse import Client
 
         with Client(endpoint) as client:
             run = client.start_run(experiment=experiment, name="llm-pretrain", params={"layers": 48, "ranks": "many"})

@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from trackhouse.ingest.codec import decode_request
-from trackhouse.ingest.config import DEFAULT_MAX_MESSAGE_BYTES
+from trackhouse.ingest.config import DEFAULT_MAX_MESSAGE_BYTES, BatcherConfig
 from trackhouse.ingest.errors import IngestError, QueueFullError, RetryableError
 from trackhouse.ingest.pipeline import Writer
 from trackhouse.ingest.telemetry import Telemetry
@@ -48,11 +48,25 @@ def status_of(exc: IngestError) -> tuple[grpc.StatusCode, int]:
     return grpc.StatusCode.INVALID_ARGUMENT, 0
 
 
+def limits_of(config: GrpcConfig, queue: BatcherConfig | None) -> ingest_pb2.Limits:
+    """The handshake's answer. Without a local queue (a Kafka gateway) only the message size is known here."""
+    limits = ingest_pb2.Limits(max_message_bytes=config.max_message_bytes)
+    if queue is not None:
+        limits.max_queue_points = queue.max_queue_points
+        limits.flush_points = queue.flush_points
+        limits.max_request_points = queue.max_queue_points  # the batcher refuses a larger request outright
+    return limits
+
+
 class GrpcReceiver:
-    def __init__(self, writer: Writer, config: GrpcConfig, telemetry: Telemetry) -> None:
+    def __init__(
+        self, writer: Writer, config: GrpcConfig, telemetry: Telemetry, queue: BatcherConfig | None = None
+    ) -> None:
+        """`queue` is the batcher's configuration when requests go to a local one, for GetLimits."""
         self._writer = writer
         self._config = config
         self._telemetry = telemetry
+        self._limits = limits_of(config, queue)
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]  # not in the package's stubs
         self._server: grpc.aio.Server | None = None
         self.port = 0
@@ -91,8 +105,18 @@ class GrpcReceiver:
                 # request_deserializer=None hands us the raw bytes.
                 "Write": grpc.unary_unary_rpc_method_handler(self._write, response_serializer=serialize),
                 "WriteStream": grpc.stream_stream_rpc_method_handler(self._write_stream, response_serializer=serialize),
+                "GetLimits": grpc.unary_unary_rpc_method_handler(
+                    self._get_limits,
+                    request_deserializer=ingest_pb2.LimitsRequest.FromString,
+                    response_serializer=ingest_pb2.Limits.SerializeToString,
+                ),
             },
         )
+
+    async def _get_limits(
+        self, request: ingest_pb2.LimitsRequest, context: grpc.aio.ServicerContext[bytes, ingest_pb2.Limits]
+    ) -> ingest_pb2.Limits:
+        return self._limits
 
     async def _write(
         self, raw: bytes, context: grpc.aio.ServicerContext[bytes, ingest_pb2.WriteAck]

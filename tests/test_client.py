@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import ROOT, RunningServer
 from tests.tansu import free_port
-from trackhouse.ingest.client import BufferFullError, Client, ClientConfig
+from trackhouse import BufferFullError, Client, ClientConfig
 from trackhouse.ingest.errors import IngestError, InvalidArgumentError
 
 
@@ -80,7 +80,7 @@ def test_mismatched_series_lengths_and_float_steps() -> None:
 
 def test_atexit_flushes_a_client_that_was_never_closed(server: RunningServer) -> None:
     script = f"""
-from trackhouse.ingest.client import Client
+from trackhouse import Client
 client = Client("{server.target}")
 run = client.start_run(experiment="atexit")
 for step in range(1000):

@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException, RestException
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import RunningServer
-from trackhouse.ingest.client import Client
+from trackhouse import Client
 
 
 @pytest.fixture

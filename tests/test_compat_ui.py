@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from playwright.sync_api import Page, Response, sync_playwright
 
 from tests.conftest import ROOT, RunningServer
-from trackhouse.ingest.client import Client
+from trackhouse import Client
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Without the networking flags Chromium keeps dialling Google's hosts, which this network refuses.

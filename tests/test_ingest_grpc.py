@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import RunningServer
-from trackhouse.ingest.client import Client, ClientConfig
+from trackhouse import Client, ClientConfig
 from trackhouse.ingest.codec import BlockColumns, encode_request
 from trackhouse.ingest.errors import InvalidArgumentError
 from trackhouse.query import schema

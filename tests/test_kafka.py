@@ -16,8 +16,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from tests.conftest import RunningServer, ServerProcess, wait_until
 from tests.tansu import KafkaBroker
+from trackhouse import Client, ClientConfig
 from trackhouse.ingest import kafka
-from trackhouse.ingest.client import Client, ClientConfig
 from trackhouse.ingest.codec import BlockColumns, encode_request
 from trackhouse.ingest.receiver_kafka import ERROR_HEADER
 from trackhouse.v1 import ingest_pb2

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, ServerProcess
-from trackhouse.ingest.client import Client, ClientConfig
+from trackhouse import Client, ClientConfig
 
 pytestmark = pytest.mark.slow
 

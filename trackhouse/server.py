@@ -106,7 +106,8 @@ class Server:
                 writer = self._kafka_out = KafkaForwarder(config.kafka, max_bytes, self.telemetry)
                 await self._kafka_out.start()
             assert writer is not None
-            self._grpc = GrpcReceiver(writer, config.grpc, self.telemetry)
+            queue = config.batcher if config.kafka is None else None  # with Kafka, the workers' queues apply
+            self._grpc = GrpcReceiver(writer, config.grpc, self.telemetry, queue)
             await self._grpc.start()
         backend = await self._start_backend(pipeline) if config.reads else None
         artifacts = ArtifactsConfig(config.artifacts_destination) if config.artifacts_destination else None

@@ -288,3 +288,56 @@ class WriteAck(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WriteAck: _TypeAlias = WriteAck  # noqa: Y015
+
+@_typing.final
+class LimitsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LimitsRequest: _TypeAlias = LimitsRequest  # noqa: Y015
+
+@_typing.final
+class Limits(_message.Message):
+    """What this server accepts, so a client can shape its requests to fit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_QUEUE_POINTS_FIELD_NUMBER: _builtins.int
+    FLUSH_POINTS_FIELD_NUMBER: _builtins.int
+    MAX_REQUEST_POINTS_FIELD_NUMBER: _builtins.int
+    max_message_bytes: _builtins.int
+    """Largest WriteRequest accepted, in serialized bytes; a larger one is
+    refused with INVALID_ARGUMENT and must be split.
+    """
+    max_queue_points: _builtins.int
+    """Most points (plus run, param and tag rows) the server holds queued. A
+    request that fits but finds the queue full gets RESOURCE_EXHAUSTED.
+    """
+    flush_points: _builtins.int
+    """The server flushes to storage once this many points are pending."""
+    max_request_points: _builtins.int
+    """Most points in one request; a larger one is refused with INVALID_ARGUMENT."""
+    def __init__(
+        self,
+        *,
+        max_message_bytes: _builtins.int = ...,
+        max_queue_points: _builtins.int = ...,
+        flush_points: _builtins.int = ...,
+        max_request_points: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flush_points", b"flush_points", "max_message_bytes", b"max_message_bytes", "max_queue_points", b"max_queue_points", "max_request_points", b"max_request_points"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Limits: _TypeAlias = Limits  # noqa: Y015

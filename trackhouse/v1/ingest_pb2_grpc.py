@@ -44,6 +44,11 @@ class IngestStub:
                 request_serializer=trackhouse_dot_v1_dot_ingest__pb2.WriteRequest.SerializeToString,
                 response_deserializer=trackhouse_dot_v1_dot_ingest__pb2.WriteAck.FromString,
                 _registered_method=True)
+        self.GetLimits = channel.unary_unary(
+                '/trackhouse.v1.Ingest/GetLimits',
+                request_serializer=trackhouse_dot_v1_dot_ingest__pb2.LimitsRequest.SerializeToString,
+                response_deserializer=trackhouse_dot_v1_dot_ingest__pb2.Limits.FromString,
+                _registered_method=True)
 
 
 class IngestServicer:
@@ -65,6 +70,14 @@ class IngestServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLimits(self, request, context):
+        """The handshake: a client asks once per connection and splits its requests
+        to fit. 0 in a field means no limit is known.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +90,11 @@ def add_IngestServicer_to_server(servicer, server):
                     servicer.WriteStream,
                     request_deserializer=trackhouse_dot_v1_dot_ingest__pb2.WriteRequest.FromString,
                     response_serializer=trackhouse_dot_v1_dot_ingest__pb2.WriteAck.SerializeToString,
+            ),
+            'GetLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLimits,
+                    request_deserializer=trackhouse_dot_v1_dot_ingest__pb2.LimitsRequest.FromString,
+                    response_serializer=trackhouse_dot_v1_dot_ingest__pb2.Limits.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +151,33 @@ class Ingest:
             '/trackhouse.v1.Ingest/WriteStream',
             trackhouse_dot_v1_dot_ingest__pb2.WriteRequest.SerializeToString,
             trackhouse_dot_v1_dot_ingest__pb2.WriteAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trackhouse.v1.Ingest/GetLimits',
+            trackhouse_dot_v1_dot_ingest__pb2.LimitsRequest.SerializeToString,
+            trackhouse_dot_v1_dot_ingest__pb2.Limits.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,15 +1,10 @@
-"""The training-loop client: logging never waits on the network.
-
-    with Client("127.0.0.1:50051") as client:
-        run = client.start_run(experiment="sweep-42", params={"lr": 3e-4})
-        run.log_metrics({"loss": 0.3}, step=1)    # appends to a buffer and returns
-        run.finish()
-    # leaving the block waits until every point is acknowledged, or raises
+"""What the caller touches: Client, Run, their config and stats. Logging never waits on the network.
 
 `log_*` calls append to per-run columnar buffers (array.array, no object kept
 per point). A background thread drains them every `linger_ms`, or sooner when
 `request_points` are waiting, into WriteRequests, and streams them over one
-gRPC WriteStream. A request stays in memory until the server acknowledges
+gRPC WriteStream, each request sized to the limits the server announced
+in the connection's handshake (points and bytes). A request stays in memory until the server acknowledges
 it, which it does only once the data is stored; after a disconnect or a
 retryable refusal the client reconnects with backoff and resends every
 unacknowledged request in order, with its original sequence number.
@@ -18,6 +13,10 @@ Memory is bounded: buffered plus unacknowledged points never exceed
 `max_buffer_points`. When full, `full_policy="block"` (the default) makes the
 logging call wait for acknowledgements, and `full_policy="drop"` discards the
 new points and counts them in `stats().dropped_points`.
+
+A request the server refuses for good (invalid, too large) is never resent:
+its points count in `stats().failed_points`, and the next flush() raises
+saying how many points failed and why.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ import atexit
 import contextlib
 import getpass
 import logging
+import os
 import random
 import threading
 import time
@@ -34,21 +34,27 @@ import uuid
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
-from urllib.parse import urlsplit
 
-import grpc
 import numpy as np
 import numpy.typing as npt
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from trackhouse.ingest import validation
-from trackhouse.ingest.client_columns import RunBuffer, by_run, only_run, slice_block
-from trackhouse.ingest.codec import STATUS_VALUES, BlockColumns, encode_request
-from trackhouse.ingest.config import DEFAULT_KAFKA_TOPIC
+from trackhouse.ingest.client.buffers import RunBuffer, by_run, shape
+from trackhouse.ingest.client.transport import (
+    Credentials,
+    GrpcSession,
+    KafkaSession,
+    Limits,
+    Refused,
+    Request,
+    RetryLater,
+    Target,
+    channel_credentials,
+)
+from trackhouse.ingest.codec import STATUS_VALUES, BlockColumns
 from trackhouse.ingest.errors import IngestError, InvalidArgumentError
 from trackhouse.v1 import ingest_pb2
 
@@ -56,8 +62,6 @@ log = logging.getLogger(__name__)
 
 FullPolicy = Literal["block", "drop"]
 _LATENCY_SAMPLES = 100_000
-_WRITE_STREAM = "/trackhouse.v1.Ingest/WriteStream"
-_RETRYABLE_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], grpc.StatusCode.UNAVAILABLE.value[0]})
 
 
 class BufferFullError(IngestError):
@@ -72,7 +76,7 @@ class ClientConfig:
     full_policy: FullPolicy = "block"
     #: With "block": raise BufferFullError after waiting this long. None waits indefinitely.
     block_timeout_s: float | None = None
-    #: Most points in one request.
+    #: Most points in one request; the server's limits (learned on connecting) may make requests smaller.
     request_points: int = 250_000
     #: Buffered points are sent at least this often.
     linger_ms: int = 50
@@ -96,51 +100,68 @@ class ClientStats:
     dropped_points: int
     rejected_requests: int
     reconnects: int
-
-
-@dataclass(slots=True)
-class _Request:
-    raw: bytes
-    size: int
-    #: The one run a Kafka-bound request carries: the message key.
-    run_id: str = ""
-    #: When it was first sent (monotonic seconds), for the acknowledgement latency.
-    sent_at: float = 0.0
-
-
-class _RetryLater(Exception):
-    def __init__(self, reason: str, retry_after_ms: int = 0) -> None:
-        super().__init__(reason)
-        self.retry_after_ms = retry_after_ms
+    #: Points (and run, param, tag rows) the server refused for good; flush() and close() report them.
+    failed_points: int = 0
 
 
 class Client:
-    def __init__(self, target: str = "127.0.0.1:50051", config: ClientConfig | None = None) -> None:
-        """`target` is a gRPC host:port, or kafka://host:port[,host:port]/topic to produce to Kafka directly."""
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        config: ClientConfig | None = None,
+        *,
+        token: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        tls: bool | None = None,
+        ca_bundle: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """Log to `target`: host:port, grpcs://host:port (TLS), or kafka://host:port[,host:port]/topic.
+
+        Credentials go in every call's `authorization` metadata: `token` (Bearer), or
+        `username` and `password` (Basic). Without arguments, MLflow's variables apply:
+        MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD.
+        `tls=True` (or grpcs://) verifies the server against `ca_bundle` (PEM), else
+        MLFLOW_TRACKING_SERVER_CERT_PATH, else the system's roots.
+        """
         self._target = target
-        self._kafka = _kafka_target(target)
         self._config = config or ClientConfig()
+        parsed = Target.parse(target, tls)
+        self._kafka = parsed.kafka_topic is not None
+        linger_s = self._config.linger_ms / 1000
+        self._transport: GrpcSession | KafkaSession
+        if self._kafka:
+            self._transport = KafkaSession(parsed, linger_s)
+        else:
+            credentials = Credentials.resolve(token, username, password)
+            secure = channel_credentials(ca_bundle) if parsed.tls else None
+            self._transport = GrpcSession(parsed, credentials, secure, linger_s)
         self.writer_id = uuid.uuid4().hex
         self._lock = threading.Condition()
         # Guarded by _lock:
         self._runs: dict[str, RunBuffer] = {}
         self._head = ingest_pb2.WriteRequest()  # run upserts, params, tags waiting to be sent
         self._buffered = 0
-        self._inflight: OrderedDict[int, _Request] = OrderedDict()
+        self._inflight: OrderedDict[int, Request] = OrderedDict()
         self._inflight_size = 0
         self._next_sequence = 1
         self._drains_started = 0  # a drain takes the buffer when it starts...
         self._drains_done = 0  # ...and its requests exist once it is done
         self._acked = 0
         self._dropped = 0
-        self._rejected: list[str] = []
+        self._rejected: list[str] = []  # why, since the last flush
+        self._rejected_points = 0  # how many, since the last flush
         self._rejected_total = 0
+        self._failed_points = 0
         self._reconnects = 0
         self._ack_latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
         self._closing = False
         self._stopped = False
         self._failure: Exception | None = None
         self._wake_requested = False
+        # Learned from the server on each connection; until then nothing is encoded, so nothing is too large.
+        # Kafka has no handshake: its producer's own limits apply from the start.
+        self._limits: Limits | None = KafkaSession.LIMITS if self._kafka else None
         self._loop = asyncio.new_event_loop()
         self._wake = asyncio.Event()
         self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),), daemon=True)
@@ -189,8 +210,9 @@ class Client:
     def flush(self, timeout: float | None = None) -> None:
         """Wait until everything logged before this call is acknowledged.
 
-        Raises TimeoutError when `timeout` passes first, and IngestError when
-        the server permanently rejected requests since the last flush.
+        Raises TimeoutError when `timeout` passes first, and InvalidArgumentError,
+        naming how many points failed and why, when the server permanently
+        refused requests since the last flush.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
@@ -200,8 +222,8 @@ class Client:
             self._wait(lambda: self._drains_done >= drain or self._stopped, deadline)
             last = self._next_sequence - 1
             self._wait(lambda: not self._inflight or next(iter(self._inflight)) > last or self._stopped, deadline)
-            self._raise_rejected()
             self._raise_failure()
+            self._raise_rejected()
 
     def close(self, timeout: float | None = None) -> None:
         """Flush, then stop the sender. Raises if data could not be delivered within the timeout."""
@@ -217,10 +239,12 @@ class Client:
             self._thread.join(timeout=5)
             with self._lock:
                 lost = self._buffered + self._inflight_size
+                failure = self._failure
             if not self._thread.is_alive():
                 self._loop.close()
             if lost:
-                raise IngestError(f"closed with {lost} points not acknowledged by {self._target}")
+                why = f": {failure}" if failure else ""
+                raise IngestError(f"closed with {lost} points not acknowledged by {self._target}{why}")
 
     def ack_latencies(self) -> list[float]:
         """Seconds from first sending a request to its acknowledgement, for the latest requests."""
@@ -236,6 +260,7 @@ class Client:
                 dropped_points=self._dropped,
                 rejected_requests=self._rejected_total,
                 reconnects=self._reconnects,
+                failed_points=self._failed_points,
             )
 
     def __enter__(self) -> Client:
@@ -346,12 +371,18 @@ class Client:
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
-            raise IngestError(f"the client's sender failed; unsent data is lost: {self._failure!r}") from self._failure
+            lost = self._buffered + self._inflight_size
+            raise IngestError(
+                f"the client's sender stopped, {lost} points not delivered: {self._failure}"
+            ) from self._failure
 
     def _raise_rejected(self) -> None:
         if self._rejected:
             errors, self._rejected = self._rejected, []
-            raise InvalidArgumentError(f"{len(errors)} write request(s) rejected; first: {errors[0]}")
+            points, self._rejected_points = self._rejected_points, 0
+            raise InvalidArgumentError(
+                f"{points} points in {len(errors)} write request(s) rejected by the server; first: {errors[0]}"
+            )
 
     # ----- the sender thread -----
 
@@ -361,6 +392,8 @@ class Client:
         Points move from buffered to in flight in one locked step, so the bound
         holds throughout, and flush() never sees a drain before its requests exist.
         """
+        if self._limits is None:
+            return  # not yet connected: the requests' size depends on the server's limits
         with self._lock:
             self._drains_started += 1
             drain = self._drains_started
@@ -368,7 +401,7 @@ class Client:
             head, self._head = self._head, ingest_pb2.WriteRequest()
             blocks = [b for b in (buf.take() for buf in self._runs.values()) if b is not None]
             size = len(head.runs) + len(head.params) + len(head.tags) + sum(len(b.value) for b in blocks)
-        requests = self._encode(head, blocks) if size else []
+        requests = self._encode(head, blocks, self._limits) if size else []
         assert sum(r.size for r in requests) == size
         with self._lock:
             for request in requests:
@@ -379,36 +412,15 @@ class Client:
             self._drains_done = drain
             self._lock.notify_all()
 
-    def _encode(self, head: ingest_pb2.WriteRequest, blocks: list[BlockColumns]) -> list[_Request]:
-        """Split into requests of at most request_points; metadata goes first, ahead of the points that need it."""
-        if self._kafka is not None:  # one run per message, so the run_id key keeps each run's order
-            return [r for head_, blocks_ in by_run(head, blocks) for r in self._encode_one(head_, blocks_)]
-        return self._encode_one(head, blocks)
-
-    def _encode_one(self, head: ingest_pb2.WriteRequest, blocks: list[BlockColumns]) -> list[_Request]:
-        limit = self._config.request_points
-        requests: list[_Request] = []
-        meta = len(head.runs) + len(head.params) + len(head.tags)
-        run_id = only_run(head, blocks)
-        current: list[BlockColumns] = []
-        current_points = 0
-
-        def emit() -> None:
-            nonlocal head, current, current_points, meta
+    def _encode(self, head: ingest_pb2.WriteRequest, blocks: list[BlockColumns], limits: Limits) -> list[Request]:
+        """Requests that fit the server's limits; metadata goes first, ahead of the points that need it."""
+        groups = by_run(head, blocks) if self._kafka else [(head, blocks)]  # Kafka: the run_id key keeps order
+        points = limits.request_points(self._config.request_points)
+        requests: list[Request] = []
+        for head_, blocks_ in groups:
             sequence = self._next_sequence + len(requests)  # only this thread assigns sequences
-            head.writer_id, head.sequence = self.writer_id, sequence
-            requests.append(_Request(encode_request(head, current), meta + current_points, run_id))
-            head, current, current_points, meta = ingest_pb2.WriteRequest(), [], 0, 0
-
-        for block in blocks:
-            for start in range(0, len(block.value), limit):
-                piece = slice_block(block, start, start + limit)
-                if current_points + len(piece.value) > limit:
-                    emit()
-                current.append(piece)
-                current_points += len(piece.value)
-        if current or meta:
-            emit()
+            encoded = shape(head_, blocks_, points, limits.request_bytes(), self.writer_id, sequence)
+            requests += [Request(e.raw, e.size, e.run_id) for e in encoded]
         return requests
 
     async def _run(self) -> None:
@@ -416,21 +428,23 @@ class Client:
             attempt = 0
             while True:
                 try:
-                    await (self._kafka_session() if self._kafka else self._session())
+                    await self._transport.run(self)
                     return
-                # A failed RPC surfaces as an RpcError from reads, or InvalidStateError from writes.
-                except (_RetryLater, grpc.RpcError, asyncio.InvalidStateError, KafkaError) as exc:
+                except RetryLater as exc:
                     if self._closing:  # close() has already waited as long as it was allowed to
                         return
                     with self._lock:
                         self._reconnects += 1
                     attempt += 1
                     delay = min(self._config.max_backoff_s, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
-                    if isinstance(exc, _RetryLater) and exc.retry_after_ms:
+                    if exc.retry_after_ms:
                         delay = max(delay, exc.retry_after_ms / 1000)  # the server's hint, not a failure
                         attempt = 0
                     log.debug("trackhouse client: retrying in %.2fs: %s", delay, exc)
                     await self._sleep_draining(delay)
+        except Refused as exc:
+            log.error("trackhouse client: %s refused the connection for good: %s", self._target, exc)
+            self._failure = exc
         except Exception as exc:
             log.exception("trackhouse client: sender stopped unexpectedly")
             self._failure = exc
@@ -443,140 +457,44 @@ class Client:
         """Back off, still turning logged points into requests so that flush() can account for them."""
         deadline = time.monotonic() + delay
         while (remaining := deadline - time.monotonic()) > 0 and not self._closing:
-            await self._linger_then_drain(min(remaining, self._config.linger_ms / 1000))
+            await self.linger_then_drain(min(remaining, self._config.linger_ms / 1000))
 
-    async def _linger_then_drain(self, timeout: float) -> None:
+    # ----- the transport's side (transport.Outbox), on the sender thread -----
+
+    async def linger_then_drain(self, timeout: float) -> None:
         """Wait until woken or `timeout` passes, then turn what was logged into requests."""
         self._wake.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
         self._drain()
 
-    def _unsent_after(self, sent: int) -> list[tuple[int, _Request]] | None:
+    def unsent_after(self, sent: int) -> list[tuple[int, Request]] | None:
         """In-flight requests after sequence `sent`, in order; None once close() has begun."""
         with self._lock:
             if self._closing:
                 return None
             return [(q, r) for q, r in self._inflight.items() if q > sent]
 
-    async def _session(self) -> None:
-        options = [
-            ("grpc.max_send_message_length", 256 * 1024 * 1024),
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-        ]
-        async with grpc.aio.insecure_channel(self._target, options=options) as channel:
-            # No serializer: requests are already bytes. grpc-stubs predates aio's call-then-write form.
-            method = channel.stream_stream(
-                _WRITE_STREAM, request_serializer=None, response_deserializer=ingest_pb2.WriteAck.FromString
-            )
-            call = method()  # type: ignore[call-arg]
-            stream = _Stream()
-            reader = asyncio.create_task(self._read_acks(call, stream))
-            try:
-                sent = 0
-                while True:
-                    if reader.done():
-                        reader.result()
-                        raise _RetryLater("server ended the stream")
-                    unsent = self._unsent_after(sent)
-                    if unsent is None:
-                        break
-                    for sequence, request in unsent:
-                        if stream.refusal is not None:
-                            break  # refused: send nothing new until every answer is in
-                        stream.unanswered.add(sequence)
-                        request.sent_at = request.sent_at or time.monotonic()
-                        await call.write(request.raw)
-                        sent = sequence
-                    await self._linger_then_drain(self._config.linger_ms / 1000)
-                with self._lock:
-                    idle = not self._buffered and not self._inflight
-                if idle:  # a graceful end; otherwise close() gave up and the stream is cut
-                    await call.done_writing()
-                    await reader
-            finally:
-                reader.cancel()
-                call.cancel()
+    def use_limits(self, limits: Limits) -> None:
+        log.debug("trackhouse client: server limits %s", limits)
+        self._limits = limits
 
-    async def _kafka_session(self) -> None:
-        """Produce in-flight requests in order; a delivery with acks=all is the acknowledgement."""
-        assert self._kafka is not None
-        bootstrap, topic = self._kafka
-        producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap,
-            acks="all",
-            linger_ms=5,
-            max_request_size=256 * 1024 * 1024,
-            request_timeout_ms=10_000,
-            enable_idempotence=False,
-        )
-        try:
-            await producer.start()
-            stream = _Stream()
-            sent = 0
-            while True:
-                if stream.refusal is not None:
-                    raise stream.refusal
-                unsent = self._unsent_after(sent)
-                if unsent is None:
-                    break
-                for sequence, request in unsent:
-                    request.sent_at = request.sent_at or time.monotonic()
-                    delivery = await producer.send(topic, key=request.run_id.encode(), value=request.raw)
-                    delivery.add_done_callback(lambda f, q=sequence: self._delivered(q, f, stream))
-                    sent = sequence
-                await self._linger_then_drain(self._config.linger_ms / 1000)
-        finally:
-            await producer.stop()
-
-    def _delivered(self, sequence: int, delivery: asyncio.Future[object], stream: _Stream) -> None:
-        failure = None if delivery.cancelled() else delivery.exception()
-        if delivery.cancelled() or (
-            isinstance(failure, KafkaError) and not isinstance(failure, MessageSizeTooLargeError)
-        ):
-            stream.refusal = stream.refusal or _RetryLater(f"Kafka delivery failed: {failure!r}")
-            return
-        code = grpc.StatusCode.INVALID_ARGUMENT.value[0] if failure else 0
-        self._settle(ingest_pb2.WriteAck(sequence=sequence, code=code, message=str(failure or "")))
-
-    async def _read_acks(self, call: grpc.aio.StreamStreamCall[bytes, ingest_pb2.WriteAck], stream: _Stream) -> None:
-        """Apply acks. After a retryable refusal, keep reading until every request sent is answered.
-
-        The server refuses everything after a refusal on the same stream, so
-        the requests before it are still stored and acknowledged here; only then
-        does the client reconnect and resend what is left, in order.
-        """
-        async for ack in call:
-            stream.unanswered.discard(ack.sequence)
-            if ack.code in _RETRYABLE_CODES:
-                stream.refusal = stream.refusal or _RetryLater(ack.message, ack.retry_after_ms)
-            else:
-                self._settle(ack)
-            if stream.refusal is not None and not stream.unanswered:
-                raise stream.refusal
-
-    def _settle(self, ack: ingest_pb2.WriteAck) -> None:
+    def settle(self, sequence: int, code: int, message: str) -> None:
         with self._lock:
-            request = self._inflight.pop(ack.sequence, None)
+            request = self._inflight.pop(sequence, None)
             if request is None:
                 return  # an ack for a resent request that was already acknowledged
             self._inflight_size -= request.size
-            if ack.code == 0:
+            if code == 0:
                 self._acked += request.size
                 self._ack_latencies.append(time.monotonic() - request.sent_at)
             else:
-                self._rejected.append(ack.message)
+                self._rejected.append(message)
+                self._rejected_points += request.size
                 self._rejected_total += 1
-                log.error("trackhouse rejected a write request: %s", ack.message)
+                self._failed_points += request.size
+                log.error("trackhouse refused a write request of %d points for good: %s", request.size, message)
             self._lock.notify_all()
-
-
-@dataclass(slots=True)
-class _Stream:
-    """What one WriteStream has sent and not yet heard back about."""
-
-    unanswered: set[int] = field(default_factory=set)
-    refusal: _RetryLater | None = None
 
 
 class Run:
@@ -665,14 +583,6 @@ class Run:
                 tag_msgs.append(ingest_pb2.Tag(run_id=self.run_id, key=key, value=value, version=version))
             self._client._append_meta([upsert] if upsert else [], param_msgs, tag_msgs)
             self._params.update(fresh)
-
-
-def _kafka_target(target: str) -> tuple[str, str] | None:
-    """kafka://host:port[,host:port]/topic -> (bootstrap, topic); None for a gRPC target."""
-    if not target.startswith("kafka://"):
-        return None
-    parts = urlsplit(target)
-    return parts.netloc, parts.path.strip("/") or DEFAULT_KAFKA_TOPIC
 
 
 def _close_at_exit(ref: weakref.ref[Client]) -> Callable[[], None]:

@@ -1,14 +1,15 @@
-"""The client's columnar buffers, and how one drain of them is shaped into requests."""
+"""The client's columnar buffers, and how one drain of them is shaped into requests that fit the server."""
 
 from __future__ import annotations
 
 import array
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from trackhouse.ingest import validation
-from trackhouse.ingest.codec import BlockColumns
+from trackhouse.ingest.codec import BlockColumns, encode_request
 from trackhouse.v1 import ingest_pb2
 
 _COMPACT_KEYS_ABOVE = 1024  # a run with more keys than this sends only the keys each block uses
@@ -101,3 +102,93 @@ def slice_block(block: BlockColumns, start: int, end: int) -> BlockColumns:
         block.value[start:end],
         block.timestamp_ms[start:end],
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """One request's bytes and how much it carries."""
+
+    raw: bytes
+    #: Metric points plus run, param and tag rows: what the client's bound and its reports count.
+    size: int
+    #: The one run it carries ("" for several): a Kafka message key.
+    run_id: str
+
+
+def shape(
+    head: ingest_pb2.WriteRequest,
+    blocks: list[BlockColumns],
+    max_points: int,
+    max_bytes: int,
+    writer_id: str,
+    first_sequence: int,
+) -> list[Encoded]:
+    """Encode one drain as requests of at most `max_points` points and `max_bytes` bytes, in order.
+
+    Metadata goes first, ahead of the points that need it. Sequences run on from
+    `first_sequence`. A single row too large on its own is still encoded, so the
+    server's refusal reports it rather than the client dropping it.
+    """
+    out: list[Encoded] = []
+
+    def emit(head: ingest_pb2.WriteRequest, blocks: list[BlockColumns]) -> None:
+        head.writer_id, head.sequence = writer_id, first_sequence + len(out)
+        raw = encode_request(head, blocks)
+        halves = _halve(head, blocks) if len(raw) > max_bytes else None
+        if halves is None:
+            out.append(Encoded(raw, _meta(head) + sum(len(b.value) for b in blocks), only_run(head, blocks)))
+            return
+        for half in halves:  # depth first, so the order is kept
+            emit(*half)
+
+    current: list[BlockColumns] = []
+    current_points = 0
+    for block in blocks:
+        for start in range(0, len(block.value), max_points):
+            piece = slice_block(block, start, start + max_points)
+            if current_points + len(piece.value) > max_points:
+                emit(head, current)
+                head, current, current_points = ingest_pb2.WriteRequest(), [], 0
+            current.append(piece)
+            current_points += len(piece.value)
+    if current or _meta(head):
+        emit(head, current)
+    return out
+
+
+Piece = tuple[ingest_pb2.WriteRequest, list[BlockColumns]]
+
+
+def _halve(head: ingest_pb2.WriteRequest, blocks: list[BlockColumns]) -> tuple[Piece, Piece] | None:
+    """Two requests that carry what one did, in order; None when it holds a single row."""
+    rows: list[tuple[str, object]] = [
+        *(("runs", r) for r in head.runs),
+        *(("params", p) for p in head.params),
+        *(("tags", t) for t in head.tags),
+    ]
+    if len(rows) > 1:
+        first, second = ingest_pb2.WriteRequest(), ingest_pb2.WriteRequest()
+        for i, (field, row) in enumerate(rows):
+            getattr(first if i < len(rows) // 2 else second, field).append(row)
+        return (first, []), (second, blocks)
+    points = sum(len(b.value) for b in blocks)
+    if points < 2 and not (rows and points):
+        return None
+    if rows and points:
+        return (head, []), (ingest_pb2.WriteRequest(), blocks)
+    left: list[BlockColumns] = []
+    right: list[BlockColumns] = []
+    seen, middle = 0, points // 2
+    for block in blocks:
+        n = len(block.value)
+        cut = min(max(middle - seen, 0), n)
+        if cut:
+            left.append(slice_block(block, 0, cut))
+        if cut < n:
+            right.append(slice_block(block, cut, n))
+        seen += n
+    return (head, left), (ingest_pb2.WriteRequest(), right)
+
+
+def _meta(head: ingest_pb2.WriteRequest) -> int:
+    return len(head.runs) + len(head.params) + len(head.tags)
