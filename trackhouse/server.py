@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from trackhouse.compat.app import create_app
 from trackhouse.compat.artifacts import ArtifactsConfig
 from trackhouse.compat.backend import Backend, BackendConfig
 from trackhouse.compat.http_server import HttpServer
+from trackhouse.compat.security import SecurityConfig
+from trackhouse.ingest.auth import Authenticator
 from trackhouse.ingest.batcher import Batcher
 from trackhouse.ingest.catalog import Catalog
 from trackhouse.ingest.config import BatcherConfig, ConfigError, KafkaConfig, ReceiverConfig
@@ -52,12 +56,38 @@ class ServerConfig:
     #: worker: Kafka in, storage out. reader: the MLflow API and UI, read-only.
     role: str = "all"
     kafka: KafkaConfig | None = None
+    #: The operator's users-and-tokens file (`trackhouse auth`); None serves without authentication.
+    auth_file: Path | None = None
+    #: PEM certificate chain and key: HTTP and gRPC both serve TLS. Both or neither.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: Host headers the HTTP server answers (DNS-rebinding protection); empty: stock MLflow's defaults.
+    allowed_hosts: tuple[str, ...] = ()
+    #: Origins allowed to make cross-origin writes to the HTTP API.
+    cors_allowed_origins: tuple[str, ...] = ()
+    #: Listen beyond loopback without authentication: the operator's explicit, informed choice.
+    allow_unauthenticated_network: bool = False
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ConfigError(f"role must be one of {', '.join(ROLES)}, not {self.role!r}")
         if self.role in ("gateway", "worker") and self.kafka is None:
             raise ConfigError(f"role {self.role} needs Kafka (--kafka-bootstrap)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        for path in (self.tls_cert, self.tls_key, self.auth_file):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{path} is not a readable file")
+        exposed = [h for h in {self.http_host, self.grpc.host} if not is_loopback(h)]
+        if exposed and self.auth_file is None and not self.allow_unauthenticated_network:
+            raise ConfigError(
+                f"refusing to listen on {', '.join(sorted(exposed))} without authentication: pass --auth-file"
+                " (create it with `trackhouse auth add-user`), or --allow-unauthenticated-network to accept the risk"
+            )
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @property
     def stores(self) -> bool:
@@ -71,6 +101,16 @@ class ServerConfig:
     @property
     def receives_grpc(self) -> bool:
         return self.role in ("all", "gateway")
+
+
+def is_loopback(host: str) -> bool:
+    """Only loopback addresses and `localhost`; an empty host, 0.0.0.0 and :: listen everywhere."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost may resolve anywhere
+        return False
 
 
 class Server:
@@ -96,6 +136,8 @@ class Server:
     async def start(self) -> None:
         config = self._config
         max_bytes = config.receiver.max_message_bytes
+        # Loaded first: a malformed file stops the start before anything listens.
+        authenticator = Authenticator(config.auth_file) if config.auth_file else None
         pipeline = await self._start_storage() if config.stores else None
         if config.kafka is not None and pipeline is not None:
             self._kafka_in = KafkaReceiver(pipeline, config.kafka, max_bytes, self.telemetry)
@@ -106,12 +148,14 @@ class Server:
                 writer = self._kafka_out = KafkaForwarder(config.kafka, max_bytes, self.telemetry)
                 await self._kafka_out.start()
             assert writer is not None
-            self._grpc = GrpcReceiver(writer, config.grpc, self.telemetry)
+            grpc_config = replace(config.grpc, tls_cert=config.tls_cert, tls_key=config.tls_key)
+            self._grpc = GrpcReceiver(writer, grpc_config, self.telemetry, authenticator)
             await self._grpc.start()
         backend = await self._start_backend(pipeline) if config.reads else None
         artifacts = ArtifactsConfig(config.artifacts_destination) if config.artifacts_destination else None
-        app = create_app(self.telemetry.render, lambda: self._serving, backend, artifacts)
-        self._http = HttpServer(app, config.http_host, config.http_port)
+        security = SecurityConfig(authenticator, config.allowed_hosts, config.cors_allowed_origins)
+        app = create_app(self.telemetry.render, lambda: self._serving, backend, artifacts, security)
+        self._http = HttpServer(app, config.http_host, config.http_port, config.tls_cert, config.tls_key)
         await self._http.start()
         self._serving = True
 
@@ -168,6 +212,9 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server = Server(config)
+    exposed = not (is_loopback(config.http_host) and is_loopback(config.grpc.host))
+    if exposed and config.auth_file is not None and not config.tls:
+        log.warning("serving beyond loopback without TLS: passwords and tokens cross the network in clear text")
     try:
         starting = asyncio.create_task(server.start())
         stopping = asyncio.create_task(stop.wait())
@@ -181,8 +228,9 @@ async def serve(config: ServerConfig) -> None:
         starting.result()  # start-up errors surface here
         print(
             f"trackhouse ready role={config.role} grpc={config.grpc.host}:{server.grpc_port}"
-            f" http=http://{config.http_host}:{server.http_port}"
-            f" storage={config.store.url if config.reads else '-'}"
+            f" http={'https' if config.tls else 'http'}://{config.http_host}:{server.http_port}"
+            f" storage={config.store.display_url if config.reads else '-'}"
+            f" tls={'on' if config.tls else 'off'} auth={'on' if config.auth_file else 'off'}"
             f" kafka={config.kafka.bootstrap + '/' + config.kafka.topic if config.kafka else '-'}",
             flush=True,
         )
