@@ -12,6 +12,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -148,7 +149,9 @@ def test_ui_works_behind_basic_auth_for_a_reader(start_server: Callable[..., Run
     run_id = requests.post(f"{api}/runs/create", json={"experiment_id": experiment_id}, auth=writer).json()["run"][
         "info"
     ]["run_id"]
-    metrics = [{"key": "loss", "value": 1 / (s + 1), "timestamp": 1, "step": s} for s in range(100)]
+    metrics: list[dict[str, Any]] = [
+        {"key": "loss", "value": 1 / (s + 1), "timestamp": 1, "step": s} for s in range(100)
+    ]
     assert requests.post(f"{api}/runs/log-batch", json={"run_id": run_id, "metrics": metrics}, auth=writer).ok
     assert requests.get(running.http_url + "/", timeout=30).status_code == 401
 
