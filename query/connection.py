@@ -40,6 +40,11 @@ class StoreConfig:
         return redact_url(self.url)
 
     @property
+    def directory(self) -> Path:
+        """An embedded store's data directory."""
+        return Path(urlsplit(self.url).path)
+
+    @property
     def embedded(self) -> bool:
         return self.url.startswith("chdb:")
 

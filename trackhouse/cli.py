@@ -21,6 +21,7 @@ from trackhouse.ingest.config import BatcherConfig, ConfigError, KafkaConfig, Re
 from trackhouse.ingest.errors import PermanentError
 from trackhouse.ingest.receiver_grpc import GrpcConfig
 from trackhouse.query.connection import StoreConfig
+from trackhouse.query.integrity import DamagedStoreError
 from trackhouse.query.redaction import Redactor, url_secrets
 from trackhouse.server import ServerConfig, serve
 
@@ -251,7 +252,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(redact(f"trackhouse: {exc}"))
     try:
         asyncio.run(serve(config))
-    except (KafkaError, ClickHouseError, OSError, PermanentError) as exc:  # unreachable or unusable at start-up
+    except (
+        KafkaError,
+        ClickHouseError,
+        OSError,
+        PermanentError,
+        DamagedStoreError,
+    ) as exc:  # unreachable or unusable at start-up
         sys.exit(redact(f"trackhouse: cannot start: {exc}"))
 
 

@@ -30,7 +30,7 @@ from trackhouse.ingest.receiver_grpc import GrpcConfig, GrpcReceiver
 from trackhouse.ingest.receiver_kafka import KafkaReceiver
 from trackhouse.ingest.sink import ClickHouseSink
 from trackhouse.ingest.telemetry import Telemetry
-from trackhouse.query import schema
+from trackhouse.query import integrity, schema
 from trackhouse.query.connection import Client, StoreConfig, connect
 
 log = logging.getLogger("trackhouse")
@@ -167,8 +167,7 @@ class Server:
     async def _start_storage(self) -> WritePipeline:
         database = self._config.store.resolved_database
         # Separate clients, so catalog lookups never queue behind a long insert.
-        sink_client = await self._connect()
-        await asyncio.to_thread(schema.migrate, sink_client, database)
+        sink_client = await self._open_checked()
         catalog_client = await self._connect()
         self._batcher = Batcher(ClickHouseSink(sink_client, database), self._config.batcher, self.telemetry)
         await self._batcher.start()
@@ -177,11 +176,22 @@ class Server:
 
     async def _start_backend(self, pipeline: WritePipeline | None) -> Backend:
         """The MLflow API's read clients, and the pipeline its writes share with gRPC (none on a reader)."""
-        clients = [await self._connect() for _ in range(READ_CLIENTS)]
-        database = self._config.store.resolved_database
-        if pipeline is None:  # a reader may be the first node to reach a fresh database
-            await asyncio.to_thread(schema.migrate, clients[0], database)
-        return Backend(clients, BackendConfig(database), pipeline)
+        # A reader may be the first node to reach a fresh database, so it checks and migrates too.
+        first = await self._connect() if pipeline is not None else await self._open_checked()
+        clients = [first, *[await self._connect() for _ in range(READ_CLIENTS - 1)]]
+        return Backend(clients, BackendConfig(self._config.store.resolved_database), pipeline)
+
+    async def _open_checked(self) -> Client:
+        """A client on a store that is safe to serve, migrated. Damage stops the start (DamagedStoreError):
+        an embedded directory's files are looked at before chDB opens it, then the store itself by SQL."""
+        store, database = self._config.store, self._config.store.resolved_database
+        where = store.display_url
+        if store.embedded:
+            integrity.verify(await asyncio.to_thread(integrity.inspect_directory, store.directory), where)
+        client = await self._connect()
+        integrity.verify(await asyncio.to_thread(integrity.inspect_store, client, database), where)
+        await asyncio.to_thread(schema.migrate, client, database)
+        return client
 
     async def stop(self) -> None:
         """Drain and stop. Idempotent, and safe after a failed or partial start."""
