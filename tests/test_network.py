@@ -31,6 +31,7 @@ from trackhouse.ingest.config import ConfigError
 from trackhouse.ingest.forwarder_kafka import KafkaForwarder
 from trackhouse.ingest.receiver_kafka import KafkaReceiver
 from trackhouse.ingest.telemetry import Telemetry
+from trackhouse.query.connection import StoreConfig
 from trackhouse.query.redaction import Redactor, redact_url
 from trackhouse.server import is_loopback
 from trackhouse.v1 import ingest_pb2
@@ -298,6 +299,11 @@ def test_redaction_helper() -> None:
     assert redact_url("http://user:pa%40ss@ch.example:8123/db") == "http://user:***@ch.example:8123/db"
     assert redact_url("https://ch.example:8443/db") == "https://ch.example:8443/db"
     assert redact_url("chdb:///tmp/x") == "chdb:///tmp/x"
+    store = StoreConfig("http://user:S3cret-pw@ch.example:8123/db")
+    assert store.display_url == "http://user:***@ch.example:8123/db"
+    assert "S3cret-pw" not in repr(store) and "S3cret-pw" not in repr(
+        build_config(_parser().parse_args(["serve", "--clickhouse-url", store.url]))
+    )
     redact = Redactor(["pa@ss", "pa%40ss"])
     assert redact("failed: http://user:pa%40ss@h and pa@ss") == "failed: http://user:***@h and ***"
 

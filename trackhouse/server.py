@@ -225,6 +225,8 @@ async def serve(config: ServerConfig) -> None:
     exposed = not (is_loopback(config.http_host) and is_loopback(config.grpc.host))
     if exposed and config.auth_file is not None and not config.tls:
         log.warning("serving beyond loopback without TLS: passwords and tokens cross the network in clear text")
+    if exposed and not config.allowed_hosts:
+        log.warning("answering only Host headers of loopback and private addresses: set --allowed-hosts to the names")
     try:
         starting = asyncio.create_task(server.start())
         stopping = asyncio.create_task(stop.wait())
