@@ -17,6 +17,7 @@ from trackhouse.compat.graphql import GraphQlApi
 from trackhouse.compat.metrics import MetricsApi
 from trackhouse.compat.routing import mlflow_routes
 from trackhouse.compat.runs import RunsApi
+from trackhouse.compat.security import SecurityConfig, middleware
 from trackhouse.compat.ui import ui_routes
 
 
@@ -25,6 +26,7 @@ def create_app(
     is_serving: Callable[[], bool],
     backend: Backend | None = None,
     artifacts: ArtifactsConfig | None = None,
+    security: SecurityConfig | None = None,
 ) -> Starlette:
     async def health(_: Request) -> Response:
         if is_serving():
@@ -43,4 +45,5 @@ def create_app(
         if artifacts is not None:
             routes += artifact_routes(artifacts, runs.artifact_uri)
         routes += ui_routes(GraphQlApi(backend, experiments, runs))
-    return Starlette(routes=routes)
+    # The edge's policy (Host, CORS, authentication) wraps every route, here and nowhere else.
+    return Starlette(routes=routes, middleware=middleware(security or SecurityConfig()))

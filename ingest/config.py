@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trackhouse.ingest.errors import PermanentError
 
@@ -75,7 +75,8 @@ class KafkaConfig:
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str = ""
     sasl_username: str = ""
-    sasl_password: str = ""
+    #: Never printed: kept out of the config's repr.
+    sasl_password: str = field(default="", repr=False)
     ssl_cafile: str = ""
     ssl_certfile: str = ""
     ssl_keyfile: str = ""

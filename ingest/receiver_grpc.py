@@ -11,14 +11,17 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from trackhouse.ingest.auth import Authenticator
 from trackhouse.ingest.codec import decode_request
 from trackhouse.ingest.config import DEFAULT_MAX_MESSAGE_BYTES, BatcherConfig
 from trackhouse.ingest.errors import IngestError, QueueFullError, RetryableError
+from trackhouse.ingest.grpc_auth import AuthInterceptor
 from trackhouse.ingest.pipeline import Writer
 from trackhouse.ingest.telemetry import Telemetry
 from trackhouse.v1 import ingest_pb2
@@ -37,6 +40,9 @@ class GrpcConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     #: Seconds that shutdown gives open streams after the batcher has drained.
     stop_grace_s: float = 2.0
+    #: PEM certificate chain and private key: serve TLS. Both or neither.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 def status_of(exc: IngestError) -> tuple[grpc.StatusCode, int]:
@@ -60,10 +66,16 @@ def limits_of(config: GrpcConfig, queue: BatcherConfig | None) -> ingest_pb2.Lim
 
 class GrpcReceiver:
     def __init__(
-        self, writer: Writer, config: GrpcConfig, telemetry: Telemetry, queue: BatcherConfig | None = None
+        self,
+        writer: Writer,
+        config: GrpcConfig,
+        telemetry: Telemetry,
+        queue: BatcherConfig | None = None,
+        authenticator: Authenticator | None = None,
     ) -> None:
         """`queue` is the batcher's configuration when requests go to a local one, for GetLimits."""
         self._writer = writer
+        self._authenticator = authenticator
         self._config = config
         self._telemetry = telemetry
         self._limits = limits_of(config, queue)
@@ -76,11 +88,17 @@ class GrpcReceiver:
         # gRPC may take twice our limit, so that requests in between reach decode_request and get a clear error.
         limit = 2 * self._config.max_message_bytes
         server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 4 * 1024 * 1024)]
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 4 * 1024 * 1024)],
+            interceptors=[AuthInterceptor(self._authenticator)] if self._authenticator else None,
         )
         server.add_generic_rpc_handlers((self._handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        self.port = server.add_insecure_port(f"{self._config.host}:{self._config.port}")
+        address = f"{self._config.host}:{self._config.port}"
+        if self._config.tls_cert and self._config.tls_key:
+            pair = (self._config.tls_key.read_bytes(), self._config.tls_cert.read_bytes())
+            self.port = server.add_secure_port(address, grpc.ssl_server_credentials([pair]))
+        else:
+            self.port = server.add_insecure_port(address)
         await server.start()
         self._server = server
         for service in ("", SERVICE_NAME):

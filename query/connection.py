@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 
 import clickhouse_connect
 
+from trackhouse.query.redaction import redact_url
+
 DEFAULT_DATABASE = "trackhouse"
 
 Client = Any  # clickhouse_connect's client classes ship without type information
@@ -27,7 +29,20 @@ class StoreConfig:
     def __post_init__(self) -> None:
         scheme = urlsplit(self.url).scheme
         if scheme not in ("chdb", "http", "https"):
-            raise ValueError(f"storage URL {self.url!r} must start with chdb://, http:// or https://")
+            raise ValueError(f"storage URL {redact_url(self.url)!r} must start with chdb://, http:// or https://")
+
+    def __repr__(self) -> str:  # a logged config never shows the password
+        return f"StoreConfig(url={self.display_url!r}, database={self.database!r})"
+
+    @property
+    def display_url(self) -> str:
+        """The URL as it may be printed: without its password."""
+        return redact_url(self.url)
+
+    @property
+    def directory(self) -> Path:
+        """An embedded store's data directory."""
+        return Path(urlsplit(self.url).path)
 
     @property
     def embedded(self) -> bool:

@@ -69,8 +69,13 @@ class RunningServer:
 
 
 def start_in_process(
-    data_dir: Path, role: str = "all", kafka: KafkaConfig | None = None, **overrides: Any
+    data_dir: Path,
+    role: str = "all",
+    kafka: KafkaConfig | None = None,
+    network: dict[str, Any] | None = None,
+    **overrides: Any,
 ) -> RunningServer:
+    """`network`: ServerConfig's auth, TLS, host and CORS fields (auth_file=..., tls_cert=..., ...)."""
     config = ServerConfig(
         store=StoreConfig.for_data_dir(data_dir),
         grpc=GrpcConfig(
@@ -81,6 +86,7 @@ def start_in_process(
         batcher=replace(BatcherConfig(flush_interval_ms=50), **overrides),
         role=role,
         kafka=kafka,
+        **(network or {}),
     )
     server = Server(config)
     loop = asyncio.new_event_loop()

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import requests
 from mlflow.tracking import MlflowClient
 from playwright.sync_api import Page, Response, sync_playwright
 
 from tests.conftest import ROOT, RunningServer
 from trackhouse import Client
+from trackhouse.ingest import auth
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Without the networking flags Chromium keeps dialling Google's hosts, which this network refuses.
@@ -130,3 +133,52 @@ def test_ui_pages_show_runs_and_charts_without_errors(server: RunningServer, pag
 
     no_error_notification(tab)
     assert problems == []
+
+
+def test_ui_works_behind_basic_auth_for_a_reader(start_server: Callable[..., RunningServer], tmp_path: Path) -> None:
+    """A browser asked for credentials (401 + Basic challenge) loads the UI with them: a reader sees runs."""
+    auth_file = tmp_path / "auth.json"
+    auth.add_user(auth_file, "writer", "writer-pw", role="write")
+    auth.add_user(auth_file, "viewer", "viewer-pw", role="read")
+    running = start_server(network={"auth_file": auth_file})
+    api = running.http_url + "/api/2.0/mlflow"
+    writer = ("writer", "writer-pw")
+    experiment_id = requests.post(f"{api}/experiments/create", json={"name": "behind-auth"}, auth=writer).json()[
+        "experiment_id"
+    ]
+    run_id = requests.post(f"{api}/runs/create", json={"experiment_id": experiment_id}, auth=writer).json()["run"][
+        "info"
+    ]["run_id"]
+    metrics: list[dict[str, Any]] = [
+        {"key": "loss", "value": 1 / (s + 1), "timestamp": 1, "step": s} for s in range(100)
+    ]
+    assert requests.post(f"{api}/runs/log-batch", json={"run_id": run_id, "metrics": metrics}, auth=writer).ok
+    assert requests.get(running.http_url + "/", timeout=30).status_code == 401
+
+    problems: list[str] = []
+
+    def on_response(response: Response) -> None:
+        path = response.url.removeprefix(running.http_url).split("?")[0]
+        if response.status >= 400 and path not in EXPECTED_404:
+            problems.append(f"{response.status} {response.request.method} {path}")
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        context = browser.new_context(
+            viewport={"width": 1600, "height": 1000}, http_credentials={"username": "viewer", "password": "viewer-pw"}
+        )
+        tab = context.new_page()
+        tab.add_init_script(RECORD_TOASTS)
+        tab.on("response", on_response)
+        tab.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+        tab.goto(f"{running.http_url}/", wait_until="commit")
+        tab.get_by_text("behind-auth").first.wait_for(timeout=30_000)
+        tab.goto(f"{running.http_url}/#/experiments/{experiment_id}/runs", wait_until="commit")
+        tab.wait_for_selector(".ag-center-cols-container .ag-row", timeout=30_000)
+        settle(tab)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        tab.screenshot(path=ARTIFACTS / "ui-5-behind-basic-auth.png")
+        no_error_notification(tab)
+        browser.close()
+    # The browser's first request gets the challenge; every other answer is a success.
+    assert [p for p in problems if p != "401 GET /"] == []

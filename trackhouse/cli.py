@@ -10,14 +10,19 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from traceback import format_exception
 
 from aiokafka.errors import KafkaError
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
+from trackhouse.admin import add_admin_commands, run_admin_command
 from trackhouse.ingest import config as defaults
 from trackhouse.ingest.config import BatcherConfig, ConfigError, KafkaConfig, ReceiverConfig
+from trackhouse.ingest.errors import PermanentError
 from trackhouse.ingest.receiver_grpc import GrpcConfig
 from trackhouse.query.connection import StoreConfig
+from trackhouse.query.integrity import DamagedStoreError
+from trackhouse.query.redaction import Redactor, url_secrets
 from trackhouse.server import ServerConfig, serve
 
 
@@ -28,6 +33,18 @@ class Option:
     cast: Callable[[str], object]
     default: object
     help: str
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _flag(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("", "0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {value!r}")
 
 
 SERVE_OPTIONS = (
@@ -118,6 +135,37 @@ SERVE_OPTIONS = (
     Option("--kafka-ssl-cafile", "TRACKHOUSE_KAFKA_SSL_CAFILE", str, "", "CA bundle for SSL"),
     Option("--kafka-ssl-certfile", "TRACKHOUSE_KAFKA_SSL_CERTFILE", str, "", "client certificate for SSL"),
     Option("--kafka-ssl-keyfile", "TRACKHOUSE_KAFKA_SSL_KEYFILE", str, "", "client key for SSL"),
+    # net-auth: authentication, TLS and the browser-facing checks.
+    Option(
+        "--auth-file",
+        "TRACKHOUSE_AUTH_FILE",
+        Path,
+        None,
+        "users and tokens (hashed) for HTTP and gRPC; manage it with `trackhouse auth`; unset: no authentication",
+    ),
+    Option("--tls-cert", "TRACKHOUSE_TLS_CERT", Path, None, "PEM certificate chain: serve HTTPS and gRPC over TLS"),
+    Option("--tls-key", "TRACKHOUSE_TLS_KEY", Path, None, "PEM private key of --tls-cert"),
+    Option(
+        "--allowed-hosts",
+        "TRACKHOUSE_ALLOWED_HOSTS",
+        _csv,
+        (),
+        "comma-separated Host headers answered (fnmatch patterns; * for any); unset: loopback and private addresses",
+    ),
+    Option(
+        "--cors-allowed-origins",
+        "TRACKHOUSE_CORS_ALLOWED_ORIGINS",
+        _csv,
+        (),
+        "comma-separated origins allowed cross-origin writes (localhost origins always are)",
+    ),
+    Option(
+        "--allow-unauthenticated-network",
+        "TRACKHOUSE_ALLOW_UNAUTHENTICATED_NETWORK",
+        _flag,
+        False,
+        "listen on a non-loopback --host without --auth-file (anyone who can reach it can read and write)",
+    ),
 )
 
 
@@ -128,9 +176,12 @@ def _parser() -> argparse.ArgumentParser:
     for option in SERVE_OPTIONS:
         env_value = os.environ.get(option.env)
         default = option.cast(env_value) if env_value else option.default
-        serve_parser.add_argument(
-            option.flag, type=option.cast, default=default, help=f"{option.help} [env {option.env}]"
-        )
+        help_text = f"{option.help} [env {option.env}]"
+        if option.cast is _flag:
+            serve_parser.add_argument(option.flag, action="store_true", default=default, help=help_text)
+        else:
+            serve_parser.add_argument(option.flag, type=option.cast, default=default, help=help_text)
+    add_admin_commands(commands)
     return parser
 
 
@@ -170,20 +221,45 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         receiver=receiver,
         role=args.role,
         kafka=kafka,
+        auth_file=args.auth_file,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        allowed_hosts=args.allowed_hosts,
+        cors_allowed_origins=args.cors_allowed_origins,
+        allow_unauthenticated_network=args.allow_unauthenticated_network,
     )
+
+
+def redactor_for(args: argparse.Namespace) -> Redactor:
+    """Every secret the configuration holds, so that no output line can carry one."""
+    found = url_secrets(args.clickhouse_url or "")
+    if args.kafka_sasl_password:
+        found.append(args.kafka_sasl_password)
+    return Redactor(found)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.command != "serve":
+        sys.exit(run_admin_command(args))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact = redactor_for(args)
+    redact.install()
+    sys.excepthook = lambda kind, value, tb: sys.stderr.write(redact("".join(format_exception(kind, value, tb))))
     try:
         config = build_config(args)
     except (ConfigError, ValueError) as exc:  # fail fast on bad configuration
-        sys.exit(f"trackhouse: {exc}")
+        sys.exit(redact(f"trackhouse: {exc}"))
     try:
         asyncio.run(serve(config))
-    except (KafkaError, ClickHouseError, OSError) as exc:  # unreachable dependencies at start-up
-        sys.exit(f"trackhouse: cannot start: {exc}")
+    except (
+        KafkaError,
+        ClickHouseError,
+        OSError,
+        PermanentError,
+        DamagedStoreError,
+    ) as exc:  # unreachable or unusable at start-up
+        sys.exit(redact(f"trackhouse: cannot start: {exc}"))
 
 
 if __name__ == "__main__":

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from trackhouse.compat.app import create_app
 from trackhouse.compat.artifacts import ArtifactsConfig
 from trackhouse.compat.backend import Backend, BackendConfig
 from trackhouse.compat.http_server import HttpServer
+from trackhouse.compat.security import SecurityConfig
+from trackhouse.ingest.auth import Authenticator
 from trackhouse.ingest.batcher import Batcher
 from trackhouse.ingest.catalog import Catalog
 from trackhouse.ingest.config import BatcherConfig, ConfigError, KafkaConfig, ReceiverConfig
@@ -26,7 +30,7 @@ from trackhouse.ingest.receiver_grpc import GrpcConfig, GrpcReceiver
 from trackhouse.ingest.receiver_kafka import KafkaReceiver
 from trackhouse.ingest.sink import ClickHouseSink
 from trackhouse.ingest.telemetry import Telemetry
-from trackhouse.query import schema
+from trackhouse.query import integrity, schema
 from trackhouse.query.connection import Client, StoreConfig, connect
 
 log = logging.getLogger("trackhouse")
@@ -52,12 +56,38 @@ class ServerConfig:
     #: worker: Kafka in, storage out. reader: the MLflow API and UI, read-only.
     role: str = "all"
     kafka: KafkaConfig | None = None
+    #: The operator's users-and-tokens file (`trackhouse auth`); None serves without authentication.
+    auth_file: Path | None = None
+    #: PEM certificate chain and key: HTTP and gRPC both serve TLS. Both or neither.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: Host headers the HTTP server answers (DNS-rebinding protection); empty: stock MLflow's defaults.
+    allowed_hosts: tuple[str, ...] = ()
+    #: Origins allowed to make cross-origin writes to the HTTP API.
+    cors_allowed_origins: tuple[str, ...] = ()
+    #: Listen beyond loopback without authentication: the operator's explicit, informed choice.
+    allow_unauthenticated_network: bool = False
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ConfigError(f"role must be one of {', '.join(ROLES)}, not {self.role!r}")
         if self.role in ("gateway", "worker") and self.kafka is None:
             raise ConfigError(f"role {self.role} needs Kafka (--kafka-bootstrap)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        for path in (self.tls_cert, self.tls_key, self.auth_file):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{path} is not a readable file")
+        exposed = [h for h in {self.http_host, self.grpc.host} if not is_loopback(h)]
+        if exposed and self.auth_file is None and not self.allow_unauthenticated_network:
+            raise ConfigError(
+                f"refusing to listen on {', '.join(sorted(exposed))} without authentication: pass --auth-file"
+                " (create it with `trackhouse auth add-user`), or --allow-unauthenticated-network to accept the risk"
+            )
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @property
     def stores(self) -> bool:
@@ -71,6 +101,16 @@ class ServerConfig:
     @property
     def receives_grpc(self) -> bool:
         return self.role in ("all", "gateway")
+
+
+def is_loopback(host: str) -> bool:
+    """Only loopback addresses and `localhost`; an empty host, 0.0.0.0 and :: listen everywhere."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost may resolve anywhere
+        return False
 
 
 class Server:
@@ -96,6 +136,8 @@ class Server:
     async def start(self) -> None:
         config = self._config
         max_bytes = config.receiver.max_message_bytes
+        # Loaded first: a malformed file stops the start before anything listens.
+        authenticator = Authenticator(config.auth_file) if config.auth_file else None
         pipeline = await self._start_storage() if config.stores else None
         if config.kafka is not None and pipeline is not None:
             self._kafka_in = KafkaReceiver(pipeline, config.kafka, max_bytes, self.telemetry)
@@ -107,12 +149,14 @@ class Server:
                 await self._kafka_out.start()
             assert writer is not None
             queue = config.batcher if config.kafka is None else None  # with Kafka, the workers' queues apply
-            self._grpc = GrpcReceiver(writer, config.grpc, self.telemetry, queue)
+            grpc_config = replace(config.grpc, tls_cert=config.tls_cert, tls_key=config.tls_key)
+            self._grpc = GrpcReceiver(writer, grpc_config, self.telemetry, queue, authenticator)
             await self._grpc.start()
         backend = await self._start_backend(pipeline) if config.reads else None
         artifacts = ArtifactsConfig(config.artifacts_destination) if config.artifacts_destination else None
-        app = create_app(self.telemetry.render, lambda: self._serving, backend, artifacts)
-        self._http = HttpServer(app, config.http_host, config.http_port)
+        security = SecurityConfig(authenticator, config.allowed_hosts, config.cors_allowed_origins)
+        app = create_app(self.telemetry.render, lambda: self._serving, backend, artifacts, security)
+        self._http = HttpServer(app, config.http_host, config.http_port, config.tls_cert, config.tls_key)
         await self._http.start()
         self._serving = True
 
@@ -124,8 +168,7 @@ class Server:
     async def _start_storage(self) -> WritePipeline:
         database = self._config.store.resolved_database
         # Separate clients, so catalog lookups never queue behind a long insert.
-        sink_client = await self._connect()
-        await asyncio.to_thread(schema.migrate, sink_client, database)
+        sink_client = await self._open_checked()
         catalog_client = await self._connect()
         self._batcher = Batcher(ClickHouseSink(sink_client, database), self._config.batcher, self.telemetry)
         await self._batcher.start()
@@ -134,11 +177,22 @@ class Server:
 
     async def _start_backend(self, pipeline: WritePipeline | None) -> Backend:
         """The MLflow API's read clients, and the pipeline its writes share with gRPC (none on a reader)."""
-        clients = [await self._connect() for _ in range(READ_CLIENTS)]
-        database = self._config.store.resolved_database
-        if pipeline is None:  # a reader may be the first node to reach a fresh database
-            await asyncio.to_thread(schema.migrate, clients[0], database)
-        return Backend(clients, BackendConfig(database), pipeline)
+        # A reader may be the first node to reach a fresh database, so it checks and migrates too.
+        first = await self._connect() if pipeline is not None else await self._open_checked()
+        clients = [first, *[await self._connect() for _ in range(READ_CLIENTS - 1)]]
+        return Backend(clients, BackendConfig(self._config.store.resolved_database), pipeline)
+
+    async def _open_checked(self) -> Client:
+        """A client on a store that is safe to serve, migrated. Damage stops the start (DamagedStoreError):
+        an embedded directory's files are looked at before chDB opens it, then the store itself by SQL."""
+        store, database = self._config.store, self._config.store.resolved_database
+        where = store.display_url
+        if store.embedded:
+            integrity.verify(await asyncio.to_thread(integrity.inspect_directory, store.directory), where)
+        client = await self._connect()
+        integrity.verify(await asyncio.to_thread(integrity.inspect_store, client, database), where)
+        await asyncio.to_thread(schema.migrate, client, database)
+        return client
 
     async def stop(self) -> None:
         """Drain and stop. Idempotent, and safe after a failed or partial start."""
@@ -169,6 +223,11 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     server = Server(config)
+    exposed = not (is_loopback(config.http_host) and is_loopback(config.grpc.host))
+    if exposed and config.auth_file is not None and not config.tls:
+        log.warning("serving beyond loopback without TLS: passwords and tokens cross the network in clear text")
+    if exposed and not config.allowed_hosts:
+        log.warning("answering only Host headers of loopback and private addresses: set --allowed-hosts to the names")
     try:
         starting = asyncio.create_task(server.start())
         stopping = asyncio.create_task(stop.wait())
@@ -182,8 +241,9 @@ async def serve(config: ServerConfig) -> None:
         starting.result()  # start-up errors surface here
         print(
             f"trackhouse ready role={config.role} grpc={config.grpc.host}:{server.grpc_port}"
-            f" http=http://{config.http_host}:{server.http_port}"
-            f" storage={config.store.url if config.reads else '-'}"
+            f" http={'https' if config.tls else 'http'}://{config.http_host}:{server.http_port}"
+            f" storage={config.store.display_url if config.reads else '-'}"
+            f" tls={'on' if config.tls else 'off'} auth={'on' if config.auth_file else 'off'}"
             f" kafka={config.kafka.bootstrap + '/' + config.kafka.topic if config.kafka else '-'}",
             flush=True,
         )

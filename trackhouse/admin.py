@@ -1,0 +1,129 @@
+"""Operator commands beside `serve`: `trackhouse auth ...` manages the users-and-tokens file, so nobody writes
+a hash by hand; `trackhouse check` reports whether a store is safe to serve, without serving it."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from trackhouse.ingest import auth
+from trackhouse.query import integrity
+from trackhouse.query.connection import StoreConfig, connect
+from trackhouse.query.redaction import Redactor, url_secrets
+
+AUTH_FILE_ENV = "TRACKHOUSE_AUTH_FILE"
+
+
+def add_admin_commands(commands: Any) -> None:
+    auth_parser = commands.add_parser("auth", help="manage the users-and-tokens file (--auth-file of serve)")
+    auth_parser.add_argument(
+        "--auth-file",
+        type=Path,
+        default=os.environ.get(AUTH_FILE_ENV),
+        required=not os.environ.get(AUTH_FILE_ENV),
+        help=f"the file [env {AUTH_FILE_ENV}]",
+    )
+    actions = auth_parser.add_subparsers(dest="action", required=True)
+    user = actions.add_parser("add-user", help="add or replace a user (Basic: MLFLOW_TRACKING_USERNAME/PASSWORD)")
+    user.add_argument("name")
+    user.add_argument("--role", choices=auth.ROLES, required=True)
+    user.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input, not a prompt"
+    )
+    token = actions.add_parser("add-token", help="create a token (Bearer: MLFLOW_TRACKING_TOKEN); printed once")
+    token.add_argument("name")
+    token.add_argument("--role", choices=auth.ROLES, required=True)
+    remove = actions.add_parser("remove", help="remove a user and every token with this name")
+    remove.add_argument("name")
+    actions.add_parser("list", help="names and roles (never secrets)")
+    check = commands.add_parser(
+        "check", help="report whether a data directory or ClickHouse database is safe to serve (exit 1 if not)"
+    )
+    check.add_argument(
+        "--data-dir", type=Path, default=Path(os.environ.get("TRACKHOUSE_DATA_DIR", "data")), help="chDB directory"
+    )
+    check.add_argument(
+        "--clickhouse-url", default=os.environ.get("TRACKHOUSE_CLICKHOUSE_URL"), help="overrides --data-dir"
+    )
+
+
+def run_admin_command(args: argparse.Namespace) -> int:
+    try:
+        if args.command == "auth":
+            return _auth(args)
+        if args.command == "check":
+            return _check(args)
+    except auth.AuthFileError as exc:
+        print(f"trackhouse: {exc}", file=sys.stderr)
+        return 2
+    raise AssertionError(args.command)
+
+
+def _auth(args: argparse.Namespace) -> int:
+    path: Path = args.auth_file
+    if args.action == "add-user":
+        auth.add_user(path, args.name, _password(args.password_stdin), args.role)
+        print(f"user {args.name!r} ({args.role}) saved in {path}")
+    elif args.action == "add-token":
+        token = auth.add_token(path, args.name, args.role)
+        print(f"token for {args.name!r} ({args.role}), shown only now; clients set MLFLOW_TRACKING_TOKEN to it:")
+        print(token)
+    elif args.action == "remove":
+        removed = auth.remove(path, args.name)
+        print(f"removed {removed} entr{'y' if removed == 1 else 'ies'} named {args.name!r}")
+        return 0 if removed else 1
+    else:
+        credentials = auth.Credentials.load(path)
+        for name, entry in sorted(credentials.users.items()):
+            print(f"user  {name}  {entry.role}")
+        for token_id, entry in sorted(credentials.tokens.items()):
+            print(f"token {entry.name}  {entry.role}  id={token_id}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    """Files first (an embedded directory), then SQL; as `serve` does before it migrates or serves anything.
+
+    Opening a chDB directory is chDB's own start-up: it moves parts it cannot load to `detached/`,
+    which is how they are found. Nothing else is written, and no schema is created."""
+    store = StoreConfig(args.clickhouse_url) if args.clickhouse_url else StoreConfig.for_data_dir(args.data_dir)
+    redact = Redactor(url_secrets(store.url))
+    where = store.display_url
+    if store.embedded and not store.directory.is_dir():
+        print(f"{where}: no data yet (a fresh schema is created on first start)")
+        return 0
+    findings = integrity.inspect_directory(store.directory) if store.embedded else []
+    if not findings:
+        client = connect(store)
+        try:
+            findings = integrity.inspect_store(client, store.resolved_database)
+            summary = _summary(client, store.resolved_database)
+        finally:
+            client.close()
+    if findings:
+        print(redact(integrity.report(findings, where)), file=sys.stderr)
+        return 1
+    print(f"{where}: healthy; {summary}")
+    return 0
+
+
+def _summary(client: Any, database: str) -> str:
+    rows = client.query(
+        "SELECT table, sum(rows) FROM system.parts WHERE database = {db:String} AND active GROUP BY table"
+        " ORDER BY table",
+        parameters={"db": database},
+    ).result_rows
+    return ", ".join(f"{table} {count} rows" for table, count in rows) or "no data yet"
+
+
+def _password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != first:
+        raise auth.AuthFileError("the two passwords differ")
+    return first
