@@ -47,7 +47,8 @@ def create_app(
         routes += mlflow_routes(endpoints)
         # Model registry (issue 14): MLflow's registry service over MLflow's SQLAlchemy store.
         if registry is not None:
-            routes += mlflow_routes(RegistryApi(registry, runs.artifact_uri).endpoints())
+            registry_api = RegistryApi(registry, runs.artifact_uri)
+            routes += mlflow_routes(registry_api.endpoints()) + registry_api.ui_routes()
         if artifacts is not None:
             routes += artifact_routes(artifacts, runs.artifact_uri)
         routes += ui_routes(GraphQlApi(backend, experiments, runs))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import posixpath
 import re
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -23,20 +24,23 @@ from mlflow.store.artifact.host_policy import host_addressed_rejection_message, 
 from mlflow.store.artifact.utils.models import _parse_model_uri
 from mlflow.utils import proto_json_utils
 from mlflow.utils.file_utils import local_file_uri_to_path
-from mlflow.utils.uri import is_local_uri
+from mlflow.utils.uri import is_local_uri, validate_path_is_safe
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
 
 from trackhouse.compat import wire
-from trackhouse.compat.errors import invalid
+from trackhouse.compat.errors import invalid, not_found
 from trackhouse.compat.registry_store import RegistryStore
-from trackhouse.compat.routing import Endpoint
+from trackhouse.compat.routing import Endpoint, guarded
 
 _message_to_json: Callable[[Message], str] = proto_json_utils.message_to_json
 
 #: Stock's caps on search page sizes (handlers.py `_search_registered_models`, `_search_model_versions`).
 MAX_MODELS_PER_PAGE = 1000
 MAX_VERSIONS_PER_PAGE = 200_000
+
+PROXY_ROUTE = "/ajax-api/2.0/mlflow-artifacts/artifacts/"
 
 #: A run's artifact root, by run id (raises MLflow's not-found for an unknown run).
 RunArtifactUri = Callable[[str], Awaitable[str]]
@@ -102,6 +106,10 @@ class RegistryApi:
             (f"{mv}/set-tag", "POST", self.set_version_tag),
             (f"{mv}/delete-tag", "DELETE", self.delete_version_tag),
         ]
+
+    def ui_routes(self) -> list[Route]:
+        # Stock serves it without an API prefix, as /get-artifact.
+        return [Route("/model-versions/get-artifact", guarded(self.version_artifact), methods=["GET"])]
 
     # Registered models
 
@@ -267,6 +275,21 @@ class RegistryApi:
         name, number = _required(message.name, "name"), _required(message.version, "version")
         await self._write("delete_model_version_tag", name, number, _required(message.key, "key"))
         return _answer(pb.DeleteModelVersionTag.Response())
+
+    async def version_artifact(self, request: Request) -> Response:
+        """The UI's `/model-versions/get-artifact` (a version's MLmodel): the artifact proxy serves the file."""
+        name, number = request.query_params.get("name", ""), request.query_params.get("version", "")
+        path = validate_path_is_safe(_required(request.query_params.get("path", ""), "path"))
+        location = await self._read("get_model_version_download_uri", name, number)
+        parsed = urllib.parse.urlparse(location)
+        if parsed.scheme == "runs":
+            run_id, _, inner = parsed.path.lstrip("/").partition("/")
+            location = f"{(await self._run_artifact_uri(run_id)).rstrip('/')}/{inner}"
+            parsed = urllib.parse.urlparse(location)
+        if parsed.scheme != "mlflow-artifacts" or parsed.netloc:
+            raise not_found(f"Model version {name}/{number} is not stored by this server's artifact proxy")
+        target = posixpath.join(parsed.path.strip("/"), path)
+        return RedirectResponse(f"{PROXY_ROUTE}{urllib.parse.quote(target)}", status_code=302)
 
     # Sources: stock's checks (handlers.py `_create_model_version`), against this server's runs.
 

@@ -8,6 +8,7 @@ registrations from several processes at once get versions 1..N with no gap and n
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -23,8 +24,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from sklearn.linear_model import LinearRegression
 
-from benchmarks.systems import StockMlflow
-from tests.conftest import ROOT, RunningServer, ServerProcess
+from tests.conftest import ROOT, RunningServer, ServerProcess, wait_until
+from tests.tansu import free_port
 
 pytestmark = [
     # MLflow's own notices while it saves and loads an sklearn model, and its deprecation of stages.
@@ -74,7 +75,8 @@ def test_register_alias_load_and_predict(client: MlflowClient) -> None:
     v2 = mlflow.register_model(f"runs:/{second}/model", "forecaster")
     assert (v1.version, v2.version) == ("1", "2")
     assert v1.run_id == first and v1.status == "READY"
-    assert v1.source.startswith("mlflow-artifacts:/") and v1.source.endswith(f"/{first}/artifacts/model")
+    assert v1.source == f"{client.get_run(first).info.artifact_uri}/model"
+    assert str(v1.source).startswith("mlflow-artifacts:/")
 
     client.set_registered_model_alias("forecaster", "champion", "2")
     assert client.get_model_version_by_alias("forecaster", "champion").version == "2"
@@ -196,6 +198,12 @@ def test_the_mlflow_cli_downloads_a_version(client: MlflowClient, served: str, t
     env = {**os.environ, "MLFLOW_TRACKING_URI": served}
     subprocess.run([*command, "-d", str(tmp_path)], check=True, env=env, capture_output=True, timeout=300)
     assert "sklearn" in (tmp_path / "MLmodel").read_text()
+    # The UI's read of a version's MLmodel, as stock's /model-versions/get-artifact.
+    ui_read = f"{served}/model-versions/get-artifact"
+    mlmodel = requests.get(ui_read, params={"name": "downloadable", "version": "1", "path": "MLmodel"}, timeout=30)
+    assert mlmodel.status_code == 200 and mlmodel.text == (tmp_path / "MLmodel").read_text()
+    climbing = requests.get(ui_read, params={"name": "downloadable", "version": "1", "path": "../../x"}, timeout=30)
+    assert climbing.status_code == 400
 
 
 CONCURRENT_WRITER = """
@@ -290,11 +298,47 @@ def comparable(value: Any, run_id: str) -> Any:
     return value.replace(run_id, "RUN") if isinstance(value, str) else value
 
 
-def test_answers_match_a_stock_mlflow_server(served: str, tmp_path: Path) -> None:
-    stock = StockMlflow()
-    stock.start(tmp_path / "stock")
+@pytest.fixture
+def stock_mlflow(tmp_path: Path) -> Iterator[str]:
+    """A stock `mlflow server` on SQLite and a free port (patient: its first start migrates a fresh database)."""
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    command += ["--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    with (tmp_path / "mlflow.log").open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
     try:
-        expected = exchange(stock.endpoint)
+        wait_until(lambda: _healthy(url) or process.poll() is not None, timeout=600, what="mlflow server")
+        assert process.poll() is None, (tmp_path / "mlflow.log").read_text()[-2000:]
+        yield url
     finally:
-        stock.stop()
-    assert exchange(served) == expected
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(60)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/health", timeout=2).ok
+    except requests.RequestException:
+        return False
+
+
+def test_answers_match_a_stock_mlflow_server(served: str, stock_mlflow: str) -> None:
+    assert exchange(served) == exchange(stock_mlflow)
+
+
+def test_the_readme_promotion_example_runs_verbatim(client: MlflowClient, served: str) -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- promotion-example -->")[1].split("<!-- /promotion-example -->")[0].strip()
+    code = block.removeprefix("```python").removesuffix("```").replace('"http://127.0.0.1:5000"', repr(served))
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+
+    experiment = client.get_experiment_by_name("ridge-sweep")
+    assert experiment is not None
+    sweep = client.search_runs([experiment.experiment_id])
+    assert len(sweep) == 3
+    best = min(sweep, key=lambda run: run.data.metrics["val_rmse"])
+    champion = client.get_model_version_by_alias("ridge-forecaster", "champion")
+    assert champion.run_id == best.info.run_id
+    assert namespace["champion"].predict(namespace["X"][:3]).shape == (3,)
