@@ -25,6 +25,7 @@ from mlflow.store.artifact.utils.models import _parse_model_uri
 from mlflow.utils import proto_json_utils
 from mlflow.utils.file_utils import local_file_uri_to_path
 from mlflow.utils.uri import is_local_uri, validate_path_is_safe
+from mlflow.utils.validation import invalid_value
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
@@ -143,7 +144,7 @@ class RegistryApi:
 
     async def search_models(self, request: Request) -> Response:
         message = await wire.parse(request, pb.SearchRegisteredModels())
-        _at_most(message.max_results, MAX_MODELS_PER_PAGE, "max_results")
+        _at_most(request, message.max_results, MAX_MODELS_PER_PAGE, "max_results")
         page = await self._read(
             "search_registered_models",
             message.filter,
@@ -245,7 +246,7 @@ class RegistryApi:
 
     async def search_versions(self, request: Request) -> Response:
         message = await wire.parse(request, pb.SearchModelVersions())
-        _at_most(message.max_results, MAX_VERSIONS_PER_PAGE, "max_results")
+        _at_most(request, message.max_results, MAX_VERSIONS_PER_PAGE, "max_results")
         page = await self._read(
             "search_model_versions",
             message.filter,
@@ -411,12 +412,11 @@ def _required(value: str, name: str) -> str:
     return value
 
 
-def _at_most(value: int, limit: int, name: str) -> None:
+def _at_most(request: Request, value: int, limit: int, name: str) -> None:
     if value > limit:
-        raise invalid(
-            f"Invalid value {value} for parameter '{name}' supplied. See the API docs for more information about"
-            " request parameters."
-        )
+        raw = request.query_params.get(name, value)  # stock words it with the value as the request held it
+        hint = invalid_value(name, raw, f" Hint: Value was of type '{type(raw).__name__}'.")
+        raise invalid(f"{hint} See the API docs for more information about request parameters.")
 
 
 def _wrong_source(source: str, id_name: str) -> None:
