@@ -14,7 +14,7 @@ import re
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from google.protobuf.message import Message
 from mlflow.entities.model_registry import ModelVersionTag, RegisteredModelTag
@@ -49,12 +49,25 @@ RunArtifactUri = Callable[[str], Awaitable[str]]
 
 @dataclass(frozen=True, slots=True)
 class LoggedModelRef:
+    """What the registry needs of a logged model (the attributes MLflow's store reads of a LoggedModel)."""
+
+    model_id: str
     artifact_location: str
     source_run_id: str | None
 
 
-#: A logged model by id (`models:/m-...` sources and `model_id`), from the logged-models work (issue 13).
-LoggedModelLookup = Callable[[str], Awaitable[LoggedModelRef]]
+class LoggedModels(Protocol):
+    """The logged-models API (issue 13), as the registry uses it."""
+
+    async def registry_ref(self, model_id: str) -> LoggedModelRef:
+        """The model (raises MLflow's RESOURCE_DOES_NOT_EXIST for an unknown or deleted one)."""
+        ...
+
+    async def link_version(self, model_id: str, name: str, version: str) -> None:
+        """Record that `name` version `version` came from the model (stock's `set_model_versions_tags`)."""
+        ...
+
+
 #: The operator's artifact confinement policy for a URI a client names; raises to refuse it.
 SourcePolicy = Callable[[str], None]
 
@@ -73,12 +86,12 @@ class RegistryApi:
         store: RegistryStore,
         run_artifact_uri: RunArtifactUri,
         *,
-        logged_model: LoggedModelLookup | None = None,
+        logged_models: LoggedModels | None = None,
         source_policy: SourcePolicy = host_policy,
     ) -> None:
         self._store = store
         self._run_artifact_uri = run_artifact_uri
-        self._logged_model = logged_model
+        self._logged_models = logged_models
         self._source_policy = source_policy
 
     def endpoints(self) -> list[Endpoint]:
@@ -197,9 +210,10 @@ class RegistryApi:
     async def create_version(self, request: Request) -> Response:
         message = await wire.parse(request, pb.CreateModelVersion())
         name, source = _required(message.name, "name"), _required(message.source, "source")
-        source, run_id, model_id = await self._checked_source(
+        source, run_id, model = await self._checked_source(
             source, message.run_id, message.model_id, message.HasField("run_id"), message.HasField("model_id")
         )
+        model_id = model if isinstance(model, str) or model is None else model.model_id
         tags = [ModelVersionTag(tag.key, tag.value) for tag in message.tags]
         version = await self._write(
             "create_model_version",
@@ -210,9 +224,11 @@ class RegistryApi:
             run_link=message.run_link,
             description=message.description,
             model_id=model_id,
+            logged_models={model.model_id: model} if isinstance(model, LoggedModelRef) else None,
         )
-        # TODO(logged models merge): stock then tags the logged model with the version
-        # (tracking_store.set_model_versions_tags), so the logged model links back to it.
+        if isinstance(model, LoggedModelRef) and self._logged_models is not None:
+            # As stock: the logged model lists the versions registered from it.
+            await self._logged_models.link_version(model.model_id, version.name, str(version.version))
         return _answer(pb.CreateModelVersion.Response(model_version=version.to_proto()))
 
     async def update_version(self, request: Request) -> Response:
@@ -296,7 +312,8 @@ class RegistryApi:
 
     async def _checked_source(
         self, source: str, run_id: str, model_id: str, has_run_id: bool, has_model_id: bool
-    ) -> tuple[str, str | None, str | None]:
+    ) -> tuple[str, str | None, str | LoggedModelRef | None]:
+        """(source, run_id, model): the model as found when the version comes from a logged model."""
         self._source_policy(source)
         parsed = urllib.parse.urlparse(source)
         if parsed.scheme == "models":
@@ -344,16 +361,28 @@ class RegistryApi:
             (model_id if has_model_id else origin.model_id) or None,
         )
 
-    async def _logged_model_source(self, source: str, run_id: str, model_id: str) -> tuple[str, str | None, str]:
-        if self._logged_model is None:
-            # TODO(logged models merge): RegistryApi(logged_model=...) from the logged-models API; the store
-            # then needs the model's artifact location for `models:/m-...` (it asks MlflowClient for it).
+    async def _logged_model_source(
+        self, source: str, run_id: str, model_id: str
+    ) -> tuple[str, str | None, LoggedModelRef]:
+        """Stock's `_validate_source_model`: the source is the model itself, or lies inside its artifacts."""
+        if self._logged_models is None:
+            # TODO(logged models merge): pass RegistryApi(logged_models=...) from the logged-models API.
             raise invalid(f"Invalid model version source: '{source}'. This server has no logged models yet.")
-        model = await self._logged_model(model_id)
-        inside = _within(source, model.artifact_location)
-        if urllib.parse.urlparse(source).scheme != "models" and not inside:
-            _wrong_source(source, "model_id")
-        return source, run_id or model.source_run_id, model_id
+        try:
+            model = await self._logged_models.registry_ref(model_id)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                _wrong_source(source, "model_id")
+            raise
+        if urllib.parse.urlparse(source).scheme != "models":
+            if is_local_uri(source):
+                inside = is_local_uri(model.artifact_location) and _local_within(source, model.artifact_location)
+            else:
+                _no_relative_paths(source)
+                inside = _within(source, model.artifact_location)
+            if not inside:
+                _wrong_source(source, "model_id")
+        return source, run_id or model.source_run_id, model
 
     async def _check_run_source(self, source: str, run_id: str) -> None:
         """Stock's `_validate_source_run`: a local or proxied source must lie inside the run's artifacts."""

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 from mlflow.utils.uri import extract_db_type_from_uri
 
 from trackhouse.ingest.errors import PermanentError
@@ -81,12 +84,19 @@ class RegistryStore:
         async with self._slots:
             return await asyncio.to_thread(run)
 
-    async def write(self, call: Callable[..., T], *args: object, **kwargs: object) -> T:
-        """As `read`, one write at a time on this node."""
+    async def write(
+        self, call: Callable[..., T], *args: object, logged_models: Mapping[str, Any] | None = None, **kwargs: object
+    ) -> T:
+        """As `read`, one write at a time on this node. `logged_models` answers the store's questions about the
+        logged models a version comes from (see `_LoggedModelsForStore`)."""
         if self.read_only:
             raise PermanentError("this node is read-only (--role reader); send writes to a node that stores")
         async with self._write_lock:
-            return await self.read(call, *args, **kwargs)
+            token = _LOGGED_MODELS.set(logged_models or {})
+            try:  # to_thread copies this context into the worker thread
+                return await self.read(call, *args, **kwargs)
+            finally:
+                _LOGGED_MODELS.reset(token)
 
     def _opened(self) -> SqlAlchemyStore:
         with self._open_lock:
@@ -102,9 +112,34 @@ class RegistryStore:
                 self._store = None
 
 
+#: The logged models (by id) the current registry write may ask about; set per call by `RegistryStore.write`.
+_LOGGED_MODELS: ContextVar[Mapping[str, Any]] = ContextVar(
+    "trackhouse_registry_logged_models", default=MappingProxyType({})
+)
+
+
+class _LoggedModelsForStore:
+    """Stands in for `MlflowClient` inside MLflow's registry store.
+
+    Registering from `models:/<model_id>` (or with a model_id and no run), the store asks
+    `MlflowClient().get_logged_model(id)` for the model's artifact location and source run: in a
+    stock server that is its own tracking store, here it would be a client on some default
+    tracking URI. The API looks the model up first and hands it over through a context variable.
+    """
+
+    def get_logged_model(self, model_id: str) -> Any:
+        found = _LOGGED_MODELS.get().get(model_id)
+        if found is None:
+            raise MlflowException(f"Logged model with ID '{model_id}' not found.", RESOURCE_DOES_NOT_EXIST)
+        return found
+
+
 def _open(config: RegistryConfig) -> SqlAlchemyStore:
     # Imported here: SQLAlchemy, alembic and the store cost seconds to import.
+    from mlflow.store.model_registry import sqlalchemy_store
     from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
+
+    setattr(sqlalchemy_store, "MlflowClient", _LoggedModelsForStore)  # noqa: B010  (replacing MLflow's name)
 
     if config.is_sqlite:
         path = config.store_uri.removeprefix("sqlite:///")

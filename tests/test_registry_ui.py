@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from playwright.sync_api import Page
 from sklearn.linear_model import LinearRegression
 
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, wait_until
 from tests.test_compat_ui import ARTIFACTS, CHROMIUM, no_error_notification, page, settle
 
 __all__ = ["page"]  # the fixture, shared with test_compat_ui
@@ -51,6 +51,7 @@ def seed(server: RunningServer) -> tuple[str, str]:
 
 def test_registry_pages_without_errors(server: RunningServer, page: tuple[Page, list[str]]) -> None:
     experiment_id, run_id = seed(server)
+    client = MlflowClient(server.http_url)
     tab, problems = page
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
 
@@ -69,6 +70,12 @@ def test_registry_pages_without_errors(server: RunningServer, page: tuple[Page, 
     tab.screenshot(path=ARTIFACTS / "ui-registry-2-model.png")
     no_error_notification(tab)
 
+    # An edit through the UI's own calls (ajax-api set-tag).
+    tab.get_by_placeholder("Name").first.fill("owner")
+    tab.get_by_placeholder("Value").first.fill("ml-platform")
+    tab.get_by_role("button", name="Add").first.click()
+    wait_until(lambda: client.get_registered_model("ui-model").tags.get("owner") == "ml-platform", 30, "UI tag")
+
     tab.goto(f"{server.http_url}/#/models/ui-model/versions/2", wait_until="commit")
     tab.get_by_text("trained-here").first.wait_for(timeout=30_000)  # the source run, linked
     tab.get_by_text("validated").first.wait_for(timeout=30_000)
@@ -85,5 +92,20 @@ def test_registry_pages_without_errors(server: RunningServer, page: tuple[Page, 
     tab.get_by_text("ui-model").first.wait_for(timeout=30_000)  # versions registered from this run
     settle(tab)
     tab.screenshot(path=ARTIFACTS / "ui-registry-4-run.png")
+    no_error_notification(tab)
+
+    # The "Register model" button on the run's artifact page, as a person promotes a model.
+    tab.goto(f"{server.http_url}/#/experiments/{experiment_id}/runs/{run_id}/artifacts", wait_until="commit")
+    tab.get_by_text("model", exact=True).first.click()
+    tab.get_by_role("button", name="Register model").first.click()
+    tab.locator("#selectedModel").click()
+    tab.get_by_text("Create New Model").first.click()
+    tab.get_by_placeholder("Input a model name").fill("registered-in-ui")
+    tab.get_by_role("button", name="Register", exact=True).click()
+    wait_until(lambda: len(client.search_model_versions("name = 'registered-in-ui'")) == 1, 30, "UI registration")
+    registered = client.search_model_versions("name = 'registered-in-ui'")[0]
+    assert registered.run_id == run_id and str(registered.source).endswith(f"/{run_id}/artifacts/model")
+    settle(tab)
+    tab.screenshot(path=ARTIFACTS / "ui-registry-5-registered-from-run.png")
     no_error_notification(tab)
     assert problems == []
