@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,8 @@ def test_a_version_from_a_logged_model_takes_its_location_and_run(tmp_path: Path
     assert (version.version, version.source, version.run_id) == (1, "models:/m-abc", "run-1")
     assert uri == model.artifact_location
     assert count == 1
-    assert (tmp_path / "registry.db").exists()
+    with contextlib.closing(sqlite3.connect(tmp_path / "registry.db")) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)  # readers never wait for the writer
 
 
 def test_a_read_only_store_reads_and_refuses_writes(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*type hint is inferred:UserWarning"),
     pytest.mark.filterwarnings("ignore:.*Model registry stages will be removed:FutureWarning"),
     pytest.mark.skipif(not CHROMIUM, reason="needs Debian's chromium"),
+    pytest.mark.timeout(900),  # five pages and a registration in a browser, on a shared machine
 ]
 
 
@@ -99,7 +100,7 @@ def test_registry_pages_without_errors(server: RunningServer, page: tuple[Page, 
     tab.get_by_text("model", exact=True).first.click()
     tab.get_by_role("button", name="Register model").first.click()
     tab.locator("#selectedModel").click()
-    tab.get_by_text("Create New Model").first.click()
+    tab.locator(".mlflow-create-new-model-option").click()
     tab.get_by_placeholder("Input a model name").fill("registered-in-ui")
     tab.get_by_role("button", name="Register", exact=True).click()
     wait_until(lambda: len(client.search_model_versions("name = 'registered-in-ui'")) == 1, 30, "UI registration")
