@@ -26,6 +26,7 @@ from sklearn.linear_model import LinearRegression
 
 from tests.conftest import ROOT, RunningServer, ServerProcess, wait_until
 from tests.tansu import free_port
+from trackhouse.ingest import auth
 
 pytestmark = [
     # MLflow's own notices while it saves and loads an sklearn model, and its deprecation of stages.
@@ -342,3 +343,31 @@ def test_the_readme_promotion_example_runs_verbatim(client: MlflowClient, served
     champion = client.get_model_version_by_alias("ridge-forecaster", "champion")
     assert champion.run_id == best.info.run_id
     assert namespace["champion"].predict(namespace["X"][:3]).shape == (3,)
+
+
+def test_roles_scope_the_registry(start_server: Any, tmp_path: Path) -> None:
+    """With authentication, the read role reads the registry (including POST get-latest-versions), never writes."""
+    path = tmp_path / "auth.json"
+    auth.add_user(path, "writer", "writer-password", role="write")
+    auth.add_user(path, "reader", "reader-password", role="read")
+    secured: RunningServer = start_server(network={"auth_file": path})
+    api = f"{secured.http_url}/api/2.0/mlflow"
+    writer, reader = ("writer", "writer-password"), ("reader", "reader-password")
+    created = requests.post(f"{api}/registered-models/create", json={"name": "scoped"}, auth=writer, timeout=60)
+    assert created.status_code == 200
+    for method, path_, body in (
+        ("POST", "registered-models/create", {"name": "other"}),
+        ("POST", "registered-models/alias", {"name": "scoped", "alias": "a", "version": "1"}),
+        ("PATCH", "registered-models/update", {"name": "scoped", "description": "x"}),
+        ("DELETE", "registered-models/delete", {"name": "scoped"}),
+        ("POST", "model-versions/transition-stage", {"name": "scoped", "version": "1", "stage": "Production"}),
+    ):
+        refused = requests.request(method, f"{api}/{path_}", json=body, auth=reader, timeout=60)
+        assert refused.status_code == 403, path_
+    latest = requests.post(
+        f"{api}/registered-models/get-latest-versions", json={"name": "scoped"}, auth=reader, timeout=60
+    )
+    assert (latest.status_code, latest.json()) == (200, {})
+    got = requests.get(f"{api}/registered-models/get", params={"name": "scoped"}, auth=reader, timeout=60)
+    assert got.json()["registered_model"]["name"] == "scoped"
+    assert requests.get(f"{api}/registered-models/search", timeout=60).status_code == 401
