@@ -15,6 +15,8 @@ from trackhouse.compat.backend import Backend
 from trackhouse.compat.experiments import ExperimentsApi
 from trackhouse.compat.graphql import GraphQlApi
 from trackhouse.compat.metrics import MetricsApi
+from trackhouse.compat.registry import RegistryApi
+from trackhouse.compat.registry_store import RegistryStore
 from trackhouse.compat.routing import mlflow_routes
 from trackhouse.compat.runs import RunsApi
 from trackhouse.compat.security import SecurityConfig, middleware
@@ -27,6 +29,7 @@ def create_app(
     backend: Backend | None = None,
     artifacts: ArtifactsConfig | None = None,
     security: SecurityConfig | None = None,
+    registry: RegistryStore | None = None,
 ) -> Starlette:
     async def health(_: Request) -> Response:
         if is_serving():
@@ -42,6 +45,10 @@ def create_app(
         runs = RunsApi(backend, experiments)
         endpoints = [*experiments.endpoints(), *runs.endpoints(), *MetricsApi(backend, runs).endpoints()]
         routes += mlflow_routes(endpoints)
+        # Model registry (issue 14): MLflow's registry service over MLflow's SQLAlchemy store.
+        if registry is not None:
+            registry_api = RegistryApi(registry, runs.artifact_uri)
+            routes += mlflow_routes(registry_api.endpoints()) + registry_api.ui_routes()
         if artifacts is not None:
             routes += artifact_routes(artifacts, runs.artifact_uri)
         routes += ui_routes(GraphQlApi(backend, experiments, runs))

@@ -46,6 +46,8 @@ READ_POSTS = frozenset(
         "3.0/mlflow/traces/metrics",
         "3.0/mlflow/issues/search",
         "3.0/mlflow/datasets/search",
+        # The MLflow client reads a model's latest versions by POST (load_model("models:/name/Production")).
+        "2.0/mlflow/registered-models/get-latest-versions",
         # The UI posts its telemetry here; trackhouse stores none of it.
         "3.0/mlflow/ui-telemetry",
         # MLflow's GraphQL serves the UI's queries; its schema's mutations are not served here.

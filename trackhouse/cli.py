@@ -16,6 +16,7 @@ from aiokafka.errors import KafkaError
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from trackhouse.admin import add_admin_commands, run_admin_command
+from trackhouse.compat.registry_store import RegistryConfig
 from trackhouse.ingest import config as defaults
 from trackhouse.ingest.config import BatcherConfig, ConfigError, KafkaConfig, ReceiverConfig
 from trackhouse.ingest.errors import PermanentError
@@ -166,6 +167,15 @@ SERVE_OPTIONS = (
         False,
         "listen on a non-loopback --host without --auth-file (anyone who can reach it can read and write)",
     ),
+    # registry: the model registry's database.
+    Option(
+        "--registry-store-uri",
+        "TRACKHOUSE_REGISTRY_STORE_URI",
+        str,
+        "",
+        "model registry database, as SQLAlchemy URL: postgresql://..., mysql://... shared by every node"
+        " (default sqlite:///<data-dir>/registry.db)",
+    ),
 )
 
 
@@ -210,6 +220,11 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
             ssl_certfile=args.kafka_ssl_certfile,
             ssl_keyfile=args.kafka_ssl_keyfile,
         )
+    registry = (
+        RegistryConfig(args.registry_store_uri)
+        if args.registry_store_uri
+        else RegistryConfig.for_data_dir(args.data_dir)
+    )
     artifacts = args.artifacts_destination or str((args.data_dir / "artifacts").resolve())
     return ServerConfig(
         store=store,
@@ -227,12 +242,13 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         allowed_hosts=args.allowed_hosts,
         cors_allowed_origins=args.cors_allowed_origins,
         allow_unauthenticated_network=args.allow_unauthenticated_network,
+        registry=registry,
     )
 
 
 def redactor_for(args: argparse.Namespace) -> Redactor:
     """Every secret the configuration holds, so that no output line can carry one."""
-    found = url_secrets(args.clickhouse_url or "")
+    found = url_secrets(args.clickhouse_url or "") + url_secrets(args.registry_store_uri or "")
     if args.kafka_sasl_password:
         found.append(args.kafka_sasl_password)
     return Redactor(found)

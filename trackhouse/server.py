@@ -14,11 +14,13 @@ import logging
 import signal
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from trackhouse.compat.app import create_app
 from trackhouse.compat.artifacts import ArtifactsConfig
 from trackhouse.compat.backend import Backend, BackendConfig
 from trackhouse.compat.http_server import HttpServer
+from trackhouse.compat.registry_store import RegistryConfig, RegistryStore
 from trackhouse.compat.security import SecurityConfig
 from trackhouse.ingest.auth import Authenticator
 from trackhouse.ingest.batcher import Batcher
@@ -67,6 +69,8 @@ class ServerConfig:
     cors_allowed_origins: tuple[str, ...] = ()
     #: Listen beyond loopback without authentication: the operator's explicit, informed choice.
     allow_unauthenticated_network: bool = False
+    #: The model registry's SQL database; None: an SQLite file beside embedded storage (none for a server URL).
+    registry: RegistryConfig | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -99,6 +103,12 @@ class ServerConfig:
         return self.role != "gateway"
 
     @property
+    def registry_store(self) -> RegistryConfig | None:
+        if self.registry is not None or not self.store.embedded:
+            return self.registry
+        return RegistryConfig.for_data_dir(Path(urlsplit(self.store.url).path))
+
+    @property
     def receives_grpc(self) -> bool:
         return self.role in ("all", "gateway")
 
@@ -124,6 +134,7 @@ class Server:
         self._grpc: GrpcReceiver | None = None
         self._http: HttpServer | None = None
         self._clients: list[Client] = []
+        self._registry: RegistryStore | None = None
 
     @property
     def grpc_port(self) -> int:
@@ -155,7 +166,11 @@ class Server:
         backend = await self._start_backend(pipeline) if config.reads else None
         artifacts = ArtifactsConfig(config.artifacts_destination) if config.artifacts_destination else None
         security = SecurityConfig(authenticator, config.allowed_hosts, config.cors_allowed_origins)
-        app = create_app(self.telemetry.render, lambda: self._serving, backend, artifacts, security)
+        if backend is not None and config.registry_store is not None:
+            self._registry = RegistryStore(config.registry_store, read_only=not config.stores)
+        app = create_app(
+            self.telemetry.render, lambda: self._serving, backend, artifacts, security, registry=self._registry
+        )
         self._http = HttpServer(app, config.http_host, config.http_port, config.tls_cert, config.tls_key)
         await self._http.start()
         self._serving = True
@@ -213,6 +228,9 @@ class Server:
         for client in self._clients:
             client.close()
         self._clients.clear()
+        if self._registry is not None:
+            await asyncio.to_thread(self._registry.close)
+            self._registry = None
 
 
 async def serve(config: ServerConfig) -> None:
