@@ -89,8 +89,9 @@ def entry_points_dir(out: Path) -> Path:
 
 
 def plugin_env(shim: Path) -> dict[str, str]:
-    """The child's environment: this checkout and the entry points on the path, no tracking URI inherited."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_URI")}
+    """The child's environment: this checkout and the entry points on the path, and no MLflow setting inherited
+    (an MLFLOW_EXPERIMENT_ID or MLFLOW_TRACKING_URI left by the caller would point the child elsewhere)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(entry_points_dir(shim))])
     return env
 

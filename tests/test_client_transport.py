@@ -7,6 +7,7 @@ what the client sends and answers as trackhouse's receiver would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import logging
@@ -222,6 +223,16 @@ def test_tls_targets_verify_the_server_against_a_ca_bundle(
     with pytest.raises(IngestError, match="not acknowledged"):
         untrusted.close(timeout=1)
     assert server.points == 2000
+
+
+def test_credentials_without_tls_off_loopback_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    for target, warned in (("10.255.255.1:1", True), ("localhost:1", False), ("grpcs://10.255.255.1:1", False)):
+        caplog.clear()
+        client = Client(target, token=TOKEN)
+        assert ("without TLS" in caplog.text) == warned, target
+        assert TOKEN not in caplog.text
+        with contextlib.suppress(IngestError, TimeoutError):  # nothing was logged; whether it connects is moot
+            client.close(timeout=0.1)
 
 
 def test_targets_are_checked_when_the_client_is_made() -> None:

@@ -17,6 +17,7 @@ import pytest
 
 from benchmarks.plugin import plugin_env
 from tests.conftest import RunningServer
+from tests.test_auth import Users, secured, users  # noqa: F401  (fixtures)
 from trackhouse.mlflow_plugin import parse_uri
 
 # Unchanged MLflow calls; the tracking URI comes from MLFLOW_TRACKING_URI. Prints what it read back.
@@ -84,8 +85,10 @@ print(json.dumps(out))
 """
 
 
-def run_script(server: RunningServer, tmp_path: Path, script: str = SCRIPT) -> dict[str, Any]:
-    env = plugin_env(tmp_path / "entry-points")
+def run_script(
+    server: RunningServer, tmp_path: Path, script: str = SCRIPT, extra_env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    env = {**plugin_env(tmp_path / "entry-points"), **(extra_env or {})}
     env["MLFLOW_TRACKING_URI"] = f"trackhouse://127.0.0.1:{server.server.grpc_port}?http_port={server.server.http_port}"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -131,6 +134,29 @@ def test_the_points_took_the_grpc_path(start_server: Callable[..., RunningServer
     )
     assert server.server.telemetry.received_requests._value.get() > before
     assert server.scalar("SELECT count() FROM trackhouse.metrics WHERE run_id = {r:String}", r=out["run"]) == 2000
+
+
+def test_mlflows_credential_variables_serve_both_paths(
+    secured: RunningServer,  # noqa: F811
+    users: Users,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Behind authentication, MLFLOW_TRACKING_TOKEN alone lets an unchanged script log over REST and gRPC."""
+    before = secured.server.telemetry.received_requests._value.get()
+    out = run_script(
+        secured,
+        tmp_path,
+        "import json, mlflow\n"
+        "with mlflow.start_run() as run:\n"
+        "    mlflow.log_param('lr', 0.1)\n"
+        "    for s in range(500):\n"
+        "        mlflow.log_metrics({'a': s}, step=s)\n"
+        "h = mlflow.MlflowClient().get_metric_history(run.info.run_id, 'a')\n"
+        "print(json.dumps({'run': run.info.run_id, 'points': len(h)}))\n",
+        {"MLFLOW_TRACKING_TOKEN": users.writer_token},
+    )
+    assert out["points"] == 500
+    assert secured.server.telemetry.received_requests._value.get() > before
 
 
 def test_uris_are_parsed_strictly(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import os
 import re
 import time
@@ -140,6 +141,16 @@ class Target:
             raise ValueError(f"target {target!r} is not host:port")
         return cls(rest, tls=scheme == "grpcs" if tls is None else tls)
 
+    @property
+    def loopback(self) -> bool:
+        host = urlsplit(f"//{self.address}").hostname or ""
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
 
 class Credentials:
     """The `authorization` metadata every call carries. Its repr never shows the secret."""
@@ -160,6 +171,9 @@ class Credentials:
             encoded = base64.b64encode(f"{username}:{password}".encode()).decode()
             return cls(f"Basic {encoded}")
         return cls(f"Bearer {token}" if token else None)
+
+    def __bool__(self) -> bool:
+        return self._header is not None
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
