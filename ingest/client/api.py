@@ -134,7 +134,7 @@ class Client:
             self._transport = KafkaSession(parsed, linger_s)
         else:
             credentials = Credentials.resolve(token, username, password)
-            if credentials and not parsed.tls and not parsed.loopback:
+            if parsed.exposes(credentials):
                 log.warning("trackhouse client: sending credentials to %s without TLS; use grpcs://", parsed.address)
             secure = channel_credentials(ca_bundle) if parsed.tls else None
             self._transport = GrpcSession(parsed, credentials, secure, linger_s)

@@ -151,6 +151,10 @@ class Target:
         except ValueError:
             return False
 
+    def exposes(self, credentials: Credentials | None) -> bool:
+        """Whether credentials would cross a network in plain text: worth a warning, not a refusal."""
+        return bool(credentials) and not self.tls and not self.loopback
+
 
 class Credentials:
     """The `authorization` metadata every call carries. Its repr never shows the secret."""
