@@ -22,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos import model_registry_pb2 as pb
 from mlflow.store.artifact.host_policy import host_addressed_rejection_message, rejected_host_addressed_scheme
 from mlflow.store.artifact.utils.models import _parse_model_uri
+from mlflow.store.entities.paged_list import PagedList
 from mlflow.utils import proto_json_utils
 from mlflow.utils.file_utils import local_file_uri_to_path
 from mlflow.utils.uri import is_local_uri, validate_path_is_safe
@@ -164,6 +165,7 @@ class RegistryApi:
             message.max_results,
             list(message.order_by),
             message.page_token or None,
+            absent=PagedList([], None),
         )
         answer = pb.SearchRegisteredModels.Response(registered_models=[m.to_proto() for m in page])
         if page.token:
@@ -269,6 +271,7 @@ class RegistryApi:
             message.max_results,
             list(message.order_by),
             message.page_token or None,
+            absent=PagedList([], None),
         )
         answer = pb.SearchModelVersions.Response(model_versions=[v.to_proto() for v in page])
         if page.token:

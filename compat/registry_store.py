@@ -61,6 +61,12 @@ class RegistryConfig:
     def is_sqlite(self) -> bool:
         return self.store_uri.startswith("sqlite")
 
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite file, for a file-backed SQLite URI."""
+        path = self.store_uri.removeprefix("sqlite:///") if self.is_sqlite else ""
+        return Path(path) if path and path != ":memory:" and "?" not in path else None
+
 
 class RegistryStore:
     """MLflow's registry store, opened on first use: a fresh database runs MLflow's migrations
@@ -75,8 +81,14 @@ class RegistryStore:
         self._slots = asyncio.Semaphore(config.max_concurrency)
         self._write_lock = asyncio.Lock()
 
-    async def read(self, call: Callable[..., T], *args: object, **kwargs: object) -> T:
-        """`call(store, *args, **kwargs)` in a worker thread, e.g. `read(SqlAlchemyStore.get_registered_model, n)`."""
+    async def read(self, call: Callable[..., T], *args: object, absent: T | None = None, **kwargs: object) -> T:
+        """`call(store, *args, **kwargs)` in a worker thread, e.g. `read(SqlAlchemyStore.get_registered_model, n)`.
+
+        `absent`: the answer while the default SQLite file does not exist yet (nothing was ever registered),
+        so that the UI's searches on every page never make a server create and migrate it.
+        """
+        if absent is not None and self._store is None and self._not_created():
+            return absent
 
         def run() -> T:
             return call(self._opened(), *args, **kwargs)
@@ -85,7 +97,7 @@ class RegistryStore:
             return await asyncio.to_thread(run)
 
     async def write(
-        self, call: Callable[..., T], *args: object, logged_models: Mapping[str, Any] | None = None, **kwargs: object
+        self, call: Callable[..., T], *args: object, logged_models: Mapping[str, Any] | None = None, **kwargs: Any
     ) -> T:
         """As `read`, one write at a time on this node. `logged_models` answers the store's questions about the
         logged models a version comes from (see `_LoggedModelsForStore`)."""
@@ -97,6 +109,10 @@ class RegistryStore:
                 return await self.read(call, *args, **kwargs)
             finally:
                 _LOGGED_MODELS.reset(token)
+
+    def _not_created(self) -> bool:
+        path = self._config.sqlite_path
+        return path is not None and not path.exists()
 
     def _opened(self) -> SqlAlchemyStore:
         with self._open_lock:
@@ -141,10 +157,8 @@ def _open(config: RegistryConfig) -> SqlAlchemyStore:
 
     setattr(sqlalchemy_store, "MlflowClient", _LoggedModelsForStore)  # noqa: B010  (replacing MLflow's name)
 
-    if config.is_sqlite:
-        path = config.store_uri.removeprefix("sqlite:///")
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if config.sqlite_path is not None:
+        config.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
     store = SqlAlchemyStore(config.store_uri)
     if config.is_sqlite:
         # WAL: readers never wait for the one writer, and a commit is one append.

@@ -59,6 +59,10 @@ def test_a_read_only_store_reads_and_refuses_writes(tmp_path: Path) -> None:
     store = RegistryStore(RegistryConfig.for_data_dir(tmp_path), read_only=True)
 
     async def scenario() -> list[Any]:
+        # Before anything was registered, a search answers without creating (and migrating) the file.
+        nothing: list[Any] = []
+        assert await store.read(lambda s: s.search_registered_models(), absent=nothing) is nothing
+        assert not (tmp_path / "registry.db").exists()
         with pytest.raises(PermanentError, match="read-only"):
             await store.write(lambda s: s.create_registered_model("nope"))
         return list(await store.read(lambda s: s.search_registered_models()))
