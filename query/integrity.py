@@ -10,6 +10,7 @@ with every finding and what to do about it.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,13 +179,42 @@ def inspect_store(client: Client, database: str) -> list[Finding]:
     return findings
 
 
+def inspect_checksums(client: Client, database: str) -> list[Finding]:
+    """Every part of every MergeTree table read back against its checksums (`CHECK TABLE`): finds flipped bits
+    that start-up does not see (it checks only that files exist and have their sizes). Reads all the data."""
+    tables = client.query(
+        "SELECT name FROM system.tables WHERE database = {db:String} AND engine LIKE '%MergeTree' ORDER BY name",
+        parameters={"db": database},
+    ).result_rows
+    findings = []
+    for (table,) in tables:
+        raw = client.raw_query(
+            f"CHECK TABLE {database}.`{table}` SETTINGS check_query_single_value_result = 0 FORMAT JSONEachRow"
+        )
+        for line in raw.decode().splitlines():
+            part = json.loads(line)
+            if not int(part["is_passed"]):
+                folder = client.query(
+                    "SELECT path FROM system.parts WHERE database = {db:String} AND table = {t:String}"
+                    " AND name = {p:String}",
+                    parameters={"db": database, "t": table, "p": part["part_path"]},
+                ).result_rows
+                where = folder[0][0] if folder else part["part_path"]
+                findings.append(
+                    Finding(
+                        f"part {part['part_path']} of table {database}.{table} is corrupt: {part['message'][:300]}",
+                        f"restore the data directory from a backup; or, to serve what is left, stop trackhouse and"
+                        f" move {where} out of the directory (keep it: it holds the rows)",
+                    )
+                )
+    return findings
+
+
 def report(findings: list[Finding], where: str) -> str:
-    lines = [f"the store at {where} is damaged; trackhouse will not serve it:"]
-    lines += [f"  - {finding}" for finding in findings]
-    lines.append("  (`trackhouse check` reports the same without serving)")
-    return "\n".join(lines)
+    return "\n".join([f"the store at {where} is damaged:", *(f"  - {finding}" for finding in findings)])
 
 
 def verify(findings: list[Finding], where: str) -> None:
     if findings:
-        raise DamagedStoreError(report(findings, where))
+        text = report(findings, where)
+        raise DamagedStoreError(f"{text}\n  trackhouse will not serve it; `trackhouse check` reports the same")

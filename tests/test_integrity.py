@@ -123,6 +123,28 @@ def test_a_lost_table_definition_is_refused(server_process: ServerProcess) -> No
     assert "table trackhouse.runs has data" in refused.stderr and "runs.sql is missing" in refused.stderr
 
 
+def test_check_deep_finds_flipped_bits_that_start_up_cannot_see(server_process: ServerProcess) -> None:
+    server_process.start()
+    write_two_runs(server_process)
+    assert server_process.terminate() == 0
+    part = metrics_parts(server_process.data_dir)[-1]
+    column = max(part.glob("*.bin"), key=lambda p: p.stat().st_size)
+    with column.open("r+b") as file:  # same size, other bytes: a bad sector or a stray write
+        file.seek(column.stat().st_size // 2)
+        file.write(b"\xff\xfe\xfd\xfc")
+    assert check(server_process.data_dir).returncode == 0  # files and sizes are all there
+    deep = subprocess.run(
+        [sys.executable, "-m", "trackhouse.cli", "check", "--deep", "--data-dir", str(server_process.data_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert deep.returncode == 1
+    assert f"part {part.name} of table trackhouse.metrics is corrupt" in deep.stderr
+    assert "CHECKSUM_DOESNT_MATCH" in deep.stderr
+
+
 def test_check_on_a_fresh_or_missing_directory(tmp_path: Path) -> None:
     missing = check(tmp_path / "nothing-here")
     assert missing.returncode == 0 and "no data yet" in missing.stdout

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import requests
 
@@ -23,6 +24,7 @@ from tests.conftest import ROOT, RunningServer
 from tests.serving import wait_until_ready
 from tests.tansu import KafkaBroker, free_port
 from tests.test_ingest_grpc import points, run_upsert
+from trackhouse import Client
 from trackhouse.cli import _parser, build_config
 from trackhouse.compat import security
 from trackhouse.ingest import auth
@@ -355,3 +357,24 @@ def test_no_secret_in_the_ready_line_logs_or_metrics(tmp_path: Path, kafka_broke
         process.terminate()
         process.wait(60)
     assert secret not in log_path.read_text()
+
+
+def test_the_trackhouse_client_logs_over_tls_with_a_token_and_a_reader_is_refused(
+    tls_server: RunningServer, certs: Certificates, tmp_path: Path
+) -> None:
+    """The client helper's side of the metadata contract against this server: grpcs://, a CA bundle, a token."""
+    writer_token = auth.add_token(tmp_path / "auth.json", "ci", "write")
+    reader_token = auth.add_token(tmp_path / "auth.json", "dashboards", "read")
+    target = f"grpcs://localhost:{tls_server.server.grpc_port}"
+    with Client(target, token=writer_token, ca_bundle=certs.ca) as client:
+        run = client.start_run(experiment="over-grpcs", name="tls")
+        run.log_series("loss", np.arange(1000), np.linspace(1, 0, 1000))
+        run.finish()
+    assert tls_server.scalar("SELECT count() FROM trackhouse.metrics") == 1000
+
+    reader = Client(target, token=reader_token, ca_bundle=certs.ca)
+    refused = reader.start_run(experiment="over-grpcs", name="reader")
+    refused.log_series("loss", np.arange(10), np.zeros(10))
+    with pytest.raises(Exception, match=r"PERMISSION_DENIED|read role"):
+        reader.close()
+    assert tls_server.scalar("SELECT count() FROM trackhouse.metrics") == 1000

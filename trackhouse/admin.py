@@ -49,6 +49,9 @@ def add_admin_commands(commands: Any) -> None:
     check.add_argument(
         "--clickhouse-url", default=os.environ.get("TRACKHOUSE_CLICKHOUSE_URL"), help="overrides --data-dir"
     )
+    check.add_argument(
+        "--deep", action="store_true", help="also read every part back against its checksums (reads all the data)"
+    )
 
 
 def run_admin_command(args: argparse.Namespace) -> int:
@@ -101,6 +104,8 @@ def _check(args: argparse.Namespace) -> int:
         client = connect(store)
         try:
             findings = integrity.inspect_store(client, store.resolved_database)
+            if args.deep and not findings:
+                findings = integrity.inspect_checksums(client, store.resolved_database)
             summary = _summary(client, store.resolved_database)
         finally:
             client.close()
