@@ -202,7 +202,14 @@ class Authenticator:
             raise AuthError("authentication required: send a Bearer token or Basic credentials")
         if len(authorization) > _MAX_HEADER:
             raise AuthError("the Authorization value is too long")
-        principal = self._verify(authorization)
+        try:
+            principal = self._verify(authorization)
+        except AuthError:
+            # A credential added a moment ago works at once: on a refusal the file is looked at again now, not
+            # after the reload interval. Refusals already queue for the hashing slots, so the stat is cheap.
+            if not self._reload():
+                raise
+            principal = self._verify(authorization)
         key = hashlib.sha256(authorization.encode(errors="surrogateescape")).digest()
         with self._lock:
             self._verified[key] = principal
@@ -239,18 +246,22 @@ class Authenticator:
         return (stat.st_mtime_ns, stat.st_size)
 
     def _maybe_reload(self) -> None:
-        """Pick up edits (and removals) within a few seconds; a malformed edit keeps the last good file."""
+        """Pick up edits (and removals) within a few seconds."""
         now = time.monotonic()
-        if now - self._checked_at < _RELOAD_S:
-            return
-        self._checked_at = now
+        if now - self._checked_at >= _RELOAD_S:
+            self._checked_at = now
+            self._reload()
+
+    def _reload(self) -> bool:
+        """Load the file again if it changed; True if it did. A malformed edit keeps the last good file."""
         stamp = self._file_stamp()
         if stamp == self._stamp:
-            return
+            return False
         try:
             credentials = Credentials.load(self._path)
         except AuthFileError:
-            return
+            return False
         with self._lock:
             self._credentials, self._stamp = credentials, stamp
             self._verified.clear()
+        return True

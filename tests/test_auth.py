@@ -120,6 +120,13 @@ def test_a_token_is_refused_once_it_is_removed(users: Users, monkeypatch: pytest
         checker.check(f"Bearer {users.reader_token}")
 
 
+def test_a_credential_added_while_serving_works_at_once(users: Users) -> None:
+    checker = auth.Authenticator(users.path)
+    assert checker.check(f"Bearer {users.writer_token}").name == "ci"  # the reload interval starts now
+    added = auth.add_token(users.path, "new", "read")
+    assert checker.check(f"Bearer {added}") == auth.Principal("new", "read")
+
+
 def test_a_malformed_file_stops_the_start(tmp_path: Path) -> None:
     path = tmp_path / "auth.json"
     path.write_text('{"users": {"eve": {"role": "root", "hash": "x"}}}')
