@@ -274,6 +274,37 @@ def test_points_from_the_ingest_client_are_visible_to_mlflow(mlflow_server: Runn
     assert len(client.get_metric_history(found.info.run_id, "loss")) == 5000
 
 
+def test_the_run_name_and_its_tag_stay_in_step_over_grpc_too(mlflow_server: RunningServer) -> None:
+    """MLflow keeps runs.name and the mlflow.runName tag equal; a tag set through the gRPC client renames the run."""
+    client = MlflowClient()
+
+    def name_and_tag(run_id: str) -> tuple[str, str]:
+        stored = client.get_run(run_id)
+        return stored.info.run_name, stored.data.tags["mlflow.runName"]
+
+    with Client(mlflow_server.target) as ingest:
+        run = ingest.start_run(experiment="renames", name="before")
+        ingest.flush()
+        assert name_and_tag(run.run_id) == ("before", "before")
+        run.set_tags({"mlflow.runName": "by-grpc-tag"})
+        ingest.flush()
+        assert name_and_tag(run.run_id) == ("by-grpc-tag", "by-grpc-tag")
+        run.finish()  # a whole-row upsert: it must carry the new name, not the one the run started with
+        ingest.flush()
+        assert name_and_tag(run.run_id) == ("by-grpc-tag", "by-grpc-tag")
+    with Client(mlflow_server.target) as other:  # a process that did not start the run: the server reads its row
+        other.attach_run(run.run_id).set_tags({"mlflow.runName": "by-other"})
+    assert name_and_tag(run.run_id) == ("by-other", "by-other")
+    assert client.get_run(run.run_id).info.status == "FINISHED"  # the rename kept the rest of the row
+    client.update_run(run.run_id, name="by-rest")
+    assert name_and_tag(run.run_id) == ("by-rest", "by-rest")
+    client.set_tag(run.run_id, "mlflow.runName", "by-rest-tag")
+    assert name_and_tag(run.run_id) == ("by-rest-tag", "by-rest-tag")
+    experiment_id = client.get_run(run.run_id).info.experiment_id
+    found = client.search_runs([experiment_id], "attributes.run_name = 'by-rest-tag'")
+    assert [r.info.run_id for r in found] == [run.run_id]
+
+
 def test_chart_call_samples_with_min_and_max(client: MlflowClient, mlflow_server: RunningServer) -> None:
     runs = [client.create_run("0").info.run_id for _ in range(2)]
     for run_id in runs:

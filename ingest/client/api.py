@@ -548,6 +548,11 @@ class Run:
 
     def set_tags(self, tags: Mapping[str, object]) -> None:
         self._add_meta(None, {}, tags)
+        if self._upsert is not None and "mlflow.runName" in tags:  # the server renames the run; so must finish()
+            renamed = ingest_pb2.RunUpsert()
+            renamed.CopyFrom(self._upsert)
+            renamed.name = str(tags["mlflow.runName"])
+            self._upsert = renamed
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run: status FINISHED (or FAILED, KILLED) and the end time."""
