@@ -15,7 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
 from mlflow.exceptions import MlflowException, RestException
+from mlflow.protos.service_pb2 import LogMetric
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.metric_value_conversion_utils import convert_metric_value_to_float_if_possible
+from mlflow.utils.proto_json_utils import parse_dict
 
 from tests.conftest import RunningServer
 from trackhouse import Client
@@ -198,7 +201,7 @@ def test_log_batch_limits_and_bad_input(client: MlflowClient, mlflow_server: Run
     bodies: list[dict[str, Any]] = [
         {"run_id": run_id, "params": [{"key": f"p{i}", "value": "v"} for i in range(101)]},
         {"run_id": run_id, "metrics": [{"key": f"m{i}", "value": 1, "timestamp": 1} for i in range(1001)]},
-        {"run_id": run_id, "metrics": [{"key": "m", "value": True, "timestamp": 1}]},
+        {"run_id": run_id, "metrics": [{"key": "m", "value": "high", "timestamp": 1}]},
         {"run_id": run_id, "metrics": [{"key": "m", "value": 1.0}]},
         {"run_id": run_id, "metrics": "not a list"},
         {"metrics": []},
@@ -303,6 +306,41 @@ def test_the_run_name_and_its_tag_stay_in_step_over_grpc_too(mlflow_server: Runn
     experiment_id = client.get_run(run.run_id).info.experiment_id
     found = client.search_runs([experiment_id], "attributes.run_name = 'by-rest-tag'")
     assert [r.info.run_id for r in found] == [run.run_id]
+
+
+def test_bool_metric_values_are_stored_as_stock_mlflow_stores_them(
+    client: MlflowClient, mlflow_server: RunningServer
+) -> None:
+    """Stock MLflow stores True as 1.0 and False as 0.0, Python's and numpy's alike: its client converts them
+    (convert_metric_value_to_float_if_possible) and its handlers take JSON true (float(True)); checked once
+    against a stock `mlflow server`, and here through MLflow's own functions."""
+    values = {"py_true": True, "py_false": False, "np_true": np.bool_(True), "np_false": np.bool_(False)}
+    expected = {key: convert_metric_value_to_float_if_possible(value) for key, value in values.items()}
+    assert expected == {"py_true": 1.0, "py_false": 0.0, "np_true": 1.0, "np_false": 0.0}
+    stock_json = LogMetric()
+    parse_dict({"run_id": "r", "key": "k", "value": True, "timestamp": 1}, stock_json)
+    assert stock_json.value == 1.0
+
+    with Client(mlflow_server.target) as ingest:
+        run = ingest.start_run(experiment="bools")
+        run.log_metrics(values, step=0)
+        run.log_series("series", steps=np.arange(2), values=np.array([True, False]))
+    run_id = run.run_id
+    client.log_metric(run_id, "mlflow_client_np_true", np.bool_(True))
+    session = requests.Session()
+    api = f"{mlflow_server.http_url}/api/2.0/mlflow/runs"
+    answer = session.post(
+        f"{api}/log-metric", json={"run_id": run_id, "key": "json_true", "value": True, "timestamp": 1}
+    )
+    assert answer.status_code == 200, answer.text
+    batch = {"run_id": run_id, "metrics": [{"key": "batch_false", "value": False, "timestamp": 1, "step": 0}]}
+    answer = session.post(f"{api}/log-batch", json=batch)
+    assert answer.status_code == 200, answer.text
+
+    stored = client.get_run(run_id).data.metrics
+    assert {k: stored[k] for k in values} == expected
+    assert (stored["mlflow_client_np_true"], stored["json_true"], stored["batch_false"]) == (1.0, 1.0, 0.0)
+    assert [m.value for m in client.get_metric_history(run_id, "series")] == [1.0, 0.0]
 
 
 def test_chart_call_samples_with_min_and_max(client: MlflowClient, mlflow_server: RunningServer) -> None:
