@@ -33,7 +33,8 @@ def test_harness_writes_a_report_and_every_point_is_stored_once(tmp_path: Path) 
     assert results["all_stored_exactly_once"] is True
     pairs = {(m["workload"], m["system"]) for m in results["measurements"]}
     assert pairs == {(w, s) for w in ("hpo", "llm") for s in ("trackhouse-grpc", "trackhouse-kafka", "mlflow-sqlite")}
-    assert all(m["stored_distinct"] == m["points"] > 0 for m in results["measurements"])
+    # Distinct points and raw rows both equal the points sent: a request stored twice would fail the second.
+    assert all(m["stored_distinct"] == m["stored_rows"] == m["points"] > 0 for m in results["measurements"])
     report = (out / "report.md").read_text()
     assert "## HPO sweep" in report and "## LLM run" in report
     assert "x stock MLflow" in report
