@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import sys
@@ -258,6 +259,33 @@ def _bad_setting(message: object) -> NoReturn:
     sys.exit(2)
 
 
+#: Artifact URI schemes whose MLflow repository needs a package trackhouse does not install by default:
+#: scheme -> (module MLflow imports, the extra that installs it).
+_ARTIFACT_EXTRAS = {
+    "s3": ("boto3", "s3"),
+    "gs": ("google.cloud.storage", "gcs"),
+    "wasbs": ("azure.storage.blob", "azure"),
+    "abfss": ("azure.storage.blob", "azure"),
+}
+
+
+def _check_artifact_scheme(destination: str) -> None:
+    """Refuse at start-up, not at the first upload, a destination whose repository cannot be imported."""
+    scheme = destination.partition("://")[0] if "://" in destination else ""
+    if scheme not in _ARTIFACT_EXTRAS:
+        return
+    module, extra = _ARTIFACT_EXTRAS[scheme]
+    if _missing(module):
+        raise ConfigError(f"{scheme}:// artifacts need {module}: pip install 'trackhouse[{extra}]'")
+
+
+def _missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except ModuleNotFoundError:  # a parent package is missing
+        return True
+
+
 def build_config(args: argparse.Namespace) -> ServerConfig:
     store = StoreConfig(args.clickhouse_url) if args.clickhouse_url else StoreConfig.for_data_dir(args.data_dir)
     batcher = BatcherConfig(
@@ -289,6 +317,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         else RegistryConfig.for_data_dir(args.data_dir)
     )
     artifacts = args.artifacts_destination or str((args.data_dir / "artifacts").resolve())
+    _check_artifact_scheme(artifacts)
     return ServerConfig(
         store=store,
         artifacts_destination=artifacts,
