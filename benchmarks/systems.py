@@ -182,7 +182,7 @@ class StockMlflow:
         with (workdir / "mlflow.log").open("w") as log:
             self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.endpoint = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # a stock server can take minutes to start on a loaded 2-core machine
         while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1):
