@@ -97,12 +97,13 @@ def test_flushes_after_t_ms_when_points_trickle(sql: Client) -> None:
         batcher = Batcher(sink, BatcherConfig(flush_points=1_000_000, flush_interval_ms=100), Telemetry())
         await batcher.start()
         started = time.monotonic()
-        await batcher.submit(points("t", 10))
+        # Bounded: a batcher that ignored the interval would leave this waiting until stop(), which never comes.
+        await asyncio.wait_for(batcher.submit(points("t", 10)), timeout=30)
         elapsed = time.monotonic() - started
         await batcher.stop()
         return elapsed
 
-    assert asyncio.run(scenario()) >= 0.1
+    assert 0.1 <= asyncio.run(scenario()) < 30  # the 100 ms timer, far below the bound
     assert sink.inserts == [10]
 
 

@@ -318,22 +318,25 @@ def test_bool_metric_values_are_stored_as_stock_mlflow_stores_them(
     expected = {key: convert_metric_value_to_float_if_possible(value) for key, value in values.items()}
     assert expected == {"py_true": 1.0, "py_false": 0.0, "np_true": 1.0, "np_false": 0.0}
     stock_json = LogMetric()
-    parse_dict({"run_id": "r", "key": "k", "value": True, "timestamp": 1}, stock_json)
+    parse_dict({"run_id": "r", "key": "k", "value": True, "timestamp": 1}, stock_json)  # type: ignore[no-untyped-call]
     assert stock_json.value == 1.0
 
     with Client(mlflow_server.target) as ingest:
         run = ingest.start_run(experiment="bools")
-        run.log_metrics(values, step=0)
+        run.log_metrics(values, step=0)  # type: ignore[arg-type]  # bools on purpose
         run.log_series("series", steps=np.arange(2), values=np.array([True, False]))
     run_id = run.run_id
-    client.log_metric(run_id, "mlflow_client_np_true", np.bool_(True))
+    client.log_metric(run_id, "mlflow_client_np_true", np.bool_(True))  # type: ignore[arg-type]
     session = requests.Session()
     api = f"{mlflow_server.http_url}/api/2.0/mlflow/runs"
     answer = session.post(
         f"{api}/log-metric", json={"run_id": run_id, "key": "json_true", "value": True, "timestamp": 1}
     )
     assert answer.status_code == 200, answer.text
-    batch = {"run_id": run_id, "metrics": [{"key": "batch_false", "value": False, "timestamp": 1, "step": 0}]}
+    batch: dict[str, Any] = {
+        "run_id": run_id,
+        "metrics": [{"key": "batch_false", "value": False, "timestamp": 1, "step": 0}],
+    }
     answer = session.post(f"{api}/log-batch", json=batch)
     assert answer.status_code == 200, answer.text
 
@@ -396,8 +399,11 @@ def test_run_status_names_match_mlflow(client: MlflowClient) -> None:
 
 
 def test_rest_exception_type_is_the_clients(client: MlflowClient) -> None:
-    with pytest.raises(RestException):
+    with pytest.raises(RestException) as exc:
         client.get_run("missing")
+    # A RestException is what the client raises for any error answer, a 500 too: the code and status must match.
+    assert error_code(exc) == "RESOURCE_DOES_NOT_EXIST"
+    assert exc.value.get_http_status_code() == 404  # type: ignore[no-untyped-call]
 
 
 GET_RUN_QUERY = (
