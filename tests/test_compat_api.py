@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import mlflow
 import numpy as np
 import pytest
@@ -20,8 +21,10 @@ from mlflow.tracking import MlflowClient
 from mlflow.tracking.metric_value_conversion_utils import convert_metric_value_to_float_if_possible
 from mlflow.utils.proto_json_utils import parse_dict
 
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, wait_until
 from trackhouse import Client
+from trackhouse.ingest.codec import BlockColumns, encode_request
+from trackhouse.v1 import ingest_pb2
 
 
 @pytest.fixture
@@ -521,3 +524,37 @@ def searchable(client: MlflowClient, mlflow_server: RunningServer) -> tuple[str,
     run_id = client.create_run(experiment_id, run_name="only").info.run_id
     client.log_param(run_id, "p", "v")
     return mlflow_server.http_url, experiment_id, run_id
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_keeps_nothing(start_server: Any) -> None:
+    """REST backpressure: when the batcher's queue is full, a write answers 503 TEMPORARILY_UNAVAILABLE with
+    Retry-After (which the MLflow client retries), stores nothing of the refused call, and the next call goes in."""
+    server = start_server(flush_points=1_000, max_queue_points=1_000, flush_interval_ms=3_600_000)
+    api = f"{server.http_url}/api/2.0/mlflow"
+    run_id = requests.post(f"{api}/runs/create", json={"experiment_id": "0"}, timeout=60).json()["run"]["info"]
+    run_id = run_id["run_id"]
+    # 900 points held in the queue by gRPC, which asks for no early flush: they wait for the hour-long interval.
+    write = grpc.insecure_channel(server.target).unary_unary(
+        "/trackhouse.v1.Ingest/Write", request_serializer=None, response_deserializer=ingest_pb2.WriteAck.FromString
+    )
+    steps = np.arange(900, dtype=np.int64)
+    held = write.future(
+        encode_request(
+            ingest_pb2.WriteRequest(),
+            [BlockColumns(run_id, ["held"], np.zeros(900, np.uint32), steps, np.ones(900), np.ones(900, np.int64))],
+        )
+    )
+    wait_until(lambda: server.server.telemetry.queue_points._value.get() >= 900, what="the gRPC points queued")
+
+    metrics: list[Any] = [{"key": "refused", "value": float(i), "timestamp": 1, "step": i} for i in range(200)]
+    answer = requests.post(f"{api}/runs/log-batch", json={"run_id": run_id, "metrics": metrics}, timeout=60)
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error_code"] == "TEMPORARILY_UNAVAILABLE"
+    assert int(answer.headers["Retry-After"]) >= 1
+
+    # A call that fits is taken, and its 5 ms deadline flushes the held points with it.
+    answer = requests.post(f"{api}/runs/log-batch", json={"run_id": run_id, "metrics": metrics[:50]}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert held.result(timeout=60).points == 900
+    history = MlflowClient(server.http_url).get_metric_history(run_id, "refused")
+    assert [m.step for m in history] == list(range(50))  # none of the refused call's 200 points
