@@ -17,6 +17,7 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.timeout(1200)  # six systems started one after another: minutes on a loaded 2-core machine
 def test_harness_writes_a_report_and_every_point_is_stored_once(tmp_path: Path) -> None:
     out = tmp_path / "results"
     result = subprocess.run(
@@ -24,7 +25,7 @@ def test_harness_writes_a_report_and_every_point_is_stored_once(tmp_path: Path) 
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1100,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for name in ("results.json", "report.md", "throughput.png", "ack_latency_cdf.png"):
