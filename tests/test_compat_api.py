@@ -628,3 +628,35 @@ def test_get_history_bulk_returns_each_runs_series_with_its_run_id(
         refused = requests.get(url, params=params, timeout=60)
         assert refused.status_code == 400, params
         assert refused.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+
+
+def test_which_writes_are_idempotent_as_the_readme_says(client: MlflowClient, mlflow_server: RunningServer) -> None:
+    """A resent call, as the MLflow client's retries send it: points, params and tags change nothing the second time;
+    runs/create, experiments/create and delete-tag are not idempotent, exactly as on a stock server."""
+    api = f"{mlflow_server.http_url}/api/2.0/mlflow"
+
+    def twice(path: str, body: dict[str, Any]) -> list[requests.Response]:
+        return [requests.post(f"{api}/{path}", json=body, timeout=60) for _ in range(2)]
+
+    run_id = client.create_run("0").info.run_id
+    batch = {
+        "run_id": run_id,
+        "metrics": [{"key": "loss", "value": s / 10, "timestamp": 5, "step": s} for s in range(20)],
+        "params": [{"key": "lr", "value": "0.1"}],
+        "tags": [{"key": "team", "value": "nlp"}],
+    }
+    assert [r.status_code for r in twice("runs/log-batch", batch)] == [200, 200]
+    assert [r.status_code for r in twice("runs/set-tag", {"run_id": run_id, "key": "t", "value": "v"})] == [200, 200]
+    history = client.get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(s, s / 10) for s in range(20)]  # each point once
+    stored = client.get_run(run_id).data
+    assert (stored.params, stored.tags["team"], stored.tags["t"]) == ({"lr": "0.1"}, "nlp", "v")
+
+    created = twice("runs/create", {"experiment_id": "0"})
+    assert len({r.json()["run"]["info"]["run_id"] for r in created}) == 2  # a retried create leaves two runs
+    first, second = twice("experiments/create", {"name": "made-once"})
+    assert first.status_code == 200
+    assert (second.status_code, second.json()["error_code"]) == (400, "RESOURCE_ALREADY_EXISTS")
+    first, second = twice("runs/delete-tag", {"run_id": run_id, "key": "t"})
+    assert first.status_code == 200
+    assert (second.status_code, second.json()["error_code"]) == (404, "RESOURCE_DOES_NOT_EXIST")
