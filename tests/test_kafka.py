@@ -20,6 +20,7 @@ from tests.tansu import KafkaBroker
 from trackhouse import Client, ClientConfig
 from trackhouse.ingest import kafka
 from trackhouse.ingest.codec import BlockColumns, encode_request
+from trackhouse.ingest.config import KafkaConfig
 from trackhouse.ingest.receiver_kafka import ERROR_HEADER
 from trackhouse.query.connection import Client as SqlClient
 from trackhouse.v1 import ingest_pb2
@@ -285,3 +286,84 @@ def test_broker_down_gateway_answers_unavailable_then_recovers(
     wait_until(lambda: stored(worker, [run.run_id]) == 5_000, what="the points held through the outage")
     wait_until(lambda: caught_up(worker.http_url), what="the worker to commit")
     read_once(worker.sql, {run.run_id: {"loss": np.ones(5_000)}})
+
+
+def _produce(config: KafkaConfig, messages: list[bytes], key: bytes) -> None:
+    async def produce() -> None:
+        await kafka.ensure_topics(config)
+        producer = AIOKafkaProducer(bootstrap_servers=config.bootstrap, acks="all")
+        await producer.start()
+        try:
+            for value in messages:  # one key: one partition, in this order
+                await (await producer.send(config.topic, key=key, value=value))
+        finally:
+            await producer.stop()
+
+    asyncio.run(produce())
+
+
+def _block(run_id: str, key: str, steps: np.ndarray, values: np.ndarray) -> BlockColumns:
+    n = len(steps)
+    return BlockColumns(run_id, [key], np.zeros(n, np.uint32), steps, values, np.full(n, 1, np.int64))
+
+
+def test_the_worker_pauses_fetching_while_its_queue_is_full_and_loses_nothing(
+    kafka_broker: KafkaBroker, start_server: Callable[..., RunningServer]
+) -> None:
+    """A backlog of 800-point messages into a worker whose queue holds 1,000 points: each message after the first
+    finds the queue full until the next flush, so the worker pauses fetching (Kafka keeps the backlog) and resumes."""
+    config = kafka_broker.config()
+    run_id = "a" * 32
+    start = ingest_pb2.RunUpsert(run_id=run_id, experiment_name="k", status=ingest_pb2.RUNNING)
+    upsert = ingest_pb2.WriteRequest(runs=[start])
+    messages = [encode_request(upsert, [])]
+    for i in range(10):
+        steps = np.arange(i * 800, (i + 1) * 800)
+        messages.append(encode_request(ingest_pb2.WriteRequest(), [_block(run_id, "loss", steps, steps * 0.5)]))
+    _produce(config, messages, run_id.encode())
+    worker = start_server(
+        role="worker", kafka=config, flush_points=1_000, max_queue_points=1_000, flush_interval_ms=200
+    )
+    wait_until(lambda: caught_up(worker.http_url), timeout=120, what="the worker to store the backlog")
+    assert worker.server.telemetry.kafka_fetch_pauses._value.get() > 0, "the queue never filled: nothing was tested"
+    assert "trackhouse_kafka_fetch_pauses_total" in scrape(worker.http_url)
+    read_once(worker.sql, {run_id: {"loss": np.arange(8_000) * 0.5}})
+
+
+def test_a_message_the_storage_rejects_is_dead_lettered_and_the_rest_stored(
+    kafka_broker: KafkaBroker, start_server: Callable[..., RunningServer]
+) -> None:
+    """A real storage refusal (a CHECK constraint the test adds, ClickHouse code 469): the message goes to the
+    dead-letter topic as storage_rejected, and the messages around it are stored once."""
+    config = kafka_broker.config()
+    run_id = "b" * 32
+    worker = start_server(role="worker", kafka=config)
+    assert worker.sql is not None
+    worker.sql.command("ALTER TABLE trackhouse.metrics ADD CONSTRAINT finite_enough CHECK value < 1e300")
+    start = ingest_pb2.RunUpsert(run_id=run_id, experiment_name="k", status=ingest_pb2.RUNNING)
+    upsert = ingest_pb2.WriteRequest(runs=[start])
+    before = encode_request(upsert, [_block(run_id, "loss", np.arange(10), np.ones(10))])
+    rejected = encode_request(
+        ingest_pb2.WriteRequest(), [_block(run_id, "loss", np.arange(10, 20), np.full(10, 1e301))]
+    )
+    after = encode_request(ingest_pb2.WriteRequest(), [_block(run_id, "loss", np.arange(10, 20), np.full(10, 2.0))])
+    _produce(config, [before, rejected, after], run_id.encode())
+    rejected_metric = 'trackhouse_dead_lettered_total{reason="storage_rejected"} 1.0'
+    wait_until(lambda: rejected_metric in scrape(worker.http_url), timeout=120, what="the dead letter")
+    wait_until(lambda: caught_up(worker.http_url), timeout=120, what="the worker to move past the rejected message")
+    read_once(worker.sql, {run_id: {"loss": np.concatenate([np.ones(10), np.full(10, 2.0)])}})
+
+    async def dead_letters() -> list[tuple[bytes, str]]:
+        consumer = AIOKafkaConsumer(
+            config.dead_letters, bootstrap_servers=config.bootstrap, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        try:
+            records = await consumer.getmany(timeout_ms=5_000)
+            return [(r.value or b"", dict(r.headers)[ERROR_HEADER].decode()) for rs in records.values() for r in rs]
+        finally:
+            await consumer.stop()
+
+    [(value, reason)] = asyncio.run(dead_letters())
+    assert value == rejected
+    assert "VIOLATED_CONSTRAINT" in reason or "469" in reason
