@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trackhouse.cli import SERVE_OPTIONS, Option, _parser, build_config
+from trackhouse.cli import SERVE_OPTIONS, Option, _flag, _parser, build_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,6 +22,8 @@ def _sample(option: Option, which: int) -> str:
         return ("http://u:p@ch:8123/envdb", "http://u:p@ch:8123/flagdb")[which]
     if option.flag == "--kafka-security-protocol":
         return ("SSL", "SASL_SSL")[which]
+    if option.cast is _flag:  # a switch: false from the environment, the flag itself says true
+        return ("false", "")[which]
     if option.cast is Path:
         return f"/tmp/from-{('env', 'flag')[which]}"
     if isinstance(option.default, int) or option.cast is int or option.flag.endswith("-port"):
@@ -38,9 +40,10 @@ def test_each_option_reads_its_environment_variable_and_its_flag_wins(
     env_value, flag_value = _sample(option, 0), _sample(option, 1)
     monkeypatch.setenv(option.env, env_value)
     from_env = getattr(_parser().parse_args(["serve"]), dest)
-    from_flag = getattr(_parser().parse_args(["serve", option.flag, flag_value]), dest)
+    switch = option.cast is _flag
+    from_flag = getattr(_parser().parse_args(["serve", option.flag, *([] if switch else [flag_value])]), dest)
     assert from_env == option.cast(env_value)
-    assert from_flag == option.cast(flag_value)
+    assert from_flag == (True if switch else option.cast(flag_value))
     assert from_env != from_flag
     monkeypatch.delenv(option.env)
     assert getattr(_parser().parse_args(["serve"]), dest) == option.default
