@@ -7,7 +7,8 @@ Each (workload, system) pair is measured on a freshly started system, `--repeats
 interleaved so that every ratio compares figures taken side by side. After every write
 workload the harness reads back what was stored and checks that every point sent is there
 exactly once; a figure on data that was not stored counts for nothing.
-Writes results.json, report.md and PNG plots to benchmarks/results/<time>/.
+Writes results.json, report.md and PNG plots to benchmarks/reports/harness-<UTC time>-<commit>/, with the
+commit, date and machine load of the run.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks import report, workloads
-from benchmarks.ingest import ROOT
+from benchmarks.provenance import REPORTS, provenance
 from benchmarks.systems import SYSTEMS, System
 
 
@@ -96,7 +97,7 @@ def measure(system: System, workload: str, sizes: Sizes, workdir: Path) -> dict[
     finally:
         system.stop()
     run_ids = sorted({r for c in clients for r in c["run_ids"]})
-    stored = system.distinct_points(run_ids)
+    stored, raw = system.stored_points(run_ids)
     calls = np.concatenate([c["call_seconds"] for c in clients])
     acks = np.concatenate([c["ack_seconds"] for c in clients])
     created = sum(len(c["run_ids"]) for c in clients) if workload == "hpo" else 0
@@ -106,7 +107,9 @@ def measure(system: System, workload: str, sizes: Sizes, workdir: Path) -> dict[
         "sizes": asdict(sizes),
         "points": sent,
         "stored_distinct": stored,
-        "stored_exactly_once": stored == sent,
+        "stored_rows": raw,
+        # No faults are injected, so no request is resent after it was stored: every row is one point sent.
+        "stored_exactly_once": stored == raw == sent,
         "seconds": seconds,
         "points_per_s": sent / seconds,
         "runs_created_per_s": created / max(c["create_seconds"] for c in clients) if created else None,
@@ -187,14 +190,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="repeats per (workload, system); medians are reported")
     parser.add_argument("--systems", default="grpc,kafka,mlflow", help=f"comma-separated, of {', '.join(SYSTEMS)}")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {', '.join(WORKLOADS)}")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<time>)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results folder (default benchmarks/reports/harness-<time>-<commit>)"
+    )
     args = parser.parse_args(argv)
     systems = [s for s in args.systems.split(",") if s]
     chosen = [w for w in args.workloads.split(",") if w]
     unknown = sorted(set(systems) - set(SYSTEMS)) + sorted(set(chosen) - set(WORKLOADS))
     if unknown:
         parser.error(f"unknown: {', '.join(unknown)}")
-    out = args.out or ROOT / "benchmarks" / "results" / time.strftime("%Y%m%d-%H%M%S")
+    started = provenance()
+    stamp = started["measured_at"].replace("-", "").replace(":", "").rstrip("Z")
+    out = args.out or REPORTS / f"harness-{stamp}-{started['commit'][:9]}"
     out.mkdir(parents=True, exist_ok=True)
 
     plan = [(r, w, s) for r in range(args.repeats) for w in chosen for s in systems]
@@ -207,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
     results: dict[str, Any] = {
+        "provenance": {"start": started, "end": provenance()},
         "machine": machine(),
         "args": {k: str(v) for k, v in vars(args).items()},
         "measurements": measurements,

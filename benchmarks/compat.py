@@ -31,6 +31,7 @@ import numpy as np
 import requests
 
 from benchmarks.ingest import ServerUnderTest, save_results
+from benchmarks.provenance import provenance
 from benchmarks.reads import load, timed
 from benchmarks.systems import StockMlflow
 from trackhouse.ingest.batch import Batch, ExperimentRow, Metrics, ParamRow, RunRow
@@ -245,6 +246,7 @@ def main() -> None:
     parser.add_argument("--trackhouse-batches", type=int, default=20, help="log-batch calls per writer, trackhouse")
     parser.add_argument("--stock-batches", type=int, default=2, help="log-batch calls per writer, stock MLflow")
     args = parser.parse_args()
+    started = provenance()
     results: dict[str, Any] = {"args": vars(args)}
     with tempfile.TemporaryDirectory(prefix="trackhouse-compat-") as tmp:
         data_dir = Path(tmp) / "data"
@@ -273,7 +275,7 @@ def main() -> None:
         finally:
             stock.stop()
             server.stop()
-    out = save_results("compat", results)
+    out = save_results("compat", results, started)
     print("| MLflow API call | median (min-max) | target |")
     print("|---|---|---|")
     for name, target in (

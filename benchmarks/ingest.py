@@ -8,14 +8,12 @@ Workloads, each repeated and reported as median (min-max):
 - per-step: log_metrics with 10 keys per call, the training-loop shape; also times each call.
 Server memory is the peak RSS (VmHWM) of the server process after each workload.
 Correctness: the server's inserted-points counter must grow by exactly the points sent.
-Results go to benchmarks/results/ingest-<time>.json.
+Results go to benchmarks/reports/ingest-<UTC time>-<commit>.json, with the commit, date and machine load.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.provenance import provenance, save_report
 from tests.serving import wait_until_ready
 from trackhouse import Client
 
@@ -143,12 +142,11 @@ def summarize(samples: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     }
 
 
-def save_results(name: str, results: dict[str, Any]) -> Path:
-    """Write `results` to benchmarks/results/<name>-<time>.json and return the path."""
-    out = ROOT / "benchmarks" / "results" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    return out
+def save_results(name: str, results: dict[str, Any], started: dict[str, Any] | None = None) -> Path:
+    """Write `results` to benchmarks/reports/<name>-<time>-<commit>.json (committed) and return the path.
+
+    `started` is `provenance()` taken before measuring; without it the record is taken now."""
+    return save_report(name, results, started or provenance())
 
 
 def spread_of(values: list[float]) -> str:
@@ -171,14 +169,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200_000)
     args = parser.parse_args()
 
-    results: dict[str, Any] = {
-        "machine": {
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpus": __import__("os").cpu_count(),
-        },
-        "args": vars(args),
-    }
+    started = provenance()
+    results: dict[str, Any] = {"args": vars(args)}
     with tempfile.TemporaryDirectory(prefix="trackhouse-bench-") as tmp:
         server = ServerUnderTest(Path(tmp) / "data")
         try:
@@ -198,7 +190,7 @@ def main() -> None:
         finally:
             server.stop()
 
-    out = save_results("ingest", results)
+    out = save_results("ingest", results, started)
     print()
     print("| workload | points/s, median (min-max) | log_metrics per call, p50 / p99 | stored exactly once |")
     print("|---|---|---|---|")

@@ -7,7 +7,8 @@
   inserted-points counter has grown by every point sent.
 - catch-up: a backlog written straight to Kafka (`Client("kafka://...")`) while no worker runs;
   then a worker starts, timed from its ready line until the whole backlog is inserted.
-Every process shares the same 2 cores. Results go to benchmarks/results/kafka-<time>.json.
+Every process shares the same 2 cores. Results go to
+benchmarks/reports/kafka-<UTC time>-<commit>.json, with the commit, date and machine load.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.ingest import ROOT, ServerUnderTest, save_results, send_bulk, spread_of
+from benchmarks.provenance import provenance
 from tests.tansu import KafkaBroker
 
 
@@ -79,6 +81,7 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=3_000_000)
     parser.add_argument("--backlog-points", type=int, default=10_000_000)
     args = parser.parse_args()
+    started = provenance()
     results: dict[str, Any] = {"args": vars(args)}
     with tempfile.TemporaryDirectory(prefix="trackhouse-bench-kafka-") as tmp_name:
         tmp = Path(tmp_name)
@@ -110,7 +113,7 @@ def main() -> None:
         finally:
             broker.stop()
 
-    out = save_results("kafka", results)
+    out = save_results("kafka", results, started)
     print()
     print("| path | points/s, median (min-max) |")
     print("|---|---|")

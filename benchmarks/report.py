@@ -33,6 +33,7 @@ def _markdown(results: dict[str, Any], by_pair: dict[tuple[str, str], list[dict[
         f"Machine: {m['platform']}, {m['cpus']} CPUs, Python {m['python']}."
         f" Versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}.",
         f"Size `{results['args']['size']}`, {results['args']['repeats']} repeat(s); figures are median (min-max).",
+        *_provenance(results.get("provenance")),
         "",
         "Every client and server process shares the same machine. `server CPU` counts every server process",
         "(for the Kafka path: gateway, broker and worker); `client CPU` counts the client processes.",
@@ -71,6 +72,18 @@ def _markdown(results: dict[str, Any], by_pair: dict[tuple[str, str], list[dict[
         "Plots: `throughput.png` (points/s, log scale), `ack_latency_cdf.png` (acknowledgement latency).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _provenance(record: dict[str, Any] | None) -> list[str]:
+    if not record:
+        return []
+    start, end = record["start"], record["end"]
+    dirty = " with uncommitted changes" if start["uncommitted_changes"] else ""
+    return [
+        f"Measured {start['measured_at']} to {end['measured_at']} at commit `{start['commit'][:9]}`{dirty}."
+        f" Load average (1 min) {start['load_average_1_5_15'][0]:.1f} at the start, "
+        f"{end['load_average_1_5_15'][0]:.1f} at the end, on {start['cpus']} CPUs shared with any other work.",
+    ]
 
 
 def _shape(workload: str, pairs: dict[str, list[dict[str, Any]]]) -> str:

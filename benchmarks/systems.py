@@ -60,8 +60,11 @@ class System(Protocol):
 
     def stop(self) -> None: ...
 
-    def distinct_points(self, run_ids: Sequence[str]) -> int:
-        """Points stored for `run_ids`, counting identical points once. Call after stop()."""
+    def stored_points(self, run_ids: Sequence[str]) -> tuple[int, int]:
+        """(distinct points, raw rows) stored for `run_ids`. Call after stop().
+
+        Both are needed: distinct alone passes when a request was stored three times, and a raw count
+        alone passes when one point is missing and another doubled."""
         ...
 
 
@@ -90,7 +93,7 @@ class TrackhouseGrpc:
             self._server.stop()
             self._server = None
 
-    def distinct_points(self, run_ids: Sequence[str]) -> int:
+    def stored_points(self, run_ids: Sequence[str]) -> tuple[int, int]:
         return count_in_clickhouse(self._data, run_ids)
 
 
@@ -141,7 +144,7 @@ class TrackhouseKafka:
             self._broker.stop()
             self._broker = None
 
-    def distinct_points(self, run_ids: Sequence[str]) -> int:
+    def stored_points(self, run_ids: Sequence[str]) -> tuple[int, int]:
         return count_in_clickhouse(self._data, run_ids)
 
 
@@ -179,7 +182,7 @@ class StockMlflow:
         with (workdir / "mlflow.log").open("w") as log:
             self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.endpoint = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # a stock server can take minutes to start on a loaded 2-core machine
         while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1):
@@ -206,22 +209,24 @@ class StockMlflow:
                 self._process.wait(10)
         self._process = None
 
-    def distinct_points(self, run_ids: Sequence[str]) -> int:
+    def stored_points(self, run_ids: Sequence[str]) -> tuple[int, int]:
         # MLflow's primary key spans (key, timestamp, step, run_uuid, value, is_nan): rows are distinct points.
         with sqlite3.connect(self._db) as db:
             marks = ",".join("?" * len(run_ids))
             row = db.execute(f"SELECT COUNT(*) FROM metrics WHERE run_uuid IN ({marks})", list(run_ids)).fetchone()
-        return int(row[0])
+        return int(row[0]), int(row[0])
 
 
-def count_in_clickhouse(data_dir: Path, run_ids: Sequence[str]) -> int:
-    """Distinct stored points, counted in a child process: chDB opens one directory per process."""
+def count_in_clickhouse(data_dir: Path, run_ids: Sequence[str]) -> tuple[int, int]:
+    """(distinct points, raw rows), counted in a child process: chDB opens one directory per process."""
     script = (
         "import json, sys\n"
-        "from query.connection import StoreConfig, connect\n"
+        "from trackhouse.query.connection import StoreConfig, connect\n"
         "client = connect(StoreConfig.for_data_dir(__import__('pathlib').Path(sys.argv[1])))\n"
-        "q = 'SELECT count() FROM (SELECT DISTINCT * FROM trackhouse.metrics WHERE run_id IN {r:Array(String)})'\n"
-        "print(client.query(q, parameters={'r': json.loads(sys.stdin.read())}).result_rows[0][0])\n"
+        "r = json.loads(sys.stdin.read())\n"
+        "where = 'FROM trackhouse.metrics WHERE run_id IN {r:Array(String)}'\n"
+        "q = f'SELECT (SELECT count() FROM (SELECT DISTINCT * {where})), (SELECT count() {where})'\n"
+        "print(*client.query(q, parameters={'r': r}).result_rows[0])\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script, str(data_dir)],
@@ -232,7 +237,8 @@ def count_in_clickhouse(data_dir: Path, run_ids: Sequence[str]) -> int:
         check=True,
         timeout=300,
     )
-    return int(result.stdout.strip())
+    distinct, raw = result.stdout.split()
+    return int(distinct), int(raw)
 
 
 SYSTEMS: dict[str, type[TrackhouseGrpc] | type[TrackhouseKafka] | type[StockMlflow]] = {

@@ -351,9 +351,7 @@ _SPECIAL = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-
 
 def _double(raw: object, name: str) -> float:
     """A double as protobuf's JSON reader takes it: a number, or a string holding one (NaN and infinities too)."""
-    if isinstance(raw, bool):
-        raise invalid(f"Invalid value {raw!r} for parameter '{name}' supplied: a bool is not a metric value.")
-    if isinstance(raw, int | float):
+    if isinstance(raw, int | float):  # bool too: stock MLflow's handlers take float(true), 1.0
         return float(raw)
     if isinstance(raw, str):
         if raw in _SPECIAL:

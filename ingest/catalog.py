@@ -5,6 +5,9 @@
 - Points, params and tags must belong to a run that exists, or is upserted in
   the same request.
 - A param may be logged again with the same value, never with another.
+- The run name and its `mlflow.runName` tag stay in step whatever the transport:
+  a tag without a run upsert renames the stored run, and a named upsert without
+  the tag writes it, so gRPC, Kafka and REST writes all behave as MLflow does.
 
 Answers are cached in bounded LRUs, so a steady stream of points costs no
 storage lookup. The lookups use a client of their own, so they never wait
@@ -20,10 +23,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
-from trackhouse.ingest.batch import ACTIVE, Batch, ExperimentRow, RunRow
+from trackhouse.ingest.batch import ACTIVE, Batch, ExperimentRow, RunRow, TagRow
 from trackhouse.ingest.errors import InvalidArgumentError, UnknownRunError
 from trackhouse.query import catalog
 from trackhouse.query.connection import Client
+from trackhouse.query.runs import RUN_NAME_TAG
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -66,15 +70,18 @@ class Catalog:
         self._known_experiments = _Lru[str, bool](cache_entries)
         self._known_runs = _Lru[str, bool](cache_entries)
         self._params = _Lru[tuple[str, str], str](cache_entries)
+        #: The newest run row this node accepted, for renames of runs whose row is still queued.
+        self._run_rows = _Lru[str, RunRow](cache_entries)
 
     async def resolve(self, batch: Batch) -> Batch:
         """Return `batch` with experiment ids filled in and new experiments added; raise on bad references."""
         runs, experiments = await self._resolve_experiments(batch.runs)
         await self._check_runs(batch.run_ids() - {r.run_id for r in runs})
         await self._check_params(batch)
-        if not experiments and runs == batch.runs:
+        runs, tags = await self._sync_run_names(runs, batch.tags)
+        if not experiments and runs == batch.runs and tags == batch.tags:
             return batch
-        return dataclasses.replace(batch, runs=runs, experiments=experiments)
+        return dataclasses.replace(batch, runs=runs, experiments=experiments, tags=tags)
 
     def remember(self, batch: Batch) -> None:
         """Record what an accepted batch creates, renames or deletes, so later requests need no lookup.
@@ -83,6 +90,9 @@ class Catalog:
         for a deleted run until its entry ages out (the REST layer checks first).
         """
         for run in batch.runs:
+            newest = self._run_rows.get(run.run_id)
+            if newest is None or newest.version <= run.version:
+                self._run_rows.put(run.run_id, run)
             if run.lifecycle_stage == ACTIVE:
                 self._known_runs.put(run.run_id, True)
             else:
@@ -144,6 +154,33 @@ class Catalog:
                     run_id,
                 )
 
+    async def _sync_run_names(
+        self, runs: tuple[RunRow, ...], tags: tuple[TagRow, ...]
+    ) -> tuple[tuple[RunRow, ...], tuple[TagRow, ...]]:
+        """Keep `runs.name` and the `mlflow.runName` tag in step, as MLflow does, whatever the transport.
+
+        A rename by tag rewrites the run's whole row (runs is a whole-row upsert), from the newer of the
+        stored row and the last row this node accepted, which may still be queued.
+        """
+        renames = {t.run_id: t for t in tags if t.key == RUN_NAME_TAG and not t.deleted}
+        upserted = {r.run_id for r in runs}
+        named = [r for r in runs if r.name and r.run_id not in renames]
+        runs = tuple(dataclasses.replace(r, name=renames[r.run_id].value) if r.run_id in renames else r for r in runs)
+        missing = sorted(set(renames) - upserted)
+        if missing:
+            stored = await asyncio.to_thread(catalog.run_rows, self._client, self._database, missing)
+            renamed = []
+            for run_id in missing:
+                current = _newer(_run_row(stored.get(run_id)), self._run_rows.get(run_id))
+                if current is not None:  # _check_runs has already refused runs that do not exist
+                    tag = renames[run_id]
+                    version = max(tag.version, current.version + 1)
+                    renamed.append(dataclasses.replace(current, name=tag.value, version=version))
+            runs += tuple(renamed)
+        if named:
+            tags += tuple(TagRow(r.run_id, RUN_NAME_TAG, r.name, r.version) for r in named)
+        return runs, tags
+
     async def _check_params(self, batch: Batch) -> None:
         if not batch.params:
             return
@@ -181,6 +218,29 @@ def _param_changed(run_id: str, key: str, old: str, new: str) -> InvalidArgument
         f"param {key!r} of run {run_id} was already logged as {old[:100]!r}; params are immutable,"
         f" so it cannot change to {new[:100]!r}"
     )
+
+
+def _run_row(stored: tuple[object, ...] | None) -> RunRow | None:
+    if stored is None:
+        return None
+    values = dict(zip(catalog.RUN_COLUMNS, stored, strict=True))
+    return RunRow(
+        run_id=str(values["run_id"]),
+        experiment_id=str(values["experiment_id"]),
+        name=str(values["name"]),
+        status=str(values["status"]),
+        start_time_ms=int(str(values["start_time"])),
+        end_time_ms=int(str(values["end_time"] or 0)),
+        user=str(values["user"]),
+        version=int(str(values["version"])),
+        lifecycle_stage=str(values["lifecycle_stage"]),
+    )
+
+
+def _newer(a: RunRow | None, b: RunRow | None) -> RunRow | None:
+    if a is None or b is None:
+        return a or b
+    return a if a.version >= b.version else b
 
 
 def _now_ms() -> int:

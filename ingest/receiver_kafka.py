@@ -127,6 +127,7 @@ class KafkaReceiver:
                 except QueueFullError as exc:
                     if not paused:  # Kafka holds the backlog meanwhile
                         self._consumer.pause(*self._consumer.assignment())
+                        self._telemetry.kafka_fetch_pauses.inc()
                         paused = True
                     if self._stopping:
                         return None

@@ -43,6 +43,11 @@ class Telemetry:
             ["reason"],
             registry=r,
         )
+        self.kafka_fetch_pauses = Counter(
+            "trackhouse_kafka_fetch_pauses",
+            "Times the Kafka worker paused fetching because the batcher's queue was full",
+            registry=r,
+        )
         self.kafka_lag = Gauge(
             "trackhouse_kafka_lag",
             "Messages in the log not yet durably consumed, per partition",

@@ -7,6 +7,7 @@ boundary; the database itself is never replaced.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import numpy as np
@@ -97,12 +98,13 @@ def test_flushes_after_t_ms_when_points_trickle(sql: Client) -> None:
         batcher = Batcher(sink, BatcherConfig(flush_points=1_000_000, flush_interval_ms=100), Telemetry())
         await batcher.start()
         started = time.monotonic()
-        await batcher.submit(points("t", 10))
+        # Bounded: a batcher that ignored the interval would leave this waiting until stop(), which never comes.
+        await asyncio.wait_for(batcher.submit(points("t", 10)), timeout=30)
         elapsed = time.monotonic() - started
         await batcher.stop()
         return elapsed
 
-    assert asyncio.run(scenario()) >= 0.1
+    assert 0.1 <= asyncio.run(scenario()) < 30  # the 100 ms timer, far below the bound
     assert sink.inserts == [10]
 
 
@@ -208,3 +210,30 @@ def test_one_poison_request_fails_alone_and_its_flush_mates_are_stored(sql: Clie
 def test_contradictory_settings_fail_at_construction() -> None:
     with pytest.raises(ConfigError, match="at least flush_points"):
         BatcherConfig(flush_points=1_000, max_queue_points=999)
+
+
+def test_shutdown_gives_up_on_a_failing_store_at_its_deadline(sql: Client) -> None:
+    """While running, the batcher retries a store that keeps failing; at shutdown it retries only until the drain
+    deadline, then fails what is left (so clients resend it elsewhere) instead of hanging."""
+    sink = sink_for(sql, fail_retryable=10**9)  # storage that never comes back
+
+    async def scenario() -> tuple[BaseException | None, int, int]:
+        telemetry = Telemetry()
+        config = BatcherConfig(flush_points=10, flush_interval_ms=10, max_backoff_ms=100, drain_timeout_ms=1_000)
+        batcher = Batcher(sink, config, telemetry)
+        await batcher.start()
+        durable = batcher.submit(points("down", 10))
+        while telemetry.insert_retries._value.get() < 5:  # bounded by the test's timeout
+            await asyncio.sleep(0.01)
+        assert not durable.done(), "it gave up before shutdown: a storage outage must be ridden out"
+        retries_before_stop = int(telemetry.insert_retries._value.get())
+        await asyncio.wait_for(batcher.stop(), timeout=30)  # returns: the deadline is 1 s
+        with contextlib.suppress(BaseException):
+            await durable
+        return durable.exception(), retries_before_stop, int(telemetry.insert_retries._value.get())
+
+    failure, before, after = asyncio.run(scenario())
+    assert isinstance(failure, RetryableError)  # retryable: the client keeps the points and resends them
+    assert after > before  # it kept trying during the drain, then stopped at the deadline
+    assert sink.inserts == []
+    assert stored(sql, "down") == 0

@@ -14,19 +14,44 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from tests import stored as th_stored
 from tests.conftest import RunningServer, ServerProcess, wait_until
 from tests.tansu import KafkaBroker
 from trackhouse import Client, ClientConfig
 from trackhouse.ingest import kafka
 from trackhouse.ingest.codec import BlockColumns, encode_request
+from trackhouse.ingest.config import KafkaConfig
 from trackhouse.ingest.receiver_kafka import ERROR_HEADER
+from trackhouse.query.connection import Client as SqlClient
 from trackhouse.v1 import ingest_pb2
 
 DISTINCT = "SELECT count() FROM (SELECT DISTINCT * FROM trackhouse.metrics WHERE run_id IN {runs:Array(String)})"
+RAW = "SELECT count() FROM trackhouse.metrics WHERE run_id IN {runs:Array(String)}"
 
 
 def stored(server: RunningServer, run_ids: list[str]) -> int:
+    """Distinct points: what to wait on. Assertions use read_once, which would see duplicates."""
     return int(server.scalar(DISTINCT, runs=run_ids))
+
+
+def read_once(sql: SqlClient | None, expected: dict[str, dict[str, np.ndarray]], extra_rows: int = 0) -> None:
+    """Each run's series, read as get-history reads it, holds exactly the expected steps and values once; the raw rows
+    exceed the points by at most `extra_rows` (a replayed partition would store them all again)."""
+    assert sql is not None
+    for run_id, series in expected.items():
+        assert th_stored.keys(sql, run_id) == sorted(series), run_id
+        for key, values in series.items():
+            points = th_stored.history(sql, run_id, key)
+            assert [p[0] for p in points] == list(range(len(values))), (run_id, key)
+            assert np.array_equal([p[2] for p in points], values), (run_id, key)
+    total = sum(len(v) for series in expected.values() for v in series.values())
+    raw = int(sql.query(RAW, parameters={"runs": list(expected)}).result_rows[0][0])
+    assert total <= raw <= total + extra_rows
+
+
+def logged(run_ids: list[str], steps: int, keys: int = 4) -> dict[str, dict[str, np.ndarray]]:
+    """What log_runs logged, run by run and key by key."""
+    return {r: {f"k{k}": np.arange(steps) * 0.1 + k for k in range(keys)} for r in run_ids}
 
 
 def scrape(http_url: str) -> str:
@@ -58,26 +83,38 @@ def test_gateway_to_broker_to_worker_to_chdb(
     with Client(gateway.target, ClientConfig(request_points=2_000)) as client:
         run_ids = log_runs(client, runs=6, steps=500)
         bulk = client.start_run(experiment="kafka")
-        bulk.log_series("loss", np.arange(100_000), np.random.rand(100_000))
+        values = np.random.default_rng(0).random(100_000)
+        bulk.log_series("loss", np.arange(100_000), values)
     expected = 6 * 500 * 4 + 100_000
     wait_until(lambda: stored(worker, [*run_ids, bulk.run_id]) == expected, what="the worker to store every point")
     assert worker.scalar("SELECT count() FROM trackhouse.runs FINAL WHERE match(name, '^r[0-9]+$')") == 6
     wait_until(lambda: caught_up(worker.http_url), what="the worker to commit")
+    read_once(worker.sql, {**logged(run_ids, 500), bulk.run_id: {"loss": values}})
 
 
 def test_client_straight_to_kafka(kafka_broker: KafkaBroker, start_server: Callable[..., RunningServer]) -> None:
     worker = start_server(role="worker", kafka=kafka_broker.config())
     with Client(f"kafka://{kafka_broker.bootstrap}/trackhouse.writes", ClientConfig(request_points=1_000)) as client:
         run_ids = log_runs(client, runs=5, steps=300)
-        client.start_run(experiment="kafka", run_id=run_ids[0] + "x", params={"lr": 0.1}).finish()
+        # Start, points and finish in separate messages: points that overtook their run's start would be refused
+        # as points of an unknown run (dead-lettered), and a start after the finish would leave it RUNNING.
+        ordered = client.start_run(experiment="kafka", run_id=run_ids[0] + "x", params={"lr": 0.1})
+        client.flush(timeout=60)
+        for chunk in range(5):
+            ordered.log_series("loss", np.arange(chunk * 200, (chunk + 1) * 200), np.full(200, float(chunk)))
+            client.flush(timeout=60)
+        ordered.finish()
     wait_until(lambda: stored(worker, run_ids) == 5 * 300 * 4, what="points sent through Kafka")
     wait_until(
         lambda: (
-            worker.rows("SELECT status FROM trackhouse.runs FINAL WHERE run_id = {r:String}", r=run_ids[0] + "x")
+            worker.rows("SELECT status FROM trackhouse.runs FINAL WHERE run_id = {r:String}", r=ordered.run_id)
             == [("FINISHED",)]
         ),
         what="the run's finish, ordered after its start on one partition",
     )
+    wait_until(lambda: caught_up(worker.http_url), what="the worker to commit")
+    assert "trackhouse_dead_lettered_total{" not in scrape(worker.http_url)
+    read_once(worker.sql, {**logged(run_ids, 300), ordered.run_id: {"loss": np.repeat(np.arange(5.0), 200)}})
 
 
 def test_poison_messages_go_to_the_dead_letter_topic_and_the_partition_keeps_moving(
@@ -122,6 +159,8 @@ def test_poison_messages_go_to_the_dead_letter_topic_and_the_partition_keeps_mov
     worker = start_server(role="worker", kafka=config)
     wait_until(lambda: stored(worker, [run_id]) == 15, what="the good messages on both sides of the poison")
     wait_until(lambda: caught_up(worker.http_url), what="the partition to be committed past the poison")
+    assert worker.sql is not None
+    assert [p[0] for p in th_stored.history(worker.sql, run_id, "loss")] == list(range(15))
 
     async def dead_letters() -> list[tuple[bytes, str]]:
         consumer = AIOKafkaConsumer(
@@ -159,14 +198,19 @@ def test_two_workers_one_leaves_mid_stream(
 
     writer = threading.Thread(target=write)
     writer.start()
-    wait_until(lambda: stored(first, run_ids) > 5_000, what="both workers to be consuming")
+    # Each server counts its own inserts (its own /metrics), so both counters moving means both had partitions.
+    wait_until(
+        lambda: _inserted(first.http_url) > 0 and _inserted(second.http_url) > 0 and stored(first, run_ids) > 5_000,
+        what="both workers to be consuming",
+    )
     second.stop()  # leaves the group: a rebalance hands its partitions to the first
     writer.join(120)
     client.close()
     expected = 12 * 1_500 * 2
     wait_until(lambda: stored(first, run_ids) == expected, timeout=90, what="every point after the rebalance")
     wait_until(lambda: caught_up(first.http_url), what="the remaining worker to commit everything")
-    assert stored(first, run_ids) == expected
+    # The hand-over may redeliver what the leaver inserted but had not committed; never everything again.
+    read_once(first.sql, logged(run_ids, 1_500, keys=2), extra_rows=expected // 2)
 
 
 def test_worker_sigkill_mid_stream_then_restart(kafka_broker: KafkaBroker, server_process: ServerProcess) -> None:
@@ -184,7 +228,8 @@ def test_worker_sigkill_mid_stream_then_restart(kafka_broker: KafkaBroker, serve
     run_ids: list[str] = []
     writer = threading.Thread(target=lambda: run_ids.extend(log_runs(client, runs=8, steps=3_000)))
     writer.start()
-    wait_until(lambda: "trackhouse_inserted_points_total" in scrape(http) and _inserted(http) > 10_000, what="inserts")
+    wait_until(lambda: _inserted(http) > 40_000, what="inserts")
+    inserted_before_kill = int(_inserted(http))
     server_process.kill()
     writer.join(120)
     client.close()
@@ -193,10 +238,11 @@ def test_worker_sigkill_mid_stream_then_restart(kafka_broker: KafkaBroker, serve
     assert server_process.terminate() == 0
     sql = server_process.sql()
     try:
-        count = sql.query(DISTINCT, parameters={"runs": run_ids}).result_rows[0][0]
+        # Redelivery after the crash may store again what was inserted but not yet committed; a worker that replayed
+        # its partitions from the start would store all `inserted_before_kill` points again.
+        read_once(sql, logged(run_ids, 3_000), extra_rows=inserted_before_kill - 1)
     finally:
         sql.close()
-    assert count == 8 * 3_000 * 4
 
 
 def _inserted(http: str) -> float:
@@ -238,3 +284,86 @@ def test_broker_down_gateway_answers_unavailable_then_recovers(
     assert client.stats().reconnects > 0
     worker = start_server(role="worker", kafka=config)
     wait_until(lambda: stored(worker, [run.run_id]) == 5_000, what="the points held through the outage")
+    wait_until(lambda: caught_up(worker.http_url), what="the worker to commit")
+    read_once(worker.sql, {run.run_id: {"loss": np.ones(5_000)}})
+
+
+def _produce(config: KafkaConfig, messages: list[bytes], key: bytes) -> None:
+    async def produce() -> None:
+        await kafka.ensure_topics(config)
+        producer = AIOKafkaProducer(bootstrap_servers=config.bootstrap, acks="all")
+        await producer.start()
+        try:
+            for value in messages:  # one key: one partition, in this order
+                await (await producer.send(config.topic, key=key, value=value))
+        finally:
+            await producer.stop()
+
+    asyncio.run(produce())
+
+
+def _block(run_id: str, key: str, steps: np.ndarray, values: np.ndarray) -> BlockColumns:
+    n = len(steps)
+    return BlockColumns(run_id, [key], np.zeros(n, np.uint32), steps, values, np.full(n, 1, np.int64))
+
+
+def test_the_worker_pauses_fetching_while_its_queue_is_full_and_loses_nothing(
+    kafka_broker: KafkaBroker, start_server: Callable[..., RunningServer]
+) -> None:
+    """A backlog of 800-point messages into a worker whose queue holds 1,000 points: each message after the first
+    finds the queue full until the next flush, so the worker pauses fetching (Kafka keeps the backlog) and resumes."""
+    config = kafka_broker.config()
+    run_id = "a" * 32
+    start = ingest_pb2.RunUpsert(run_id=run_id, experiment_name="k", status=ingest_pb2.RUNNING)
+    upsert = ingest_pb2.WriteRequest(runs=[start])
+    messages = [encode_request(upsert, [])]
+    for i in range(10):
+        steps = np.arange(i * 800, (i + 1) * 800)
+        messages.append(encode_request(ingest_pb2.WriteRequest(), [_block(run_id, "loss", steps, steps * 0.5)]))
+    _produce(config, messages, run_id.encode())
+    worker = start_server(
+        role="worker", kafka=config, flush_points=1_000, max_queue_points=1_000, flush_interval_ms=200
+    )
+    wait_until(lambda: caught_up(worker.http_url), timeout=120, what="the worker to store the backlog")
+    assert worker.server.telemetry.kafka_fetch_pauses._value.get() > 0, "the queue never filled: nothing was tested"
+    assert "trackhouse_kafka_fetch_pauses_total" in scrape(worker.http_url)
+    read_once(worker.sql, {run_id: {"loss": np.arange(8_000) * 0.5}})
+
+
+def test_a_message_the_storage_rejects_is_dead_lettered_and_the_rest_stored(
+    kafka_broker: KafkaBroker, start_server: Callable[..., RunningServer]
+) -> None:
+    """A real storage refusal (a CHECK constraint the test adds, ClickHouse code 469): the message goes to the
+    dead-letter topic as storage_rejected, and the messages around it are stored once."""
+    config = kafka_broker.config()
+    run_id = "b" * 32
+    worker = start_server(role="worker", kafka=config)
+    assert worker.sql is not None
+    worker.sql.command("ALTER TABLE trackhouse.metrics ADD CONSTRAINT finite_enough CHECK value < 1e300")
+    start = ingest_pb2.RunUpsert(run_id=run_id, experiment_name="k", status=ingest_pb2.RUNNING)
+    upsert = ingest_pb2.WriteRequest(runs=[start])
+    before = encode_request(upsert, [_block(run_id, "loss", np.arange(10), np.ones(10))])
+    rejected = encode_request(
+        ingest_pb2.WriteRequest(), [_block(run_id, "loss", np.arange(10, 20), np.full(10, 1e301))]
+    )
+    after = encode_request(ingest_pb2.WriteRequest(), [_block(run_id, "loss", np.arange(10, 20), np.full(10, 2.0))])
+    _produce(config, [before, rejected, after], run_id.encode())
+    rejected_metric = 'trackhouse_dead_lettered_total{reason="storage_rejected"} 1.0'
+    wait_until(lambda: rejected_metric in scrape(worker.http_url), timeout=120, what="the dead letter")
+    wait_until(lambda: caught_up(worker.http_url), timeout=120, what="the worker to move past the rejected message")
+    read_once(worker.sql, {run_id: {"loss": np.concatenate([np.ones(10), np.full(10, 2.0)])}})
+
+    async def dead_letters() -> list[tuple[bytes, str]]:
+        consumer = AIOKafkaConsumer(
+            config.dead_letters, bootstrap_servers=config.bootstrap, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        try:
+            records = await consumer.getmany(timeout_ms=5_000)
+            return [(r.value or b"", dict(r.headers)[ERROR_HEADER].decode()) for rs in records.values() for r in rs]
+        finally:
+            await consumer.stop()
+
+    [(value, reason)] = asyncio.run(dead_letters())
+    assert value == rejected
+    assert "VIOLATED_CONSTRAINT" in reason or "469" in reason

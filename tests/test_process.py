@@ -8,12 +8,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, ServerProcess
+from tests import stored
+from tests.conftest import ROOT, ServerProcess, wait_until
 from trackhouse import Client, ClientConfig
 
 pytestmark = pytest.mark.slow
@@ -34,24 +36,35 @@ def log_steadily(client: Client, run_id_out: list[str], started: threading.Event
     run.finish()
 
 
-def exactly_once(proc: ServerProcess, run_id: str) -> tuple[int, int]:
+def stored_once(proc: ServerProcess, run_id: str, expected: dict[str, np.ndarray], extra_rows: int = 0) -> None:
+    """Each key's series, read as get-history reads it, holds exactly the expected steps and values once, and the raw
+    rows exceed the points by at most `extra_rows` (what a crash may legitimately store twice)."""
     sql = proc.sql()
     try:
-        distinct = sql.query(
-            "SELECT count() FROM (SELECT DISTINCT * FROM trackhouse.metrics WHERE run_id = {r:String})",
-            parameters={"r": run_id},
-        ).result_rows[0][0]
-        steps = sql.query(
-            "SELECT uniqExact(step, key) FROM trackhouse.metrics WHERE run_id = {r:String}", parameters={"r": run_id}
-        ).result_rows[0][0]
-        return int(distinct), int(steps)
+        assert stored.keys(sql, run_id) == sorted(expected)
+        for key, values in expected.items():
+            points = stored.history(sql, run_id, key)
+            assert [p[0] for p in points] == list(range(len(values))), key
+            assert np.array_equal([p[2] for p in points], values), key
+        total = sum(len(v) for v in expected.values())
+        assert total <= stored.raw_rows(sql, run_id) <= total + extra_rows
     finally:
         sql.close()
 
 
+def queued_points(proc: ServerProcess) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{proc.http_port}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("trackhouse_queue_points "):
+                return float(line.split()[1])
+    raise AssertionError("no trackhouse_queue_points on /metrics")
+
+
 def test_sigkill_mid_stream_then_restart_loses_and_doubles_nothing(server_process: ServerProcess) -> None:
     server_process.start()
-    client = Client(server_process.target, ClientConfig(request_points=5_000, max_backoff_s=0.5))
+    # A small bound on unacknowledged points bounds what the crash may store twice.
+    config = ClientConfig(request_points=5_000, max_buffer_points=50_000, max_backoff_s=0.5)
+    client = Client(server_process.target, config)
     run_id: list[str] = []
     started = threading.Event()
     logger = threading.Thread(target=log_steadily, args=(client, run_id, started))
@@ -66,43 +79,43 @@ def test_sigkill_mid_stream_then_restart_loses_and_doubles_nothing(server_proces
     assert stats.reconnects > 0
     assert stats.acknowledged_points >= STEPS * KEYS
     assert server_process.terminate() == 0
-    assert exactly_once(server_process, run_id[0]) == (STEPS * KEYS, STEPS * KEYS)
+    steps = np.arange(STEPS)
+    expected = {f"k{i}": steps + i / 10 for i in range(KEYS)}
+    stored_once(server_process, run_id[0], expected, extra_rows=config.max_buffer_points)
 
 
 def test_sigterm_drains_everything_acknowledged(server_process: ServerProcess) -> None:
+    """Points still queued in the server when SIGTERM arrives are inserted, then acknowledged, before it exits."""
+    # Flush by size only: 200,000 points trigger an insert, while the 100,000 late ones wait in the queue.
+    server_process.extra_args = ("--flush-points", "200000", "--flush-interval-ms", "3600000")
     server_process.start()
     client = Client(server_process.target, ClientConfig(request_points=20_000, max_backoff_s=0.5))
     run = client.start_run(experiment="sigterm-test")
     for chunk in range(20):
         steps = np.arange(chunk * 10_000, (chunk + 1) * 10_000)
         run.log_series("loss", steps, steps * 0.5)
-    client.flush(timeout=60)
+    client.flush(timeout=120)
     acknowledged_before = client.stats().acknowledged_points
-    # More data in flight while the server shuts down.
     run.log_series("late", np.arange(100_000), np.ones(100_000))
+    wait_until(lambda: queued_points(server_process) >= 100_000, timeout=120, what="the late points queued")
+    assert client.stats().acknowledged_points == acknowledged_before  # queued, so not acknowledged yet
     assert server_process.terminate() == 0, "SIGTERM must drain and exit cleanly"
+    wait_until(
+        lambda: client.stats().acknowledged_points - acknowledged_before == 100_000,
+        timeout=60,
+        what="the drained points acknowledged",
+    )
     sql = server_process.sql()
     try:
-        stored = sql.query(
-            "SELECT count() FROM (SELECT DISTINCT * FROM trackhouse.metrics"
-            " WHERE run_id = {r:String} AND key = 'loss')",
-            parameters={"r": run.run_id},
-        ).result_rows[0][0]
-        late_acked = client.stats().acknowledged_points - acknowledged_before
-        late_stored = sql.query(
-            "SELECT count() FROM (SELECT DISTINCT * FROM trackhouse.metrics"
-            " WHERE run_id = {r:String} AND key = 'late')",
-            parameters={"r": run.run_id},
-        ).result_rows[0][0]
+        assert stored.raw_rows(sql, run.run_id, "late") == 100_000  # stored by the drain, once
     finally:
         sql.close()
-    assert stored == 200_000
-    assert late_stored >= late_acked  # every acknowledged point is durable
-    # What was not acknowledged stays with the client and arrives after a restart.
+    # Nothing was left to resend: a restart and close add no row.
     server_process.start()
     client.close(timeout=60)
+    assert client.stats().acknowledged_points - acknowledged_before == 100_000
     assert server_process.terminate() == 0
-    assert exactly_once(server_process, run.run_id) == (300_000, 300_000)
+    stored_once(server_process, run.run_id, {"late": np.ones(100_000), "loss": np.arange(200_000) * 0.5})
 
 
 def test_sigterm_during_start_up_exits_promptly(tmp_path: Path) -> None:
@@ -116,7 +129,13 @@ def test_sigterm_during_start_up_exits_promptly(tmp_path: Path) -> None:
         with (tmp_path / "log").open("w") as log:
             process = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
-            time.sleep(3)
+            # Wait for its word that the signal handlers are installed, not a fixed time: under load a fixed sleep
+            # sent SIGTERM before the handler existed, and the process died of the signal (-15).
+            wait_until(
+                lambda: "now stops the start-up" in (tmp_path / "log").read_text() or process.poll() is not None,
+                timeout=120,
+                what="the start-up log line",
+            )
             assert process.poll() is None, "it should still be waiting for the broker"
             process.send_signal(signal.SIGTERM)
             assert process.wait(15) == 0

@@ -148,6 +148,8 @@ def test_summaries_hold_for_any_points(points: list[tuple[int, int, int, float]]
         assert got.keys() == expected.keys()
         assert all(same_point(got[b][0], e[0]) and same_point(got[b][1], e[1]) for b, e in expected.items())
     latest = summarize(m).latest
+    # One latest point for each run that has points: an empty answer must not pass the loop below by skipping it.
+    assert sorted(latest.run_index.tolist()) == sorted({p[0] for p in points})
     for i, run_index in enumerate(latest.run_index):
         mine = [(p[1], p[2], p[3]) for p in points if p[0] == run_index]
         best = max(mine, key=lambda p: (p[0], p[1], _ordered(p[2], nan_last=True)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from traceback import format_exception
+from typing import Any, NoReturn
 
 from aiokafka.errors import KafkaError
 from clickhouse_connect.driver.exceptions import ClickHouseError
@@ -48,6 +50,23 @@ def _flag(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, not {value!r}")
 
 
+def port(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise ValueError("must be a port number from 0 to 65535")
+    return number
+
+
+def log_level(value: str) -> str:
+    level = value.upper()
+    if level not in _LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
+    return level
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 SERVE_OPTIONS = (
     Option("--data-dir", "TRACKHOUSE_DATA_DIR", Path, Path("data"), "embedded ClickHouse (chDB) directory"),
     Option(
@@ -58,9 +77,9 @@ SERVE_OPTIONS = (
         "chdb:///dir or http(s)://user:pass@host:8123/db; overrides --data-dir",
     ),
     Option("--host", "TRACKHOUSE_HOST", str, "127.0.0.1", "interface for gRPC and HTTP"),
-    Option("--grpc-port", "TRACKHOUSE_GRPC_PORT", int, 50051, "gRPC ingest port (0: any free port)"),
+    Option("--grpc-port", "TRACKHOUSE_GRPC_PORT", port, 50051, "gRPC ingest port (0: any free port)"),
     Option(
-        "--http-port", "TRACKHOUSE_HTTP_PORT", int, 5000, "HTTP port: MLflow API and UI, /metrics (0: any free port)"
+        "--http-port", "TRACKHOUSE_HTTP_PORT", port, 5000, "HTTP port: MLflow API and UI, /metrics (0: any free port)"
     ),
     Option(
         "--artifacts-destination",
@@ -98,7 +117,7 @@ SERVE_OPTIONS = (
         defaults.DEFAULT_MAX_MESSAGE_BYTES,
         "largest write request accepted",
     ),
-    Option("--log-level", "TRACKHOUSE_LOG_LEVEL", str, "INFO", "logging level"),
+    Option("--log-level", "TRACKHOUSE_LOG_LEVEL", log_level, "INFO", "logging level"),
     Option(
         "--role",
         "TRACKHOUSE_ROLE",
@@ -179,20 +198,92 @@ SERVE_OPTIONS = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad settings end in one line on stderr and exit status 2, never a usage dump or a traceback."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"trackhouse: {message} (see {self.prog} --help)\n")
+
+
+class _FromEnvironment(str):
+    """A default read from an environment variable: argparse converts string defaults only when the flag is
+    absent, so a given flag wins without the variable ever being parsed, and a bad variable is named in the error."""
+
+    env: str
+
+    def __new__(cls, value: str, env: str) -> _FromEnvironment:
+        self = super().__new__(cls, value)
+        self.env = env
+        return self
+
+
+class _SetTrue(argparse.Action):
+    """store_true that keeps a `type`, so a boolean read from the environment is converted (and checked) too."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, *_: object) -> None:
+        setattr(namespace, self.dest, True)
+
+
+def _converter(option: Option) -> Callable[[str], object]:
+    def convert(raw: str) -> object:
+        try:
+            return option.cast(raw)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+            reason = "not an integer" if option.cast is int or "invalid literal" in str(exc) else str(exc)
+            source = f"{raw.env}={raw!r}" if isinstance(raw, _FromEnvironment) else repr(raw)
+            raise argparse.ArgumentTypeError(f"{source}: {reason}") from None
+
+    return convert
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trackhouse", description="High-throughput metric store with the MLflow API")
+    parser = _Parser(prog="trackhouse", description="High-throughput metric store with the MLflow API")
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="run the server (gRPC ingest and HTTP) in one process")
     for option in SERVE_OPTIONS:
         env_value = os.environ.get(option.env)
-        default = option.cast(env_value) if env_value else option.default
+        default = _FromEnvironment(env_value, option.env) if env_value else option.default
         help_text = f"{option.help} [env {option.env}]"
-        if option.cast is _flag:
-            serve_parser.add_argument(option.flag, action="store_true", default=default, help=help_text)
-        else:
-            serve_parser.add_argument(option.flag, type=option.cast, default=default, help=help_text)
+        # A string default is converted by `type` only when the flag is absent, so a given flag always wins.
+        action: Any = _SetTrue if option.cast is _flag else "store"
+        serve_parser.add_argument(option.flag, action=action, type=_converter(option), default=default, help=help_text)
     add_admin_commands(commands)
     return parser
+
+
+def _bad_setting(message: object) -> NoReturn:
+    print(f"trackhouse: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+#: Artifact URI schemes whose MLflow repository needs a package trackhouse does not install by default:
+#: scheme -> (module MLflow imports, the extra that installs it).
+_ARTIFACT_EXTRAS = {
+    "s3": ("boto3", "s3"),
+    "gs": ("google.cloud.storage", "gcs"),
+    "wasbs": ("azure.storage.blob", "azure"),
+    "abfss": ("azure.storage.blob", "azure"),
+}
+
+
+def _check_artifact_scheme(destination: str) -> None:
+    """Refuse at start-up, not at the first upload, a destination whose repository cannot be imported."""
+    scheme = destination.partition("://")[0] if "://" in destination else ""
+    if scheme not in _ARTIFACT_EXTRAS:
+        return
+    module, extra = _ARTIFACT_EXTRAS[scheme]
+    if _missing(module):
+        raise ConfigError(f"{scheme}:// artifacts need {module}: pip install 'trackhouse[{extra}]'")
+
+
+def _missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except ModuleNotFoundError:  # a parent package is missing
+        return True
 
 
 def build_config(args: argparse.Namespace) -> ServerConfig:
@@ -226,6 +317,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         else RegistryConfig.for_data_dir(args.data_dir)
     )
     artifacts = args.artifacts_destination or str((args.data_dir / "artifacts").resolve())
+    _check_artifact_scheme(artifacts)
     return ServerConfig(
         store=store,
         artifacts_destination=artifacts,
@@ -258,16 +350,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command != "serve":
         sys.exit(run_admin_command(args))
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     redact = redactor_for(args)
     redact.install()
     sys.excepthook = lambda kind, value, tb: sys.stderr.write(redact("".join(format_exception(kind, value, tb))))
     try:
         config = build_config(args)
     except (ConfigError, ValueError) as exc:  # fail fast on bad configuration
-        sys.exit(redact(f"trackhouse: {exc}"))
+        _bad_setting(redact(str(exc)))
     try:
         asyncio.run(serve(config))
+    except ConfigError as exc:  # a setting only found wrong while starting (before PermanentError, its base)
+        _bad_setting(redact(str(exc)))
     except (
         KafkaError,
         ClickHouseError,

@@ -240,6 +240,7 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    log.info("starting role=%s; SIGTERM or SIGINT now stops the start-up", config.role)  # tests wait for it
     server = Server(config)
     exposed = not (is_loopback(config.http_host) and is_loopback(config.grpc.host))
     if exposed and config.auth_file is not None and not config.tls:

@@ -284,9 +284,7 @@ class Client:
             key_index, values = buffer.key_index, buffer.values
             mark = len(values)
             try:
-                for key, value in metrics.items():
-                    if value.__class__ is bool:
-                        raise InvalidArgumentError(f"metric {key!r}: bool is not a metric value")
+                for key, value in metrics.items():  # bools, Python's or numpy's, store as 1.0 and 0.0, as in MLflow
                     key_index.append(buffer.key_id(key))
                     values.append(value)
             except (TypeError, InvalidArgumentError) as exc:
@@ -528,7 +526,7 @@ class Run:
         validation.check_key(key)
         value_array = np.asarray(values)
         step_array = np.asarray(steps)
-        if value_array.dtype == np.bool_ or not np.issubdtype(value_array.dtype, np.number):
+        if value_array.dtype != np.bool_ and not np.issubdtype(value_array.dtype, np.number):
             raise InvalidArgumentError(f"metric {key!r}: values must be numbers, not {value_array.dtype}")
         if not np.issubdtype(step_array.dtype, np.integer):
             raise InvalidArgumentError(f"metric {key!r}: steps must be integers, not {step_array.dtype}")
@@ -548,6 +546,11 @@ class Run:
 
     def set_tags(self, tags: Mapping[str, object]) -> None:
         self._add_meta(None, {}, tags)
+        if self._upsert is not None and "mlflow.runName" in tags:  # the server renames the run; so must finish()
+            renamed = ingest_pb2.RunUpsert()
+            renamed.CopyFrom(self._upsert)
+            renamed.name = str(tags["mlflow.runName"])
+            self._upsert = renamed
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run: status FINISHED (or FAILED, KILLED) and the end time."""
