@@ -22,6 +22,8 @@ from tests.conftest import RunningServer
 from tests.stock import stock_server
 from trackhouse.compat.ui import BUILD_DIR
 
+#: Fields holding the ids each server assigns.
+_ID_FIELDS = {"runUuid", "runId", "experimentId"}
 #: Fields whose values are one server's clock or storage path.
 _OWN_FIELDS = {"startTime", "endTime", "creationTime", "lastUpdateTime", "artifactUri", "artifactLocation"}
 
@@ -40,9 +42,9 @@ def stock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield from stock_server(tmp_path_factory)
 
 
-def seed(url: str) -> dict[str, str]:
+def seed(url: str, experiment: str = "gql") -> dict[str, str]:
     client = MlflowClient(url)
-    experiment_id = client.create_experiment("gql", tags={"team": "a"})
+    experiment_id = client.create_experiment(experiment, tags={"team": "a"})
     run_id = client.create_run(experiment_id, run_name="g", tags={"t": "v"}).info.run_id
     metrics = [Metric("odd", math.nan, 5, 3), Metric("fine", 0.5, 5, 3), Metric("big", math.inf, 6, 1)]
     metrics += [Metric("small", -math.inf, 6, 1)] + [Metric("curve", i / 10, 100 + i, i) for i in range(10)]
@@ -56,17 +58,23 @@ def seed(url: str) -> dict[str, str]:
 def ask(url: str, ids: dict[str, str], query: str, **extra: Any) -> tuple[int, Any]:
     """POST the query; the answer with this server's ids as placeholders and its own fields dropped."""
     response = requests.post(f"{url}/graphql", json={"query": query, **extra}, timeout=30)
-    text = response.text
-    for name, value in ids.items():  # whole JSON strings only: a stock experiment id is "1"
-        text = text.replace(f'"{value}"', f'"<{name}>"')
-    return response.status_code, _without_own_fields(json.loads(text))
+    return response.status_code, _normalized(response.json(), {v: f"<{k}>" for k, v in ids.items()})
 
 
-def _without_own_fields(value: Any) -> Any:
+def _normalized(value: Any, placeholders: dict[str, str]) -> Any:
+    """Ids as placeholders, this server's own fields dropped, and a run's keyed entries (metrics, params, tags)
+    sorted: they come in storage order, which is not part of MLflow's contract. Chart points keep their order."""
     if isinstance(value, dict):
-        return {k: _without_own_fields(v) for k, v in value.items() if k not in _OWN_FIELDS}
+        return {
+            k: placeholders.get(v, v) if k in _ID_FIELDS else _normalized(v, placeholders)
+            for k, v in value.items()
+            if k not in _OWN_FIELDS
+        }
     if isinstance(value, list):
-        return [_without_own_fields(v) for v in value]
+        entries = [_normalized(v, placeholders) for v in value]
+        if entries and all(isinstance(e, dict) and "key" in e and "runId" not in e for e in entries):
+            entries.sort(key=lambda e: json.dumps(e, sort_keys=True))
+        return entries
     return value
 
 
