@@ -38,6 +38,8 @@ from trackhouse.compat import handlers, wire
 
 #: Where the sub-requests go: the UI's prefix, which every MLflow endpoint is mounted under.
 _PREFIX = "/ajax-api/2.0/mlflow/"
+#: The parser stops here, so a hostile query costs the event loop little; the UI's largest query has ~200 tokens.
+MAX_QUERY_TOKENS = 20_000
 #: A sub-request's answer is JSON of one REST call; this bounds what a resolver buffers.
 _MAX_ANSWER_BYTES = 256 * 1024 * 1024
 #: Stock stores ±Inf metric values as ±DBL_MAX (its SQL store clamps them), so that is what its GraphQL answers.
@@ -60,7 +62,7 @@ class GraphQlApi:
         if not isinstance(query, str) or wrong_types:
             return _failure("A GraphQL request needs a string 'query', and optionally 'variables' and 'operationName'")
         try:
-            document = parse(query)
+            document = parse(query, max_tokens=MAX_QUERY_TOKENS)
         except GraphQLError as exc:
             # Stock answers a syntax error with an HTML 500 page; a client can act on this instead.
             return _failure(exc.message)

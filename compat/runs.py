@@ -143,7 +143,7 @@ class RunsApi:
             list(message.order_by),
             message.page_token or None,
         )
-        # A search page holds up to 50,000 runs: its four parts are read concurrently, on separate clients.
+        # A search page holds up to 50,000 runs: its parts are read concurrently, on separate clients.
         found, params, tags, latest, inputs = await asyncio.gather(
             self._backend.read(runs.infos, page.ids),
             self._backend.read(runs.params_of, page.ids),

@@ -158,6 +158,7 @@ def test_the_ui_run_query_renders_nan_and_infinities_as_stock(server: RunningSer
     "body",
     [
         {"query": "query {"},
+        {"query": "{ " + "test { output } " * 10_000 + "}"},
         {"query": 5},
         {"query": "{ test { output } }", "variables": [1]},
         {},
