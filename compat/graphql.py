@@ -31,6 +31,7 @@ from mlflow.protos import model_registry_pb2 as registry_pb
 from mlflow.protos import service_pb2 as pb
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, ErrorCode
 from mlflow.utils.proto_json_utils import parse_dict
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -108,7 +109,7 @@ class _Resolvers:
             ),
             ("Query", "mlflowListArtifacts"): _root("GET", "artifacts/list", pb.ListArtifacts),
             ("Query", "mlflowSearchModelVersions"): _root(
-                "GET", "model-versions/search", registry_pb.SearchModelVersions
+                "GET", "model-versions/search", registry_pb.SearchModelVersions, missing_ok=True
             ),
             ("Query", "mlflowSearchRuns"): _root("POST", "runs/search", pb.SearchRuns),
             ("Mutation", "mlflowSearchRuns"): _root("POST", "runs/search", pb.SearchRuns),
@@ -128,13 +129,13 @@ class _Resolvers:
         return value
 
 
-def _root(method: str, path: str, message_type: Any) -> Resolver:
+def _root(method: str, path: str, message_type: Any, missing_ok: bool = False) -> Resolver:
     """A root field answered by the REST call at `path`, as stock's resolvers call its handlers."""
 
     async def resolve(_: Any, info: GraphQLResolveInfo, input: Any = None) -> Message:
         request_message = message_type()
         parse_dict(vars(input) if input is not None else {}, request_message)
-        return await _call(info.context, method, path, request_message, message_type.Response())
+        return await _call(info.context, method, path, request_message, message_type.Response(), missing_ok)
 
     return resolve
 
@@ -149,12 +150,16 @@ async def _run_experiment(root: Any, info: GraphQLResolveInfo) -> Message:
 async def _run_model_versions(root: Any, info: GraphQLResolveInfo) -> list[Message]:
     request_message = registry_pb.SearchModelVersions(filter=f"run_id='{root.info.run_id}'")
     answer = registry_pb.SearchModelVersions.Response()
-    await _call(info.context, "GET", "model-versions/search", request_message, answer)
+    await _call(info.context, "GET", "model-versions/search", request_message, answer, missing_ok=True)
     return list(answer.model_versions)
 
 
-async def _call(request: Request, method: str, path: str, message: Message, response: Message) -> Message:
-    """`message` sent to the app's own route for `path`; its JSON answer parsed into `response`."""
+async def _call(
+    request: Request, method: str, path: str, message: Message, response: Message, missing_ok: bool = False
+) -> Message:
+    """`message` sent to the app's own route for `path`; its JSON answer parsed into `response`.
+
+    With `missing_ok`, a path no route serves answers the empty `response`."""
     fields = MessageToDict(message, preserving_proto_field_name=True)
     body = b""
     query = b""
@@ -175,7 +180,12 @@ async def _call(request: Request, method: str, path: str, message: Message, resp
         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
     }
     status, answer = await _send(request.app.router, scope, body)
-    payload = orjson.loads(answer) if answer.strip() else {}
+    try:
+        payload = orjson.loads(answer) if answer.strip() else ({} if status < 400 else None)
+    except orjson.JSONDecodeError:
+        payload = None  # not an MLflow answer: no route, or a body the edge wrote
+    if status == 404 and missing_ok and not isinstance(payload, dict):
+        return response  # a service this node does not serve (the registry without a store) has nothing
     if status >= 400:
         raise _error(status, payload)
     parse_dict(payload, response)
@@ -205,7 +215,10 @@ async def _send(app: Any, scope: dict[str, Any], body: bytes) -> tuple[int, byte
                 raise MlflowException(f"The answer is over {_MAX_ANSWER_BYTES} bytes", INTERNAL_ERROR)
             chunks.append(event.get("body", b""))
 
-    await app(scope, receive, send)
+    try:
+        await app(scope, receive, send)
+    except HTTPException as exc:  # the router's own answers (no route), which the app's middleware would write
+        return exc.status_code, b""
     return status, b"".join(chunks)
 
 

@@ -7,6 +7,7 @@ fields that are clocks or paths of that server (start and end times, artifact lo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -17,10 +18,13 @@ import pytest
 import requests
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
+from starlette.applications import Starlette
 
 from tests.conftest import RunningServer
 from tests.stock import stock_server
-from trackhouse.compat.ui import BUILD_DIR
+from trackhouse.compat import graphql
+from trackhouse.compat.graphql import GraphQlApi
+from trackhouse.compat.ui import BUILD_DIR, ui_routes
 
 #: Fields holding the ids each server assigns.
 _ID_FIELDS = {"runUuid", "runId", "experimentId"}
@@ -170,3 +174,25 @@ def test_malformed_requests_get_a_graphql_error_not_a_500(server: RunningServer,
     assert response.status_code == 400
     answer = response.json()
     assert answer["data"] is None and len(answer["errors"]) == 1
+
+
+def test_model_versions_are_empty_where_no_registry_is_served() -> None:
+    """A node with no registry store serves no model-versions route; GraphQL then answers an empty list."""
+    app = Starlette(routes=ui_routes(GraphQlApi()))
+    query = '{ mlflowSearchModelVersions(input: {filter: ""}) { modelVersions { name } } }'
+    body = json.dumps({"query": query}).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/graphql",
+        "raw_path": b"/graphql",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+    }
+    status, answer = asyncio.run(graphql._send(app, scope, body))
+    assert status == 200
+    assert json.loads(answer) == {"data": {"mlflowSearchModelVersions": {"modelVersions": []}}, "errors": None}
