@@ -12,6 +12,7 @@ from starlette.routing import BaseRoute, Route
 
 from trackhouse.compat.artifacts import ArtifactsConfig, artifact_routes
 from trackhouse.compat.backend import Backend
+from trackhouse.compat.datasets import DatasetsApi
 from trackhouse.compat.experiments import ExperimentsApi
 from trackhouse.compat.graphql import GraphQlApi
 from trackhouse.compat.metrics import MetricsApi
@@ -42,8 +43,10 @@ def create_app(
     routes: list[BaseRoute] = [Route("/health", health), Route("/metrics", metrics)]
     if backend is not None:  # a gateway has no storage, so no MLflow API
         experiments = ExperimentsApi(backend)
-        runs = RunsApi(backend, experiments)
+        datasets = DatasetsApi(backend)
+        runs = RunsApi(backend, experiments, datasets)
         endpoints = [*experiments.endpoints(), *runs.endpoints(), *MetricsApi(backend, runs).endpoints()]
+        endpoints += datasets.endpoints()
         routes += mlflow_routes(endpoints)
         # Model registry (issue 14): MLflow's registry service over MLflow's SQLAlchemy store.
         if registry is not None:
@@ -51,6 +54,6 @@ def create_app(
             routes += mlflow_routes(registry_api.endpoints()) + registry_api.ui_routes()
         if artifacts is not None:
             routes += artifact_routes(artifacts, runs.artifact_uri)
-        routes += ui_routes(GraphQlApi(backend, experiments, runs))
+        routes += ui_routes(GraphQlApi())
     # The edge's policy (Host, CORS, authentication) wraps every route, here and nowhere else.
     return Starlette(routes=routes, middleware=middleware(security or SecurityConfig()))

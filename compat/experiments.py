@@ -7,7 +7,7 @@ from dataclasses import replace
 from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.protos import service_pb2 as pb
-from mlflow.utils.validation import MAX_EXPERIMENT_TAG_VAL_LENGTH
+from mlflow.utils.validation import MAX_EXPERIMENT_TAG_VAL_LENGTH, _parse_experiment_id
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -132,6 +132,11 @@ class ExperimentsApi:
 
     async def experiment(self, experiment_id: str) -> Experiment:
         found = (await self._backend.read(experiments.by_ids, [experiment_id])).get(experiment_id)
+        if found is None:
+            # Stock's ids are integers: "abc" is an invalid id, and "007" is experiment 7.
+            canonical = str(_parse_experiment_id(experiment_id))
+            if canonical != experiment_id:
+                found = (await self._backend.read(experiments.by_ids, [canonical])).get(canonical)
         if found is None:
             raise not_found(f"No Experiment with id={experiment_id} exists")
         return found

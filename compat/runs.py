@@ -9,20 +9,26 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-from mlflow.entities import ViewType
+from mlflow.entities import Param, ViewType
 from mlflow.protos import service_pb2 as pb
 from mlflow.utils.name_utils import _generate_random_name
 from mlflow.utils.validation import (
     MAX_BATCH_LOG_REQUEST_SIZE,
-    MAX_ENTITIES_PER_BATCH,
-    MAX_METRICS_PER_BATCH,
-    MAX_PARAMS_TAGS_PER_BATCH,
+    _validate_batch_log_limits,
+    _validate_length_limit,
+    _validate_metric_name,
+    _validate_param_keys_unique,
+    _validate_param_name,
+    _validate_tag_name,
+    missing_value,
 )
 from starlette.requests import Request
 from starlette.responses import Response
 
-from trackhouse.compat import wire
+from trackhouse.compat import handlers, wire
 from trackhouse.compat.backend import Backend, next_version, now_ms
+from trackhouse.compat.datasets import DatasetsApi
+from trackhouse.compat.datasets import checked as checked_dataset_inputs
 from trackhouse.compat.errors import invalid, not_found
 from trackhouse.compat.experiments import ExperimentsApi
 from trackhouse.compat.routing import Endpoint
@@ -39,8 +45,9 @@ from trackhouse.ingest.batch import (
     RunRow,
     TagRow,
 )
+from trackhouse.ingest.catalog import ParamChangedError
 from trackhouse.ingest.errors import UnknownRunError
-from trackhouse.query import metrics, runs, search
+from trackhouse.query import datasets, metrics, runs, search
 from trackhouse.query.runs import RUN_NAME_TAG, RunInfo
 
 DEFAULT_SEARCH_RESULTS = 1000
@@ -48,9 +55,10 @@ _USER_TAG = "mlflow.user"
 
 
 class RunsApi:
-    def __init__(self, backend: Backend, experiments: ExperimentsApi) -> None:
+    def __init__(self, backend: Backend, experiments: ExperimentsApi, datasets: DatasetsApi | None = None) -> None:
         self._backend = backend
         self._experiments = experiments
+        self._datasets = datasets or DatasetsApi(backend)
 
     def endpoints(self) -> list[Endpoint]:
         return [
@@ -65,6 +73,7 @@ class RunsApi:
             ("runs/log-parameter", "POST", self.log_param),
             ("runs/set-tag", "POST", self.set_tag),
             ("runs/delete-tag", "POST", self.delete_tag),
+            ("runs/log-inputs", "POST", self.log_inputs),
         ]
 
     async def create(self, request: Request) -> Response:
@@ -134,14 +143,16 @@ class RunsApi:
             list(message.order_by),
             message.page_token or None,
         )
-        # A search page holds up to 50,000 runs: its four parts are read concurrently, on separate clients.
-        found, params, tags, latest = await asyncio.gather(
+        # A search page holds up to 50,000 runs: its parts are read concurrently, on separate clients.
+        found, params, tags, latest, inputs = await asyncio.gather(
             self._backend.read(runs.infos, page.ids),
             self._backend.read(runs.params_of, page.ids),
             self._backend.read(runs.tags_of, page.ids),
             self._backend.read(metrics.latest, page.ids),
+            self._backend.read(datasets.inputs_of, page.ids),
         )
-        payload: dict[str, Any] = {"runs": [wire.run(r) for r in runs.assemble(page.ids, found, params, tags, latest)]}
+        matched = runs.assemble(page.ids, found, params, tags, latest, inputs)
+        payload: dict[str, Any] = {"runs": [wire.run(r) for r in matched]}
         if page.next_page_token:
             payload["next_page_token"] = page.next_page_token
         return wire.ok(payload)
@@ -152,15 +163,23 @@ class RunsApi:
         metrics = _list(body, "metrics")
         params = _list(body, "params")
         tags = _list(body, "tags")
-        _check_batch_limits(len(metrics), len(params), len(tags))
+        # Stock's order (SqlAlchemyStore.log_batch): each entry, then the limits, then repeated param keys.
         batch = Batch(
             metrics=_metrics(run_id, metrics),
             params=tuple(_param(run_id, p, f"params[{i}]") for i, p in enumerate(params)),
             tags=tuple(
-                _tag(run_id, _field(t, "key", f"tags[{i}]"), _string(t.get("value", ""), "value"), next_version())
+                _tag(
+                    run_id,
+                    _field(t, "key", f"tags[{i}]"),
+                    _string(t.get("value", ""), "value"),
+                    next_version(),
+                    f"tags[{i}].key",
+                )
                 for i, t in enumerate(tags)
             ),
         )
+        _validate_batch_log_limits(metrics, params, tags)
+        _validate_param_keys_unique([Param(p.key, p.value) for p in batch.params])
         await self._log(run_id, batch)
         return wire.ok()
 
@@ -173,7 +192,10 @@ class RunsApi:
     async def log_param(self, request: Request) -> Response:
         body = await wire.body(request)
         run_id = wire.required(_string(body.get("run_id") or body.get("run_uuid"), "run_id"), "run_id")
-        await self._log(run_id, Batch(params=(_param(run_id, body, ""),)))
+        try:
+            await self._log(run_id, Batch(params=(_param(run_id, body, ""),)))
+        except ParamChangedError as exc:
+            raise invalid(exc.single()) from None  # stock words log-parameter's error its own way
         return wire.ok()
 
     async def set_tag(self, request: Request) -> Response:
@@ -193,6 +215,14 @@ class RunsApi:
             raise not_found(f"No tag with name: {key} in run with id {run_id}")
         row = TagRow(run_id, key, "", next_version(), deleted=True)
         await self._backend.write(Batch(tags=(row,)))
+        return wire.ok()
+
+    async def log_inputs(self, request: Request) -> Response:
+        message = await wire.parse(request, pb.LogInputs())
+        run_id = wire.required(message.run_id, "run_id")
+        dataset_inputs = checked_dataset_inputs(message.datasets)  # as stock: the request, then the run
+        info = await self.active_run(run_id)
+        await self._datasets.log(info, dataset_inputs)
         return wire.ok()
 
     async def existing_run(self, run_id: str) -> RunInfo:
@@ -254,14 +284,14 @@ def _run_row(info: RunInfo) -> RunRow:
     )
 
 
-def _tag(run_id: str, key: str, value: str, version: int) -> TagRow:
-    validation.check_key(key, "tag")
+def _tag(run_id: str, key: str, value: str, version: int, path: str = "key") -> TagRow:
+    _check_key(key, "tag", path)
     return TagRow(run_id, key, validation.fit_value("tag", key, value, validation.MAX_TAG_VALUE_LENGTH), version)
 
 
 def _param(run_id: str, body: dict[str, Any], path: str) -> ParamRow:
     key = _field(body, "key", path)
-    validation.check_key(key, "param")
+    _check_key(key, "param", _join(path, "key"))
     value = body.get("value", "")
     if not isinstance(value, str):  # the MLflow client always sends strings; str() what JSON allows
         value = _json_scalar(value, _join(path, "value"))
@@ -282,8 +312,10 @@ def _metrics(run_id: str, entries: list[Any], single: bool = False) -> Metrics:
     if columns is None:
         columns = _checked_columns(entries, single)
     keys, key_index, step, timestamp, value = columns
-    for key in keys:
-        validation.check_key(key)
+    for i, key in enumerate(keys):
+        if validation.key_problem(key) is not None:
+            first = int(np.argmax(key_index == i))
+            _check_key(key, "metric", "name" if single else f"metrics[{first}].name")
     return Metrics(
         run_ids=(run_id,),
         keys=keys,
@@ -379,9 +411,9 @@ def _int64(raw: object, name: str) -> int:
 
 def _present(entry: dict[str, Any], name: str, path: str) -> object:
     if entry.get(name) is None:
-        raise invalid(
-            f"Missing value for required parameter '{_join(path, name)}'. See the API docs for more information."
-        )
+        if not path:  # log-metric: stock's request check
+            handlers.check_required(None, name)
+        raise invalid(missing_value(_join(path, name)))  # log-batch: stock's store check
     return entry[name]
 
 
@@ -409,21 +441,18 @@ def _list(body: dict[str, Any], name: str) -> list[Any]:
     return value
 
 
-def _check_batch_limits(metrics: int, params: int, tags: int) -> None:
-    """MLflow's log-batch limits and messages (mlflow.utils.validation._validate_batch_log_limits)."""
-    for what, count, limit in (
-        ("metrics", metrics, MAX_METRICS_PER_BATCH),
-        ("params", params, MAX_PARAMS_TAGS_PER_BATCH),
-        ("tags", tags, MAX_PARAMS_TAGS_PER_BATCH),
-    ):
-        if count > limit:
-            raise invalid(
-                f"A batch logging request can contain at most {limit} {what}. Got {count} {what}."
-                f" Please split up {what} across multiple requests and try again."
-            )
-    total = metrics + params + tags
-    if total > MAX_ENTITIES_PER_BATCH:
-        raise invalid(
-            f"A batch logging request can contain at most {MAX_ENTITIES_PER_BATCH} total metrics, params and tags."
-            f" Got {total} in total. Please split up across multiple requests and try again."
-        )
+#: MLflow's own check of each kind of key, and the name its length message gives the key.
+_KEY_CHECKS = {
+    "metric": (_validate_metric_name, "Metric name"),
+    "param": (_validate_param_name, "Param key"),
+    "tag": (_validate_tag_name, None),
+}
+
+
+def _check_key(key: str, what: str, path: str) -> None:
+    """MLflow's checks of a key, with its words; the cached check lets good keys through without them."""
+    if validation.key_problem(key) is None:
+        return
+    check, entity = _KEY_CHECKS[what]
+    check(key, path)
+    _validate_length_limit(entity or path, validation.MAX_KEY_LENGTH, key)

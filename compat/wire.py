@@ -21,7 +21,9 @@ from mlflow.utils.proto_json_utils import parse_dict
 from starlette.requests import Request
 from starlette.responses import Response
 
+from trackhouse.compat import handlers
 from trackhouse.compat.errors import invalid
+from trackhouse.query.datasets import DatasetInput
 from trackhouse.query.experiments import Experiment
 from trackhouse.query.metrics import Point
 from trackhouse.query.runs import Run, RunInfo
@@ -77,8 +79,7 @@ def _scalar(field: Any, value: str) -> Any:
 
 
 def required(value: str, name: str) -> str:
-    if not value:
-        raise invalid(f"Missing value for required parameter '{name}'. See the API docs for more information.")
+    handlers.check_required(value, name)
     return value
 
 
@@ -126,9 +127,27 @@ def run(value: Run) -> dict[str, Any]:
             "params": [{"key": k, "value": v} for k, v in value.params.items()],
             "tags": [{"key": k, "value": v} for k, v in value.tags.items()],
         },
-        "inputs": {},
+        "inputs": {"dataset_inputs": [dataset_input(i) for i in value.dataset_inputs]} if value.dataset_inputs else {},
         "outputs": {},
     }
+
+
+def dataset_input(value: DatasetInput) -> dict[str, Any]:
+    """A run's dataset input as message_to_json writes it: no empty tag list, unset schema and profile left out."""
+    dataset = value.dataset
+    shape: dict[str, Any] = {}
+    if value.tags:
+        shape["tags"] = [{"key": k, "value": v} for k, v in value.tags]
+    shape["dataset"] = {
+        "name": dataset.name,
+        "digest": dataset.digest,
+        "source_type": dataset.source_type,
+        "source": dataset.source,
+    }
+    for name, text in (("schema", dataset.schema), ("profile", dataset.profile)):
+        if text:
+            shape["dataset"][name] = text
+    return shape
 
 
 def experiment(value: Experiment) -> dict[str, Any]:

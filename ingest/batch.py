@@ -126,6 +126,33 @@ class ExperimentTagRow:
 
 
 @dataclass(frozen=True, slots=True)
+class DatasetRow:
+    """A dataset as MLflow's client describes it; one per (experiment_id, name, digest)."""
+
+    experiment_id: str
+    name: str
+    digest: str
+    source_type: str
+    source: str
+    schema: str
+    profile: str
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetInputRow:
+    """A dataset used by a run, with the input's tags."""
+
+    run_id: str
+    experiment_id: str
+    name: str
+    digest: str
+    tags: tuple[tuple[str, str], ...]
+    logged_at_ms: int
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
 class Batch:
     metrics: Metrics = field(default_factory=Metrics)
     experiments: tuple[ExperimentRow, ...] = ()
@@ -133,6 +160,8 @@ class Batch:
     params: tuple[ParamRow, ...] = ()
     tags: tuple[TagRow, ...] = ()
     experiment_tags: tuple[ExperimentTagRow, ...] = ()
+    datasets: tuple[DatasetRow, ...] = ()
+    dataset_inputs: tuple[DatasetInputRow, ...] = ()
 
     @property
     def points(self) -> int:
@@ -142,6 +171,7 @@ class Batch:
     def size(self) -> int:
         """What the batch weighs against queue limits: points, plus one per metadata row."""
         rows = len(self.experiments) + len(self.runs) + len(self.params) + len(self.tags) + len(self.experiment_tags)
+        rows += len(self.datasets) + len(self.dataset_inputs)
         return len(self.metrics) + rows
 
     def run_ids(self) -> set[str]:
@@ -162,4 +192,6 @@ class Batch:
             params=tuple(r for b in batches for r in b.params),
             tags=tuple(r for b in batches for r in b.tags),
             experiment_tags=tuple(r for b in batches for r in b.experiment_tags),
+            datasets=tuple(r for b in batches for r in b.datasets),
+            dataset_inputs=tuple(r for b in batches for r in b.dataset_inputs),
         )

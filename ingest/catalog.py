@@ -188,7 +188,7 @@ class Catalog:
         for param in batch.params:
             previous = seen.setdefault((param.run_id, param.key), param.value)
             if previous != param.value:
-                raise _param_changed(param.run_id, param.key, previous, param.value)
+                raise ParamChangedError(param.run_id, [(param.key, previous, param.value)])
         unknown = [k for k in seen if k not in self._params]
         await self._lookup(
             unknown,
@@ -197,10 +197,13 @@ class Catalog:
             ),
             self._params.put,
         )
+        changes: dict[str, list[tuple[str, str, str]]] = {}
         for (run_id, key), value in seen.items():
             stored = self._params.get((run_id, key))
             if stored is not None and stored != value:
-                raise _param_changed(run_id, key, stored, value)
+                changes.setdefault(run_id, []).append((key, stored, value))
+        for run_id in sorted(changes):
+            raise ParamChangedError(run_id, changes[run_id])
 
     async def _lookup(
         self, keys: Iterable[K], fetch: Callable[[list[K]], dict[K, V]], store: Callable[[K, V], None]
@@ -213,11 +216,25 @@ class Catalog:
             store(key, value)
 
 
-def _param_changed(run_id: str, key: str, old: str, new: str) -> InvalidArgumentError:
-    return InvalidArgumentError(
-        f"param {key!r} of run {run_id} was already logged as {old[:100]!r}; params are immutable,"
-        f" so it cannot change to {new[:100]!r}"
-    )
+class ParamChangedError(InvalidArgumentError):
+    """Params logged again with other values, in stock's words: its log-batch message, and `single` for
+    log-parameter's (both from MLflow's SQL store, which has no function of its own for them)."""
+
+    def __init__(self, run_id: str, changes: list[tuple[str, str, str]]) -> None:
+        self.run_id = run_id
+        #: (key, stored value, new value)
+        self.changes = changes
+        listed = [{"key": key, "old_value": old, "new_value": new} for key, old, new in changes]
+        super().__init__(
+            f"Changing param values is not allowed. Params were already logged='{listed}' for run ID='{run_id}'."
+        )
+
+    def single(self) -> str:
+        key, old, new = self.changes[0]
+        return (
+            f"Changing param values is not allowed. Param with key='{key}' was already logged with value='{old}'"
+            f" for run ID='{self.run_id}'. Attempted logging new value '{new}'."
+        )
 
 
 def _run_row(stored: tuple[object, ...] | None) -> RunRow | None:

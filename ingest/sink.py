@@ -190,12 +190,44 @@ class ClickHouseSink:
                 ["experiment_id", "key", "value", "deleted", "version"],
                 [[t.experiment_id, t.key, t.value, int(t.deleted), t.version] for t in batch.experiment_tags],
             )
+        if batch.datasets or batch.dataset_inputs:
+            self._write_datasets(batch)
         if batch.points:
             dictionaries = _Dictionaries(batch.metrics)
             summaries = summarize(batch.metrics)
             self._insert_arrow(schema.METRICS, metrics_table(batch.metrics, dictionaries))
             self._insert_arrow(schema.LATEST_METRICS, latest_table(summaries, dictionaries))
             self._insert_arrow(schema.METRIC_EXTREMES, extremes_table(summaries, dictionaries))
+
+    def _write_datasets(self, batch: Batch) -> None:
+        # Datasets before the inputs that point at them.
+        if batch.datasets:
+            self._insert_rows(
+                schema.DATASETS,
+                ["experiment_id", "name", "digest", "source_type", "source", "schema", "profile", "version"],
+                [
+                    [d.experiment_id, d.name, d.digest, d.source_type, d.source, d.schema, d.profile, d.version]
+                    for d in batch.datasets
+                ],
+            )
+        if batch.dataset_inputs:
+            self._insert_rows(
+                schema.DATASET_INPUTS,
+                ["run_id", "experiment_id", "name", "digest", "tags", "context", "logged_at", "version"],
+                [
+                    [
+                        i.run_id,
+                        i.experiment_id,
+                        i.name,
+                        i.digest,
+                        list(i.tags),
+                        dict(i.tags).get(schema.DATASET_CONTEXT_TAG),
+                        i.logged_at_ms,
+                        i.version,
+                    ]
+                    for i in batch.dataset_inputs
+                ],
+            )
 
     def _insert_arrow(self, table: str, data: pa.Table) -> None:
         self._client.insert_arrow(table, data, database=self._database, settings=INSERT_SETTINGS)

@@ -6,6 +6,7 @@ training loop that logged it rather than later on the server.
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import re
@@ -29,26 +30,45 @@ _RUN_ID_RE = re.compile(r"^[a-zA-Z0-9][\w\-]{0,255}$")
 _EXPERIMENT_ID_RE = re.compile(r"^[a-zA-Z0-9][\w\-]{0,63}$")
 
 
+#: Stock's words (mlflow.utils.validation.bad_character_message and bad_path_message); a test holds them equal.
+_BAD_CHARACTERS = (
+    "Names may only contain alphanumerics, underscores (_), dashes (-), periods (.), spaces ( ), colon(:)"
+    " and slashes (/)."
+)
+_BAD_PATH = (
+    "Names may be treated as files in certain cases, and must not resolve to other names when treated as such."
+    " This name would resolve to {!r}"
+)
+_TOO_LONG = "too long"
+#: How stock names a key in its errors: the request field, and the entity in its length message.
+_KEY_NAMES = {"metric": ("name", "Metric name"), "param": ("key", "Param key"), "tag": ("key", "key")}
+
+
 @lru_cache(maxsize=65536)
 def key_problem(key: str) -> str | None:
     """Why `key` is not a valid metric, param or tag key, or None when it is. Cached: keys repeat."""
-    if len(key) > MAX_KEY_LENGTH:
-        return f"key {key[:64]!r}... is {len(key)} characters, over the limit of {MAX_KEY_LENGTH}"
     if _KEY_RE.match(key) is None:
-        return (
-            f"key {key!r} is invalid: names may only contain alphanumerics, underscores (_), dashes (-),"
-            " periods (.), spaces ( ), colon (:) and slashes (/)"
-        )
+        return _BAD_CHARACTERS
     norm = posixpath.normpath(key)
     if norm != key or norm == "." or norm.startswith("..") or norm.startswith("/"):
-        return f"key {key!r} is invalid: as a path it would resolve to {norm!r}"
+        return _BAD_PATH.format(norm)
+    if len(key) > MAX_KEY_LENGTH:
+        return _TOO_LONG
     return None
 
 
-def check_key(key: str, what: str = "metric") -> None:
+def check_key(key: str, what: str = "metric", path: str | None = None) -> None:
+    """Raise stock's error for a bad key; `path` is the request field MLflow would name (default: its own)."""
     problem = key_problem(key)
-    if problem is not None:
-        raise InvalidArgumentError(f"{what} {problem}")
+    if problem is None:
+        return
+    field, entity = _KEY_NAMES[what]
+    if problem is _TOO_LONG:
+        # Stock checks the length last, in words of its own (mlflow.utils.validation.exceeds_maximum_length).
+        length_entity = path if what == "tag" and path else entity
+        raise InvalidArgumentError(f"'{length_entity}' exceeds the maximum length of {MAX_KEY_LENGTH} characters")
+    shown = json.dumps(key, sort_keys=True, separators=(",", ":"))
+    raise InvalidArgumentError(f"Invalid value {shown} for parameter '{path or field}' supplied: {problem}")
 
 
 def check_run_id(run_id: str) -> None:

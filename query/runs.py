@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from trackhouse.query import metrics, schema
+from trackhouse.query import datasets, metrics, schema
 from trackhouse.query.connection import Client
 from trackhouse.query.experiments import default_artifact_location
 
@@ -36,6 +36,7 @@ class Run:
     metrics: dict[str, metrics.Point] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    dataset_inputs: list[datasets.DatasetInput] = field(default_factory=list)
 
 
 def infos(client: Client, database: str, run_ids: Collection[str]) -> dict[str, RunInfo]:
@@ -71,6 +72,7 @@ def runs(client: Client, database: str, run_ids: Sequence[str]) -> list[Run]:
         params_of(client, database, ids),
         tags_of(client, database, ids),
         metrics.latest(client, database, ids),
+        datasets.inputs_of(client, database, ids),
     )
 
 
@@ -98,6 +100,7 @@ def assemble(
     params: dict[str, dict[str, str]],
     tags: dict[str, dict[str, str]],
     latest: dict[str, dict[str, metrics.Point]],
+    dataset_inputs: dict[str, list[datasets.DatasetInput]] | None = None,
 ) -> list[Run]:
     """Runs from separately read parts, so a caller may read the parts concurrently."""
     result = []
@@ -108,7 +111,8 @@ def assemble(
         run_tags = tags.get(run_id, {})
         if info.name:
             run_tags.setdefault(RUN_NAME_TAG, info.name)
-        result.append(Run(info, latest.get(run_id, {}), params.get(run_id, {}), run_tags))
+        inputs = (dataset_inputs or {}).get(run_id, [])
+        result.append(Run(info, latest.get(run_id, {}), params.get(run_id, {}), run_tags, inputs))
     return result
 
 

@@ -18,6 +18,11 @@ RUNS = "runs"
 PARAMS = "params"
 TAGS = "tags"
 EXPERIMENT_TAGS = "experiment_tags"
+#: Datasets logged as run inputs, one per (experiment, name, digest), and each run's dataset inputs (migration 7).
+DATASETS = "datasets"
+DATASET_INPUTS = "dataset_inputs"
+#: The input tag MLflow keeps a dataset's role in ("training", "eval", ...); dataset_inputs.context copies it.
+DATASET_CONTEXT_TAG = "mlflow.data.context"
 #: Each chart bucket's lowest and highest point (ingest.summaries computes them), at two widths:
 METRIC_EXTREMES = "metric_extremes"
 #: steps per fine bucket (charts over more than ~160 of them read extremes, not points),
@@ -200,6 +205,39 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "DROP TABLE IF EXISTS {db}.metric_rollups_coarse",
             "DROP TABLE IF EXISTS {db}.metric_rollups",
             "DROP TABLE IF EXISTS {db}.latest_metrics",
+        ),
+    ),
+    (
+        7,
+        (
+            # MLflow deduplicates datasets by (experiment, name, digest): the digest names the content,
+            # so rows of one key describe the same data. The writer skips datasets already stored
+            # (stock keeps the first); concurrent writers of one dataset leave rows that merges fold.
+            """CREATE TABLE IF NOT EXISTS {db}.datasets (
+                experiment_id String,
+                name String,
+                digest String,
+                source_type String,
+                source String,
+                schema String,
+                profile String,
+                version UInt64
+            ) ENGINE = ReplacingMergeTree(version)
+            ORDER BY (experiment_id, name, digest)""",
+            # A run's inputs point at datasets by key; one row per (run, dataset), as MLflow keeps one
+            # input per pair. `context` copies the mlflow.data.context tag
+            # so that search filters and search-datasets read a column. `logged_at` orders a run's inputs.
+            """CREATE TABLE IF NOT EXISTS {db}.dataset_inputs (
+                run_id String,
+                experiment_id String,
+                name String,
+                digest String,
+                tags Array(Tuple(key String, value String)),
+                context Nullable(String),
+                logged_at Int64,
+                version UInt64
+            ) ENGINE = ReplacingMergeTree(version)
+            ORDER BY (run_id, name, digest)""",
         ),
     ),
 )

@@ -9,7 +9,6 @@ chosen here (tables, columns, operators from fixed maps, and parameter names p0,
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -47,6 +46,8 @@ _is_numeric_attribute: Callable[[str, str, str], bool] = SearchUtils.is_numeric_
 _is_experiment_tag: Callable[[str, str], bool] = SearchExperimentsUtils.is_tag
 _is_string_experiment_attribute: Callable[[str, str, str], bool] = SearchExperimentsUtils.is_string_attribute
 _is_numeric_experiment_attribute: Callable[[str, str, str], bool] = SearchExperimentsUtils.is_numeric_attribute
+_create_page_token: Callable[[int], bytes] = SearchUtils.create_page_token
+_parse_page_token: Callable[[str], int] = SearchUtils.parse_start_offset_from_page_token
 
 # The comparators MLflow's parser accepts, each mapped to the only text of it that reaches SQL.
 #: A run's latest value of a metric, from metric_latest's packed point.
@@ -68,6 +69,8 @@ _RUN_COLUMNS = {
 }
 _RUN_SELECT = "run_id, experiment_id, name, status, start_time, end_time, user"
 _RUN_NAME_TAG = "mlflow.runName"
+#: The keys MLflow's parser allows after `datasets.` (SearchUtils.DATASET_ATTRIBUTES), as dataset_inputs columns.
+_DATASET_COLUMNS = {"name": "name", "digest": "digest", "context": "context"}
 _NULLABLE_RUN_COLUMNS = {"end_time"}
 
 #: Experiment ids are integers in MLflow, so sort them as numbers: shorter digit strings first.
@@ -191,7 +194,12 @@ class _RunQuery:
         elif _is_param(key_type, comparator) or _is_tag(key_type, comparator):
             self._add_param_or_tag(key_type, key, comparator, value)
         elif _is_dataset(key_type, comparator):
-            raise InvalidQueryError(f"Searching runs by dataset ('datasets.{key}') is not supported")
+            # As MLflow's SQL store: a run matches when any of its dataset inputs does; `context` is
+            # the input's mlflow.data.context tag, and an input without one matches no comparison.
+            matching = _string_condition(_DATASET_COLUMNS[key], comparator, value, self.params)
+            self.conditions.append(
+                f"run_id IN (SELECT run_id FROM {self.database}.{schema.DATASET_INPUTS} WHERE {matching})"
+            )
         else:
             raise InvalidQueryError(f"Invalid search expression type '{key_type}'")
 
@@ -420,19 +428,27 @@ def _float(value: str) -> float:
 
 
 def _token(offset: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"offset": offset}).encode()).decode()
+    return _create_page_token(offset).decode()  # stock's tokens, byte for byte
 
 
 def _offset(page_token: str | None) -> int:
+    """The offset in a page token, with stock's messages for the tokens stock rejects (its parser's own).
+
+    Stock's parser also takes tokens it never issues ({"offset": "10"}, 2.5, true, a negative number) and
+    fails with a 500 on others (a JSON list); those get an invalid-token error here.
+    """
     if not page_token:
         return 0
     if len(page_token) > _MAX_TOKEN_CHARS:
-        raise InvalidQueryError("Invalid page token: it is not one this server issued")
+        raise InvalidQueryError("Invalid page token, it is longer than any this server issues")
     try:
-        decoded = json.loads(base64.b64decode(page_token.encode("ascii"), altchars=b"-_", validate=True))
-    except (UnicodeError, binascii.Error, ValueError):
-        raise InvalidQueryError("Invalid page token: it is not one this server issued") from None
-    offset = decoded.get("offset") if isinstance(decoded, dict) else None
+        _parse_page_token(page_token)
+        parsed = json.loads(base64.b64decode(page_token))
+        offset = parsed["offset"]
+    except MlflowException as error:
+        raise InvalidQueryError(error.message) from None
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError):
+        raise InvalidQueryError("Invalid page token, could not parse it") from None
     if isinstance(offset, bool) or not isinstance(offset, int) or not 0 < offset < 2**63:
-        raise InvalidQueryError("Invalid page token: it is not one this server issued")
+        raise InvalidQueryError(f"Invalid page token, parsed value={parsed}")
     return offset

@@ -70,7 +70,10 @@ def test_a_permanent_refusal_is_reported_with_its_points_and_never_resent(server
         other = second.attach_run(run.run_id)
         other.log_params({"lr": "0.2"})
         other.log_series("loss", np.arange(1000), np.ones(1000))
-        with pytest.raises(InvalidArgumentError, match=r"1001 points in 1 write request\(s\) rejected.*immutable"):
+        with pytest.raises(
+            InvalidArgumentError,
+            match=r"1001 points in 1 write request\(s\) rejected.*Changing param values is not allowed",
+        ):
             second.flush()
         stats = second.stats()
         assert (stats.failed_points, stats.rejected_requests, stats.reconnects) == (1001, 1, 0)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -82,9 +83,16 @@ def test_key_index_out_of_range() -> None:
         decode_request(encode_request(ingest_pb2.WriteRequest(), [bad]), LIMIT)
 
 
-@pytest.mark.parametrize("key", ["bad key!", "x" * 251, "../escape"])
-def test_invalid_keys_are_named(key: str) -> None:
-    with pytest.raises(InvalidArgumentError, match="key"):
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("bad key!", 'Invalid value "bad key!" for parameter'),
+        ("../escape", 'Invalid value "../escape" for parameter'),
+        ("x" * 251, "'Metric name' exceeds the maximum length of 250 characters"),  # stock's words name no key
+    ],
+)
+def test_invalid_keys_get_stocks_message(key: str, message: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=re.escape(message)):
         decode_request(encode_request(ingest_pb2.WriteRequest(), [block(2, ("ok", key))]), LIMIT)
 
 

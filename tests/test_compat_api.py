@@ -411,51 +411,6 @@ def test_rest_exception_type_is_the_clients(client: MlflowClient) -> None:
     assert exc.value.get_http_status_code() == 404  # type: ignore[no-untyped-call]
 
 
-GET_RUN_QUERY = (
-    "query GetRun($data: MlflowGetRunInput!) { mlflowGetRun(input: $data) { apiError { code message __typename }"
-    " run { info { runName runUuid startTime endTime __typename } data { metrics { key value step timestamp"
-    " __typename } __typename } __typename } __typename } }"
-)
-
-
-def test_graphql_answers_the_uis_two_operations(client: MlflowClient, mlflow_server: RunningServer) -> None:
-    experiment_id = client.create_experiment("gql", tags={"team": "a"})
-    run_id = client.create_run(experiment_id, run_name="g").info.run_id
-    client.log_batch(run_id, metrics=[Metric("odd", math.nan, 5, 3), Metric("fine", 0.5, 5, 3)])
-    url = f"{mlflow_server.http_url}/graphql"
-    answer = requests.post(
-        url,
-        json={"operationName": "GetRun", "variables": {"data": {"runId": run_id}}, "query": GET_RUN_QUERY},
-        timeout=10,
-    ).json()
-    assert answer["errors"] is None
-    run = answer["data"]["mlflowGetRun"]["run"]
-    assert run["__typename"] == "MlflowRunExtension"
-    assert run["info"]["runName"] == "g" and isinstance(run["info"]["startTime"], str)
-    metrics = {m["key"]: m for m in run["data"]["metrics"]}
-    assert metrics["fine"] == {
-        "__typename": "MlflowMetricExtension",
-        "key": "fine",
-        "step": "3",
-        "timestamp": "5",
-        "value": 0.5,
-    }
-    assert metrics["odd"]["value"] is None  # GraphQL has no NaN
-    assert run["experiment"]["tags"] == [{"__typename": "MlflowExperimentTag", "key": "team", "value": "a"}]
-
-    experiment = requests.post(
-        url,
-        json={"operationName": "MlflowGetExperimentQuery", "variables": {"input": {"experimentId": experiment_id}}},
-        timeout=10,
-    ).json()["data"]["mlflowGetExperiment"]["experiment"]
-    assert experiment["name"] == "gql" and experiment["creationTime"].isdigit()
-
-    missing = requests.post(
-        url, json={"operationName": "GetRun", "variables": {"data": {"runId": "nope"}}}, timeout=10
-    ).json()
-    assert missing == {"data": {"mlflowGetRun": None}, "errors": ["Run with id=nope not found"]}
-
-
 def test_ui_shell_and_features_trackhouse_lacks(mlflow_server: RunningServer) -> None:
     base = mlflow_server.http_url
     index = requests.get(f"{base}/", timeout=10)

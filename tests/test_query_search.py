@@ -19,11 +19,25 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mlflow.entities import Experiment, ExperimentTag, Metric, Param, Run, RunData, RunInfo, RunTag, ViewType
+from mlflow.entities import (
+    Dataset,
+    DatasetInput,
+    Experiment,
+    ExperimentTag,
+    InputTag,
+    Metric,
+    Param,
+    Run,
+    RunData,
+    RunInfo,
+    RunInputs,
+    RunTag,
+    ViewType,
+)
 from mlflow.exceptions import MlflowException
 from mlflow.utils.search_utils import SearchExperimentsUtils, SearchUtils
 
-from trackhouse.ingest.batch import Batch, Metrics
+from trackhouse.ingest.batch import Batch, DatasetInputRow, DatasetRow, Metrics
 from trackhouse.ingest.sink import ClickHouseSink
 from trackhouse.query import schema, search
 from trackhouse.query.connection import Client, StoreConfig, connect
@@ -31,6 +45,7 @@ from trackhouse.query.errors import InvalidQueryError
 
 ACTIVE, DELETED, ALL = ViewType.ACTIVE_ONLY, ViewType.DELETED_ONLY, ViewType.ALL
 NAN, INF = math.nan, math.inf
+CONTEXT = schema.DATASET_CONTEXT_TAG
 _databases = itertools.count()
 #: A database and the runs written to it, as MLflow's entities.
 World = tuple[str, list[Run]]
@@ -49,6 +64,8 @@ class RunSpec:
     metrics: dict[str, float] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    #: Dataset inputs as (name, digest, context); None is an input without a context tag.
+    datasets: list[tuple[str, str, str | None]] = field(default_factory=list)
 
     def artifact_uri(self) -> str:
         return f"mlflow-artifacts:/{self.experiment_id}/{self.run_id}/artifacts"
@@ -72,7 +89,11 @@ class RunSpec:
             params=[Param(k, v) for k, v in self.params.items()],
             tags=[RunTag(k, v) for k, v in tags.items()],
         )
-        return Run(info, data)
+        inputs = [
+            DatasetInput(Dataset(name, digest, "code", "{}"), [] if context is None else [InputTag(CONTEXT, context)])
+            for name, digest, context in self.datasets
+        ]
+        return Run(info, data, RunInputs(dataset_inputs=inputs))
 
 
 @dataclass
@@ -122,7 +143,20 @@ def write_runs(sql: Client, db: str, runs: Sequence[RunSpec]) -> list[Run]:
     # As the ingest client does, the run name goes in as a tag too.
     tags = [[r.run_id, k, v, 0, 1] for r in runs for k, v in (r.entity().data.tags).items()]
     write_tags(sql, db, tags)
+    write_datasets(sql, db, runs)
     return [r.entity() for r in runs]
+
+
+def write_datasets(sql: Client, db: str, runs: Sequence[RunSpec]) -> None:
+    """The runs' dataset inputs, through the real sink."""
+    inputs = tuple(
+        DatasetInputRow(r.run_id, r.experiment_id, name, digest, () if ctx is None else ((CONTEXT, ctx),), i, 1)
+        for r in runs
+        for i, (name, digest, ctx) in enumerate(r.datasets)
+    )
+    described = {(i.experiment_id, i.name, i.digest) for i in inputs}
+    datasets = tuple(DatasetRow(e, name, digest, "code", "{}", "", "", 1) for e, name, digest in described)
+    ClickHouseSink(sql, db).write(Batch(datasets=datasets, dataset_inputs=inputs))
 
 
 def write_points(sql: Client, db: str, rows: list[list[Any]]) -> None:
@@ -217,10 +251,45 @@ def experiment_ids(
 
 # The runs most tests search: every kind of value, and keys some runs lack.
 RUNS = [
-    RunSpec("r1", "alpha", start=5, end=9, metrics={"acc": 0.95, "loss": 0.1}, params={"lr": "0.1", "opt": "Adam"}),
-    RunSpec("r2", "beta", start=4, end=None, status="RUNNING", metrics={"acc": 0.5}, params={"lr": "0.01"}),
-    RunSpec("r3", "Gamma", start=3, end=7, status="FAILED", user="bob", metrics={"acc": NAN}, params={"opt": "adam"}),
-    RunSpec("r4", "delta", start=3, end=8, metrics={"acc": INF, "loss": -INF}, tags={"team": "vision", "x": ""}),
+    RunSpec(
+        "r1",
+        "alpha",
+        start=5,
+        end=9,
+        metrics={"acc": 0.95, "loss": 0.1},
+        params={"lr": "0.1", "opt": "Adam"},
+        datasets=[("train", "d1", "training"), ("eval", "d2", "eval")],
+    ),
+    RunSpec(
+        "r2",
+        "beta",
+        start=4,
+        end=None,
+        status="RUNNING",
+        metrics={"acc": 0.5},
+        params={"lr": "0.01"},
+        datasets=[("train", "d1", "training")],
+    ),
+    RunSpec(
+        "r3",
+        "Gamma",
+        start=3,
+        end=7,
+        status="FAILED",
+        user="bob",
+        metrics={"acc": NAN},
+        params={"opt": "adam"},
+        datasets=[("train", "d3", None)],
+    ),
+    RunSpec(
+        "r4",
+        "delta",
+        start=3,
+        end=8,
+        metrics={"acc": INF, "loss": -INF},
+        tags={"team": "vision", "x": ""},
+        datasets=[("Train-2", "d4", "Training")],
+    ),
     RunSpec("r5", "epsilon", start=1, metrics={"acc": -INF, "loss": 0.0}, tags={"team": "Vision Research"}),
     RunSpec("r6", "zeta_1", start=2, end=2, metrics={"loss": 7.0}, params={"path": "a\\b%c"}, tags={"team": "nlp"}),
 ]
@@ -284,6 +353,21 @@ FILTERS = [
     "attributes.artifact_uri = 'mlflow-artifacts:/1/r4/artifacts'",
     "attributes.artifact_uri LIKE '%r5%'",
     "attributes.status = 'FINISHED' AND tags.team LIKE '%o%' AND metrics.loss < 1",
+    "datasets.name = 'train'",
+    "datasets.name != 'train'",
+    "dataset.name LIKE 'T%'",
+    "datasets.name ILIKE 'train%'",
+    "datasets.name IN ('eval', 'Train-2')",
+    "datasets.name NOT IN ('train')",
+    "datasets.digest = 'd1'",
+    "datasets.digest != 'd1'",
+    "datasets.context = 'training'",
+    "datasets.context != 'training'",
+    "datasets.context ILIKE 'TRAIN%'",
+    "datasets.context IN ('eval')",
+    "datasets.context NOT IN ('eval')",
+    "datasets.name = 'train' AND datasets.context = 'eval'",
+    "datasets.digest = 'd1' AND metrics.acc > 0.9",
 ]
 
 
@@ -450,7 +534,7 @@ def test_pages_walk_every_run_exactly_once(sql: Client, db: str) -> None:
 
 
 def encode(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).decode()
+    return base64.b64encode(raw).decode()
 
 
 BAD_TOKENS = [
@@ -511,7 +595,8 @@ def test_bad_filters_raise_mlflows_message(sql: Client, shared: World, filter_st
 @pytest.mark.parametrize(
     ("filter_string", "order_by", "max_results", "message"),
     [
-        ("datasets.name = 'train'", [], 10, "not supported"),
+        ("datasets.name IS NULL", [], 10, "only supported for tags and params"),
+        ("datasets.schema = 'x'", [], 10, "Invalid dataset key 'schema'"),
         ("params.p LIKE '" + "%" * 10_001 + "'", [], 10, "limited to 10000 characters"),
         ("", ["metrics.acc sideways"], 10, "Invalid ordering key"),
         ("", ["attributes.nope"], 10, "Invalid attribute key 'nope'"),
@@ -643,6 +728,9 @@ FUZZ_RUNS = [
         metrics={"m": (0.5, NAN, INF, -1.0, 0.0)[i % 5]} if i % 6 else {},
         params={"p": value, HOSTILE[(i + 3) % len(HOSTILE)]: "v"},
         tags={"t": HOSTILE[(i + 7) % len(HOSTILE)]} if i % 4 else {},
+        datasets=[(HOSTILE[(i + 5) % len(HOSTILE)], f"d{i % 3}", HOSTILE[(i + 9) % len(HOSTILE)] if i % 2 else None)]
+        if i % 5
+        else [],
     )
     for i, (name, value) in enumerate(zip(["run-" + h[:40] for h in HOSTILE], HOSTILE, strict=True))
 ]
@@ -666,7 +754,20 @@ hostile_text = st.one_of(
 QUOTES = ["'{}'", '"{}"', "`{}`", "{}"]
 ENTITIES = ["params.", "tags.", "metrics.", "attributes.", "datasets.", "", "run."]
 COMPARATORS = ["=", "!=", "LIKE", "ILIKE", "like", ">", "<=", "IN", "NOT IN", "IS NULL", "IS NOT NULL", "==", "~"]
-KEYS = ["p", "t", "m", "status", "run_name", "start_time", "end_time", "run_id", "`mlflow.runName`", "name"]
+KEYS = [
+    "p",
+    "t",
+    "m",
+    "status",
+    "run_name",
+    "start_time",
+    "end_time",
+    "run_id",
+    "`mlflow.runName`",
+    "name",
+    "digest",
+    "context",
+]
 
 
 @st.composite
@@ -704,7 +805,14 @@ def quoted(value: str) -> str:
 @st.composite
 def well_formed_clauses(draw: st.DrawFn) -> str:
     """Clauses MLflow mostly accepts, so that the comparison with MLflow has answers to compare."""
-    entity = draw(st.sampled_from(["params", "tags", "metrics", "attributes"]))
+    entity = draw(st.sampled_from(["params", "tags", "metrics", "attributes", "datasets"]))
+    if entity == "datasets":
+        key = draw(st.sampled_from(["name", "digest", "context"]))
+        if draw(st.booleans()):
+            values = draw(st.lists(patterns() | st.sampled_from(["d0", "d1"]), min_size=1, max_size=3))
+            return f"datasets.{key} {draw(st.sampled_from(['IN', 'NOT IN']))} ({', '.join(map(quoted, values))})"
+        value = draw(patterns() | st.sampled_from(["d0", "d1", "d%"]))
+        return f"datasets.{key} {draw(st.sampled_from(['=', '!=', 'LIKE', 'ILIKE']))} {quoted(value)}"
     if entity == "metrics":
         value = draw(
             st.sampled_from(["0.5", "0", "-1", "1e400", "-1e400", "0.25"]) | st.floats(allow_nan=False).map(repr)
