@@ -14,6 +14,8 @@ from trackhouse.compat.artifacts import ArtifactsConfig, artifact_routes
 from trackhouse.compat.backend import Backend
 from trackhouse.compat.experiments import ExperimentsApi
 from trackhouse.compat.graphql import GraphQlApi
+from trackhouse.compat.logged_models import LoggedModelsApi
+from trackhouse.compat.logged_models import artifact_routes as model_artifact_routes
 from trackhouse.compat.metrics import MetricsApi
 from trackhouse.compat.registry import RegistryApi
 from trackhouse.compat.registry_store import RegistryStore
@@ -44,6 +46,9 @@ def create_app(
         experiments = ExperimentsApi(backend)
         runs = RunsApi(backend, experiments)
         endpoints = [*experiments.endpoints(), *runs.endpoints(), *MetricsApi(backend, runs).endpoints()]
+        # MLflow 3 logged models (compat.logged_models), runs/outputs and the models of runs/log-inputs.
+        logged_models = LoggedModelsApi(backend, experiments, runs)
+        endpoints += [*logged_models.endpoints(), ("runs/log-inputs", "POST", logged_models.log_inputs)]
         routes += mlflow_routes(endpoints)
         # Model registry (issue 14): MLflow's registry service over MLflow's SQLAlchemy store.
         if registry is not None:
@@ -51,6 +56,7 @@ def create_app(
             routes += mlflow_routes(registry_api.endpoints()) + registry_api.ui_routes()
         if artifacts is not None:
             routes += artifact_routes(artifacts, runs.artifact_uri)
+            routes += model_artifact_routes(artifacts, logged_models)
         routes += ui_routes(GraphQlApi(backend, experiments, runs))
     # The edge's policy (Host, CORS, authentication) wraps every route, here and nowhere else.
     return Starlette(routes=routes, middleware=middleware(security or SecurityConfig()))

@@ -25,6 +25,7 @@ from trackhouse.compat import wire
 from trackhouse.compat.backend import Backend, next_version, now_ms
 from trackhouse.compat.errors import invalid, not_found
 from trackhouse.compat.experiments import ExperimentsApi
+from trackhouse.compat.links import metric_links, with_run_models
 from trackhouse.compat.routing import Endpoint
 from trackhouse.ingest import validation
 from trackhouse.ingest.batch import (
@@ -97,7 +98,9 @@ class RunsApi:
     async def get(self, request: Request) -> Response:
         message = await wire.parse(request, pb.GetRun())
         run_id = wire.required(message.run_id or message.run_uuid, "run_id")
-        return wire.ok({"run": wire.run(await self._run(run_id))})
+        run = wire.run(await self._run(run_id))
+        await with_run_models(self._backend, [run])
+        return wire.ok({"run": run})
 
     async def update(self, request: Request) -> Response:
         message = await wire.parse(request, pb.UpdateRun())
@@ -142,6 +145,7 @@ class RunsApi:
             self._backend.read(metrics.latest, page.ids),
         )
         payload: dict[str, Any] = {"runs": [wire.run(r) for r in runs.assemble(page.ids, found, params, tags, latest)]}
+        await with_run_models(self._backend, payload["runs"])
         if page.next_page_token:
             payload["next_page_token"] = page.next_page_token
         return wire.ok(payload)
@@ -284,6 +288,7 @@ def _metrics(run_id: str, entries: list[Any], single: bool = False) -> Metrics:
     keys, key_index, step, timestamp, value = columns
     for key in keys:
         validation.check_key(key)
+    links, link_index = metric_links(entries)
     return Metrics(
         run_ids=(run_id,),
         keys=keys,
@@ -292,6 +297,8 @@ def _metrics(run_id: str, entries: list[Any], single: bool = False) -> Metrics:
         step=step,
         timestamp=timestamp,
         value=value,
+        links=links,
+        link_index=link_index,
     )
 
 

@@ -66,14 +66,21 @@ class _Dictionaries:
 
 
 def metrics_table(metrics: Metrics, dictionaries: _Dictionaries) -> pa.Table:
-    return pa.table(
-        {
-            **dictionaries.columns(metrics.run_index, metrics.key_index),
-            "step": metrics.step,
-            "timestamp": metrics.timestamp,
-            "value": metrics.value,
-        }
-    )
+    columns = {
+        **dictionaries.columns(metrics.run_index, metrics.key_index),
+        "step": metrics.step,
+        "timestamp": metrics.timestamp,
+        "value": metrics.value,
+    }
+    if metrics.linked:  # otherwise the columns take their default, ''
+        for position, name in enumerate(LINK_COLUMNS):
+            values = pa.array([link[position] for link in metrics.links], pa.string())
+            columns[name] = pa.DictionaryArray.from_arrays(metrics.link_index, values)
+    return pa.table(columns)
+
+
+#: The metrics columns holding a point's Link, in its order.
+LINK_COLUMNS = ("model_id", "dataset_name", "dataset_digest")
 
 
 def latest_table(summaries: Summaries, dictionaries: _Dictionaries) -> pa.Table:
@@ -190,12 +197,68 @@ class ClickHouseSink:
                 ["experiment_id", "key", "value", "deleted", "version"],
                 [[t.experiment_id, t.key, t.value, int(t.deleted), t.version] for t in batch.experiment_tags],
             )
+        self._write_logged_models(batch)
         if batch.points:
             dictionaries = _Dictionaries(batch.metrics)
             summaries = summarize(batch.metrics)
             self._insert_arrow(schema.METRICS, metrics_table(batch.metrics, dictionaries))
             self._insert_arrow(schema.LATEST_METRICS, latest_table(summaries, dictionaries))
             self._insert_arrow(schema.METRIC_EXTREMES, extremes_table(summaries, dictionaries))
+
+    def _write_logged_models(self, batch: Batch) -> None:
+        if batch.logged_models:
+            self._insert_rows(
+                schema.LOGGED_MODELS,
+                [
+                    "model_id",
+                    "experiment_id",
+                    "name",
+                    "artifact_location",
+                    "creation_timestamp",
+                    "last_updated_timestamp",
+                    "status",
+                    "lifecycle_stage",
+                    "model_type",
+                    "source_run_id",
+                    "status_message",
+                    "version",
+                ],
+                [
+                    [
+                        m.model_id,
+                        m.experiment_id,
+                        m.name,
+                        m.artifact_location,
+                        m.creation_time_ms,
+                        m.last_updated_time_ms,
+                        m.status,
+                        m.lifecycle_stage,
+                        m.model_type,
+                        m.source_run_id,
+                        m.status_message,
+                        m.version,
+                    ]
+                    for m in batch.logged_models
+                ],
+            )
+        if batch.logged_model_tags:
+            self._insert_rows(
+                schema.LOGGED_MODEL_TAGS,
+                ["model_id", "key", "value", "deleted", "version"],
+                [[t.model_id, t.key, t.value, int(t.deleted), t.version] for t in batch.logged_model_tags],
+            )
+        if batch.logged_model_params:
+            self._insert_rows(
+                schema.LOGGED_MODEL_PARAMS,
+                ["model_id", "key", "value", "version"],
+                [[p.model_id, p.key, p.value, p.version] for p in batch.logged_model_params],
+            )
+        if batch.run_models:
+            self._insert_rows(
+                schema.RUN_MODELS,
+                ["run_id", "direction", "model_id", "step"],
+                [[r.run_id, r.direction, r.model_id, r.step] for r in batch.run_models],
+            )
 
     def _insert_arrow(self, table: str, data: pa.Table) -> None:
         self._client.insert_arrow(table, data, database=self._database, settings=INSERT_SETTINGS)
