@@ -74,8 +74,10 @@ def metrics_table(metrics: Metrics, dictionaries: _Dictionaries) -> pa.Table:
     }
     if metrics.linked:  # otherwise the columns take their default, ''
         for position, name in enumerate(LINK_COLUMNS):
-            values = pa.array([link[position] for link in metrics.links], pa.string())
-            columns[name] = pa.DictionaryArray.from_arrays(metrics.link_index, values)
+            # Links share parts (one model, several datasets); an Arrow dictionary must not repeat a value.
+            values, inverse = np.unique([link[position] for link in metrics.links], return_inverse=True)
+            index = inverse.astype(np.int32)[metrics.link_index]
+            columns[name] = pa.DictionaryArray.from_arrays(index, pa.array(values.tolist(), pa.string()))
     return pa.table(columns)
 
 
