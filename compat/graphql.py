@@ -19,7 +19,7 @@ from trackhouse.compat import wire
 from trackhouse.compat.backend import Backend
 from trackhouse.compat.experiments import ExperimentsApi
 from trackhouse.compat.runs import RunsApi
-from trackhouse.query import experiments, runs
+from trackhouse.query import experiments, logged_models, runs
 from trackhouse.query.experiments import Experiment
 from trackhouse.query.metrics import Point
 
@@ -63,6 +63,11 @@ class GraphQlApi:
             run.info.experiment_id
         )
         info = run.info
+        linked = (await self._backend.read(logged_models.run_models, [run_id]))[run_id]
+        model_inputs = [{"__typename": "MlflowModelInput", "modelId": m} for m in linked.inputs]
+        model_outputs = [
+            {"__typename": "MlflowModelOutput", "modelId": m, "step": str(step)} for m, step in linked.outputs
+        ]
         return {
             "__typename": "MlflowGetRunResponse",
             "apiError": None,
@@ -88,8 +93,8 @@ class GraphQlApi:
                     "params": [{"__typename": "MlflowParam", "key": k, "value": v} for k, v in run.params.items()],
                     "tags": [{"__typename": "MlflowRunTag", "key": k, "value": v} for k, v in run.tags.items()],
                 },
-                "inputs": {"__typename": "MlflowRunInputs", "datasetInputs": [], "modelInputs": []},
-                "outputs": {"__typename": "MlflowRunOutputs", "modelOutputs": []},
+                "inputs": {"__typename": "MlflowRunInputs", "datasetInputs": [], "modelInputs": model_inputs},
+                "outputs": {"__typename": "MlflowRunOutputs", "modelOutputs": model_outputs},
             },
         }
 

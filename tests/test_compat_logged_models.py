@@ -24,9 +24,12 @@ import pytest
 from mlflow.entities import LoggedModelStatus, Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from playwright.sync_api import Page
 
 from tests.conftest import RunningServer
 from tests.tansu import free_port
+from tests.test_compat_ui import ARTIFACTS, CHROMIUM, no_error_notification, settle
+from tests.test_compat_ui import page as page  # the Chromium fixture, shared
 from trackhouse.ingest.batch import Batch, Metrics, RunRow
 from trackhouse.ingest.sink import ClickHouseSink
 from trackhouse.query import logged_models, schema
@@ -149,9 +152,9 @@ def stock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             process.wait(15)
 
 
-def run_script(url: str, tmp_path: Path) -> dict[str, Any]:
+def run_script(url: str, tmp_path: Path, text: str = SCRIPT) -> dict[str, Any]:
     script = tmp_path / "script.py"
-    script.write_text(SCRIPT)
+    script.write_text(text)
     done = subprocess.run(
         [sys.executable, str(script), url], capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False
     )
@@ -171,7 +174,8 @@ def test_autolog_log_model_load_model_and_search_match_stock(server: RunningServ
     assert "MLmodel" in ours["model"]["artifacts"]
     assert ours["model"]["metrics"] and all(m[3] == "dataset" for m in ours["model"]["metrics"])
     assert ours["search"]["score"] == ["model"] and ours["search"]["none"] == []
-    assert ours["explicit"]["by_id"] == ours["explicit"]["by_run"] or ours["explicit"]["by_id"]
+    assert len(ours["explicit"]["by_id"]) == len(ours["explicit"]["by_run"]) == 5
+    assert ours["explicit"]["metrics"] == [["holdout_auc", 0.75, "holdout"]]
     assert ours == theirs
 
 
@@ -325,3 +329,66 @@ def test_migration_6_keeps_existing_points_and_links_new_ones(sql: Client, monke
     ]
     unlinked = sql.query(f"SELECT key, model_id FROM {database}.metrics WHERE key = 'acc'").result_rows
     assert unlinked == [("acc", "")]
+
+
+AUTOLOG_ONLY = r"""
+import json, sys
+import mlflow
+from sklearn.datasets import load_breast_cancer
+from sklearn.linear_model import LogisticRegression
+
+mlflow.set_tracking_uri(sys.argv[1])
+experiment_id = mlflow.set_experiment("ui-autolog").experiment_id
+mlflow.sklearn.autolog()
+X, y = load_breast_cancer(return_X_y=True)
+with mlflow.start_run() as run:
+    LogisticRegression(max_iter=2000).fit(X[:, :4], y)
+model_id = mlflow.MlflowClient().get_run(run.info.run_id).outputs.model_outputs[0].model_id
+print(json.dumps({"experiment_id": experiment_id, "run_id": run.info.run_id, "model_id": model_id}))
+"""
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (make test installs it)")
+def test_ui_shows_an_autologged_run_its_model_and_artifacts(
+    server: RunningServer, page: tuple[Page, list[str]], tmp_path: Path
+) -> None:
+    ids = run_script(server.http_url, tmp_path, AUTOLOG_ONLY)
+    experiment = f"{server.http_url}/#/experiments/{ids['experiment_id']}"
+    tab, problems = page
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+
+    tab.goto(f"{experiment}/runs/{ids['run_id']}", wait_until="commit")
+    tab.get_by_text("Metrics (7)").wait_for(timeout=30_000)
+    tab.get_by_text("Logged models (1)").wait_for(timeout=30_000)
+    tab.get_by_text("training_roc_auc").first.wait_for(timeout=30_000)
+    settle(tab)
+    tab.screenshot(path=ARTIFACTS / "ui-models-1-run.png", full_page=True)
+    no_error_notification(tab)
+
+    tab.goto(f"{experiment}/runs/{ids['run_id']}/artifacts", wait_until="commit")
+    for name in ("estimator.html", "training_confusion_matrix.png", "training_roc_curve.png"):
+        tab.get_by_text(name).first.wait_for(timeout=30_000)
+    no_error_notification(tab)
+
+    tab.goto(f"{experiment}/models", wait_until="commit")
+    tab.get_by_text("Ready").first.wait_for(timeout=30_000)
+    tab.get_by_role("link", name="model", exact=True).first.wait_for(timeout=30_000)
+    settle(tab)
+    tab.screenshot(path=ARTIFACTS / "ui-models-2-models-tab.png")
+    no_error_notification(tab)
+
+    tab.goto(f"{experiment}/models/{ids['model_id']}", wait_until="commit")
+    tab.get_by_text("Metrics (7)").wait_for(timeout=30_000)
+    tab.get_by_text("dataset (#").first.wait_for(timeout=30_000)
+    tab.get_by_text("Parameters (").first.wait_for(timeout=30_000)
+    tab.screenshot(path=ARTIFACTS / "ui-models-3-model-page.png", full_page=True)
+    no_error_notification(tab)
+
+    tab.goto(f"{experiment}/models/{ids['model_id']}/artifacts", wait_until="commit")
+    tab.get_by_text("requirements.txt").first.wait_for(timeout=30_000)
+    tab.get_by_text("MLmodel").first.click()
+    tab.get_by_text("flavors").first.wait_for(timeout=30_000)  # the preview, through the model's files endpoint
+    settle(tab)
+    tab.screenshot(path=ARTIFACTS / "ui-models-4-model-artifacts.png")
+    no_error_notification(tab)
+    assert problems == []
