@@ -163,6 +163,7 @@ def run_script(url: str, tmp_path: Path, text: str = SCRIPT) -> dict[str, Any]:
     return result
 
 
+@pytest.mark.timeout(1200)  # a stock server's start and two sklearn scripts: minutes on a shared 2-core machine
 def test_autolog_log_model_load_model_and_search_match_stock(server: RunningServer, stock: str, tmp_path: Path) -> None:
     ours = run_script(server.http_url, tmp_path)
     theirs = run_script(stock, tmp_path)
@@ -353,6 +354,7 @@ print(json.dumps({"experiment_id": experiment_id, "run_id": run.info.run_id, "mo
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (make test installs it)")
+@pytest.mark.timeout(900)
 def test_ui_shows_an_autologged_run_its_model_and_artifacts(
     server: RunningServer, page: tuple[Page, list[str]], tmp_path: Path
 ) -> None:
