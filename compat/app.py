@@ -52,7 +52,7 @@ def create_app(
         routes += mlflow_routes(endpoints)
         # Model registry (issue 14): MLflow's registry service over MLflow's SQLAlchemy store.
         if registry is not None:
-            registry_api = RegistryApi(registry, runs.artifact_uri)
+            registry_api = RegistryApi(registry, runs.artifact_uri, logged_models=logged_models)
             routes += mlflow_routes(registry_api.endpoints()) + registry_api.ui_routes()
         if artifacts is not None:
             routes += artifact_routes(artifacts, runs.artifact_uri)

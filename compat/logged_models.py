@@ -8,6 +8,7 @@ stock's. A model's metrics are the points logged with its id (see query.logged_m
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import posixpath
 import uuid
@@ -21,6 +22,7 @@ from mlflow.protos import service_pb2 as pb
 from mlflow.protos.databricks_pb2 import BAD_REQUEST
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.utils import uri
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 from mlflow.utils.name_utils import _generate_random_name
 from mlflow.utils.proto_json_utils import message_to_json
 from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH, _validate_logged_model_name
@@ -33,6 +35,7 @@ from trackhouse.compat.artifacts import ArtifactsConfig, _destination_path, _saf
 from trackhouse.compat.backend import Backend, next_version, now_ms
 from trackhouse.compat.errors import invalid, not_found
 from trackhouse.compat.experiments import ExperimentsApi
+from trackhouse.compat.registry import LoggedModelRef
 from trackhouse.compat.routing import Endpoint, guarded
 from trackhouse.compat.runs import RunsApi
 from trackhouse.ingest import validation
@@ -227,6 +230,22 @@ class LoggedModelsApi:
 
     async def artifact_location(self, model_id: str) -> str:
         return (await self._model(model_id)).artifact_location
+
+    async def registry_ref(self, model_id: str) -> LoggedModelRef:
+        """What the model registry needs of a model (compat.registry.LoggedModels)."""
+        model = await self._model(model_id)
+        return LoggedModelRef(model.model_id, model.artifact_location, model.source_run_id or None)
+
+    async def link_version(self, model_id: str, name: str, version: str) -> None:
+        """Stock's set_model_versions_tags: the model's `mlflow.modelVersions` tag lists versions made from it."""
+        model = await self._model(model_id)
+        # Stock's store passes the version as its integer, so the JSON holds a number.
+        versions: list[dict[str, Any]] = [{"name": name, "version": int(version) if version.isdigit() else version}]
+        if existing := model.tags.get(MLFLOW_MODEL_VERSIONS):
+            known = json.loads(existing)
+            versions = known if versions[0] in known else known + versions
+        rows = _tags(model_id, [(MLFLOW_MODEL_VERSIONS, json.dumps(versions))], next_version())
+        await self._backend.write(Batch(logged_model_tags=rows))
 
 
 def artifact_routes(config: ArtifactsConfig, api: LoggedModelsApi) -> list[BaseRoute]:

@@ -244,6 +244,9 @@ def test_lifecycle_tags_params_and_errors_match_stock(server: RunningServer, sto
         client.delete_logged_model_tag(model_id, "b")
         missing_tag = _error(lambda: client.delete_logged_model_tag(model_id, "b"))  # noqa: B023
         finalized = client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+        registered = client.create_registered_model(f"reg-{time.time_ns()}").name
+        client.create_model_version(registered, f"models:/{model_id}", model_id=model_id)
+        versions = json.loads(client.get_logged_model(model_id).tags["mlflow.modelVersions"])
         page = client.search_logged_models([experiment_id], max_results=1)
         for i in range(2):
             client.create_logged_model(experiment_id, name=f"more{i}")
@@ -255,6 +258,7 @@ def test_lifecycle_tags_params_and_errors_match_stock(server: RunningServer, sto
                 "created": (model.status == LoggedModelStatus.PENDING, model.tags, model.params),
                 "finalized": (str(finalized.status), finalized.tags, finalized.params),
                 "missing_tag": missing_tag[0],
+                "versions": [(v["name"] == registered, v["version"]) for v in versions],
                 "page": ([m.name for m in page], page.token),
                 "pages": ([m.name for m in first], [m.name for m in second], second.token),
                 "after_delete": _error(lambda: client.get_logged_model(model_id))[0],  # noqa: B023
@@ -270,6 +274,7 @@ def test_lifecycle_tags_params_and_errors_match_stock(server: RunningServer, sto
     assert ours["finalized"] == ("FAILED", {"a": "3"}, {"p": "x", "q": "y"})
     assert ours["unknown"] == "RESOURCE_DOES_NOT_EXIST: Logged model with ID 'm-0123' not found."
     assert ours["missing_tag"] == "RESOURCE_DOES_NOT_EXIST"
+    assert ours["versions"] == [(True, 1)]  # the registry lists the version on the model, as stock
     ours["page"] = (ours["page"][0], ours["page"][1] is None)  # tokens are opaque: only whether there is one
     theirs["page"] = (theirs["page"][0], theirs["page"][1] is None)
     assert ours == theirs
