@@ -15,6 +15,8 @@ from trackhouse.compat.backend import Backend
 from trackhouse.compat.datasets import DatasetsApi
 from trackhouse.compat.experiments import ExperimentsApi
 from trackhouse.compat.graphql import GraphQlApi
+from trackhouse.compat.logged_models import LoggedModelsApi
+from trackhouse.compat.logged_models import artifact_routes as model_artifact_routes
 from trackhouse.compat.metrics import MetricsApi
 from trackhouse.compat.registry import RegistryApi
 from trackhouse.compat.registry_store import RegistryStore
@@ -47,13 +49,18 @@ def create_app(
         runs = RunsApi(backend, experiments, datasets)
         endpoints = [*experiments.endpoints(), *runs.endpoints(), *MetricsApi(backend, runs).endpoints()]
         endpoints += datasets.endpoints()
+        # MLflow 3 logged models (compat.logged_models) and runs/outputs; runs/log-inputs hands them its models.
+        logged_models = LoggedModelsApi(backend, experiments, runs)
+        runs.log_model_inputs = logged_models.log_model_inputs
+        endpoints += logged_models.endpoints()
         routes += mlflow_routes(endpoints)
         # Model registry (issue 14): MLflow's registry service over MLflow's SQLAlchemy store.
         if registry is not None:
-            registry_api = RegistryApi(registry, runs.artifact_uri)
+            registry_api = RegistryApi(registry, runs.artifact_uri, logged_models=logged_models)
             routes += mlflow_routes(registry_api.endpoints()) + registry_api.ui_routes()
         if artifacts is not None:
             routes += artifact_routes(artifacts, runs.artifact_uri)
+            routes += model_artifact_routes(artifacts, logged_models)
         routes += ui_routes(GraphQlApi())
     # The edge's policy (Host, CORS, authentication) wraps every route, here and nowhere else.
     return Starlette(routes=routes, middleware=middleware(security or SecurityConfig()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -31,6 +32,7 @@ from trackhouse.compat.datasets import DatasetsApi
 from trackhouse.compat.datasets import checked as checked_dataset_inputs
 from trackhouse.compat.errors import invalid, not_found
 from trackhouse.compat.experiments import ExperimentsApi
+from trackhouse.compat.links import metric_links, with_run_models
 from trackhouse.compat.routing import Endpoint
 from trackhouse.ingest import validation
 from trackhouse.ingest.batch import (
@@ -59,6 +61,8 @@ class RunsApi:
         self._backend = backend
         self._experiments = experiments
         self._datasets = datasets or DatasetsApi(backend)
+        #: Logged models own a run's model inputs; compat.app connects them (None: the models are refused).
+        self.log_model_inputs: Callable[[str, list[str]], Awaitable[None]] | None = None
 
     def endpoints(self) -> list[Endpoint]:
         return [
@@ -106,7 +110,9 @@ class RunsApi:
     async def get(self, request: Request) -> Response:
         message = await wire.parse(request, pb.GetRun())
         run_id = wire.required(message.run_id or message.run_uuid, "run_id")
-        return wire.ok({"run": wire.run(await self._run(run_id))})
+        run = wire.run(await self._run(run_id))
+        await with_run_models(self._backend, [run])
+        return wire.ok({"run": run})
 
     async def update(self, request: Request) -> Response:
         message = await wire.parse(request, pb.UpdateRun())
@@ -153,6 +159,7 @@ class RunsApi:
         )
         matched = runs.assemble(page.ids, found, params, tags, latest, inputs)
         payload: dict[str, Any] = {"runs": [wire.run(r) for r in matched]}
+        await with_run_models(self._backend, payload["runs"])
         if page.next_page_token:
             payload["next_page_token"] = page.next_page_token
         return wire.ok(payload)
@@ -223,6 +230,11 @@ class RunsApi:
         dataset_inputs = checked_dataset_inputs(message.datasets)  # as stock: the request, then the run
         info = await self.active_run(run_id)
         await self._datasets.log(info, dataset_inputs)
+        model_ids = [model.model_id for model in message.models]
+        if model_ids:
+            if self.log_model_inputs is None:
+                raise invalid("Logged models are not served here")
+            await self.log_model_inputs(run_id, model_ids)
         return wire.ok()
 
     async def existing_run(self, run_id: str) -> RunInfo:
@@ -316,6 +328,7 @@ def _metrics(run_id: str, entries: list[Any], single: bool = False) -> Metrics:
         if validation.key_problem(key) is not None:
             first = int(np.argmax(key_index == i))
             _check_key(key, "metric", "name" if single else f"metrics[{first}].name")
+    links, link_index = metric_links(entries)
     return Metrics(
         run_ids=(run_id,),
         keys=keys,
@@ -324,6 +337,8 @@ def _metrics(run_id: str, entries: list[Any], single: bool = False) -> Metrics:
         step=step,
         timestamp=timestamp,
         value=value,
+        links=links,
+        link_index=link_index,
     )
 
 

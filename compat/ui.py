@@ -1,6 +1,6 @@
 """The stock MLflow UI, served from the installed package's static build, and the calls its pages make.
 
-trackhouse has no traces, logged models, gateway, evaluation datasets, issues,
+trackhouse has no traces, gateway, evaluation datasets, issues,
 scorers or assistant. The UI asks for them on most pages, so those calls get
 the answers a stock server gives with nothing stored (recorded from MLflow
 3.17 behind a proxy), and the UI shows empty lists instead of errors.
@@ -38,7 +38,6 @@ SERVER_INFO = {
 #: (path, methods, answer) for features trackhouse does not have. `{}` is protobuf's empty message:
 #: no results and no page token. Both MLflow prefixes are served; the client uses /api, the UI /ajax-api.
 _EMPTY: tuple[tuple[str, tuple[str, ...], dict[str, Any]], ...] = (
-    ("2.0/mlflow/logged-models/search", ("POST",), {}),
     ("2.0/mlflow/gateway-proxy", ("GET", "POST"), {"endpoints": []}),
     ("2.0/mlflow/traces", ("GET",), {}),
     ("3.0/mlflow/traces", ("GET",), {}),

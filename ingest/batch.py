@@ -6,8 +6,9 @@ Python object exists per point. Runs, params and tags are few, and stay rows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -19,6 +20,11 @@ Float64Array = npt.NDArray[np.float64]
 _EMPTY_I32: Int32Array = np.empty(0, np.int32)
 _EMPTY_I64: Int64Array = np.empty(0, np.int64)
 _EMPTY_F64: Float64Array = np.empty(0, np.float64)
+
+#: What MLflow 3 may attach to a point: (model_id, dataset_name, dataset_digest); empty strings when absent.
+Link = tuple[str, str, str]
+NO_LINK: Link = ("", "", "")
+_H = TypeVar("_H", bound=Hashable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,9 +38,21 @@ class Metrics:
     step: Int64Array = field(default_factory=lambda: _EMPTY_I64)
     timestamp: Int64Array = field(default_factory=lambda: _EMPTY_I64)
     value: Float64Array = field(default_factory=lambda: _EMPTY_F64)
+    #: Point i is linked to links[link_index[i]]; both empty (the common case) when no point has a link.
+    links: tuple[Link, ...] = ()
+    link_index: Int32Array = field(default_factory=lambda: _EMPTY_I32)
 
     def __len__(self) -> int:
         return len(self.value)
+
+    @property
+    def linked(self) -> bool:
+        return len(self.link_index) > 0
+
+    def _links_or_none(self) -> tuple[tuple[Link, ...], Int32Array]:
+        if self.linked:
+            return self.links, self.link_index
+        return (NO_LINK,), np.zeros(len(self), np.int32)
 
     @staticmethod
     def concat(parts: Sequence[Metrics]) -> Metrics:
@@ -43,6 +61,11 @@ class Metrics:
             return parts[0] if parts else Metrics()
         run_ids, run_index = union_dictionaries([p.run_ids for p in parts], [p.run_index for p in parts])
         keys, key_index = union_dictionaries([p.keys for p in parts], [p.key_index for p in parts])
+        links: tuple[Link, ...] = ()
+        link_index = _EMPTY_I32
+        if any(p.linked for p in parts):
+            columns = [p._links_or_none() for p in parts]
+            links, link_index = union_dictionaries([c[0] for c in columns], [c[1] for c in columns])
         return Metrics(
             run_ids=run_ids,
             keys=keys,
@@ -51,17 +74,19 @@ class Metrics:
             step=np.concatenate([p.step for p in parts]),
             timestamp=np.concatenate([p.timestamp for p in parts]),
             value=np.concatenate([p.value for p in parts]),
+            links=links,
+            link_index=link_index,
         )
 
 
 def union_dictionaries(
-    dictionaries: Sequence[tuple[str, ...]], indices: Sequence[Int32Array]
-) -> tuple[tuple[str, ...], Int32Array]:
+    dictionaries: Sequence[tuple[_H, ...]], indices: Sequence[Int32Array]
+) -> tuple[tuple[_H, ...], Int32Array]:
     """Merge dictionary-encoded columns: one dictionary without repeats, indices remapped.
 
     The Python work is per dictionary entry, not per point; points are remapped by numpy.
     """
-    merged: dict[str, int] = {}
+    merged: dict[_H, int] = {}
     remapped = []
     for dictionary, index in zip(dictionaries, indices, strict=True):
         remap = np.fromiter((merged.setdefault(v, len(merged)) for v in dictionary), np.int32, len(dictionary))
@@ -153,6 +178,55 @@ class DatasetInputRow:
 
 
 @dataclass(frozen=True, slots=True)
+class LoggedModelRow:
+    """An MLflow 3 logged model, whole: every change writes a new version of the row."""
+
+    model_id: str
+    experiment_id: str
+    name: str
+    artifact_location: str
+    creation_time_ms: int
+    last_updated_time_ms: int
+    #: mlflow.entities.LoggedModelStatus as its protobuf number.
+    status: int
+    version: int
+    model_type: str = ""
+    source_run_id: str = ""
+    status_message: str = ""
+    lifecycle_stage: str = ACTIVE
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedModelTagRow:
+    model_id: str
+    key: str
+    value: str
+    version: int
+    deleted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedModelParamRow:
+    model_id: str
+    key: str
+    value: str
+    version: int
+
+
+#: RunModelRow directions: a model the run used (runs/log-inputs) or produced (runs/outputs).
+MODEL_INPUT = "input"
+MODEL_OUTPUT = "output"
+
+
+@dataclass(frozen=True, slots=True)
+class RunModelRow:
+    run_id: str
+    model_id: str
+    direction: str
+    step: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Batch:
     metrics: Metrics = field(default_factory=Metrics)
     experiments: tuple[ExperimentRow, ...] = ()
@@ -162,6 +236,10 @@ class Batch:
     experiment_tags: tuple[ExperimentTagRow, ...] = ()
     datasets: tuple[DatasetRow, ...] = ()
     dataset_inputs: tuple[DatasetInputRow, ...] = ()
+    logged_models: tuple[LoggedModelRow, ...] = ()
+    logged_model_tags: tuple[LoggedModelTagRow, ...] = ()
+    logged_model_params: tuple[LoggedModelParamRow, ...] = ()
+    run_models: tuple[RunModelRow, ...] = ()
 
     @property
     def points(self) -> int:
@@ -172,7 +250,8 @@ class Batch:
         """What the batch weighs against queue limits: points, plus one per metadata row."""
         rows = len(self.experiments) + len(self.runs) + len(self.params) + len(self.tags) + len(self.experiment_tags)
         rows += len(self.datasets) + len(self.dataset_inputs)
-        return len(self.metrics) + rows
+        rows += len(self.logged_models) + len(self.logged_model_tags) + len(self.logged_model_params)
+        return len(self.metrics) + rows + len(self.run_models)
 
     def run_ids(self) -> set[str]:
         """Every run this batch writes to."""
@@ -194,4 +273,8 @@ class Batch:
             experiment_tags=tuple(r for b in batches for r in b.experiment_tags),
             datasets=tuple(r for b in batches for r in b.datasets),
             dataset_inputs=tuple(r for b in batches for r in b.dataset_inputs),
+            logged_models=tuple(r for b in batches for r in b.logged_models),
+            logged_model_tags=tuple(r for b in batches for r in b.logged_model_tags),
+            logged_model_params=tuple(r for b in batches for r in b.logged_model_params),
+            run_models=tuple(r for b in batches for r in b.run_models),
         )

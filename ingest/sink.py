@@ -66,14 +66,23 @@ class _Dictionaries:
 
 
 def metrics_table(metrics: Metrics, dictionaries: _Dictionaries) -> pa.Table:
-    return pa.table(
-        {
-            **dictionaries.columns(metrics.run_index, metrics.key_index),
-            "step": metrics.step,
-            "timestamp": metrics.timestamp,
-            "value": metrics.value,
-        }
-    )
+    columns = {
+        **dictionaries.columns(metrics.run_index, metrics.key_index),
+        "step": metrics.step,
+        "timestamp": metrics.timestamp,
+        "value": metrics.value,
+    }
+    if metrics.linked:  # otherwise the columns take their default, ''
+        for position, name in enumerate(LINK_COLUMNS):
+            # Links share parts (one model, several datasets); an Arrow dictionary must not repeat a value.
+            values, inverse = np.unique([link[position] for link in metrics.links], return_inverse=True)
+            index = inverse.astype(np.int32)[metrics.link_index]
+            columns[name] = pa.DictionaryArray.from_arrays(index, pa.array(values.tolist(), pa.string()))
+    return pa.table(columns)
+
+
+#: The metrics columns holding a point's Link, in its order.
+LINK_COLUMNS = ("model_id", "dataset_name", "dataset_digest")
 
 
 def latest_table(summaries: Summaries, dictionaries: _Dictionaries) -> pa.Table:
@@ -192,6 +201,7 @@ class ClickHouseSink:
             )
         if batch.datasets or batch.dataset_inputs:
             self._write_datasets(batch)
+        self._write_logged_models(batch)
         if batch.points:
             dictionaries = _Dictionaries(batch.metrics)
             summaries = summarize(batch.metrics)
@@ -227,6 +237,61 @@ class ClickHouseSink:
                     ]
                     for i in batch.dataset_inputs
                 ],
+            )
+
+    def _write_logged_models(self, batch: Batch) -> None:
+        if batch.logged_models:
+            self._insert_rows(
+                schema.LOGGED_MODELS,
+                [
+                    "model_id",
+                    "experiment_id",
+                    "name",
+                    "artifact_location",
+                    "creation_timestamp",
+                    "last_updated_timestamp",
+                    "status",
+                    "lifecycle_stage",
+                    "model_type",
+                    "source_run_id",
+                    "status_message",
+                    "version",
+                ],
+                [
+                    [
+                        m.model_id,
+                        m.experiment_id,
+                        m.name,
+                        m.artifact_location,
+                        m.creation_time_ms,
+                        m.last_updated_time_ms,
+                        m.status,
+                        m.lifecycle_stage,
+                        m.model_type,
+                        m.source_run_id,
+                        m.status_message,
+                        m.version,
+                    ]
+                    for m in batch.logged_models
+                ],
+            )
+        if batch.logged_model_tags:
+            self._insert_rows(
+                schema.LOGGED_MODEL_TAGS,
+                ["model_id", "key", "value", "deleted", "version"],
+                [[t.model_id, t.key, t.value, int(t.deleted), t.version] for t in batch.logged_model_tags],
+            )
+        if batch.logged_model_params:
+            self._insert_rows(
+                schema.LOGGED_MODEL_PARAMS,
+                ["model_id", "key", "value", "version"],
+                [[p.model_id, p.key, p.value, p.version] for p in batch.logged_model_params],
+            )
+        if batch.run_models:
+            self._insert_rows(
+                schema.RUN_MODELS,
+                ["run_id", "direction", "model_id", "step"],
+                [[r.run_id, r.direction, r.model_id, r.step] for r in batch.run_models],
             )
 
     def _insert_arrow(self, table: str, data: pa.Table) -> None:

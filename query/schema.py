@@ -34,6 +34,11 @@ COARSE_WIDTH = 4096
 NAN_LOW = 2**63 - 1
 NAN_HIGH = -(2**63)
 MIGRATIONS_TABLE = "schema_migrations"
+#: MLflow 3 logged models (migration 6), their tags and params, and which runs used or produced them.
+LOGGED_MODELS = "logged_models"
+LOGGED_MODEL_TAGS = "logged_model_tags"
+LOGGED_MODEL_PARAMS = "logged_model_params"
+RUN_MODELS = "run_models"
 
 DEFAULT_EXPERIMENT_ID = "0"
 DEFAULT_EXPERIMENT_NAME = "Default"
@@ -205,6 +210,62 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "DROP TABLE IF EXISTS {db}.metric_rollups_coarse",
             "DROP TABLE IF EXISTS {db}.metric_rollups",
             "DROP TABLE IF EXISTS {db}.latest_metrics",
+        ),
+    ),
+    (
+        6,
+        (
+            # MLflow 3 links a point to a logged model and the dataset it was measured on. Mostly
+            # unused, so LowCardinality columns that hold '' cost next to nothing. They join the end
+            # of the sort key (ClickHouse allows that only in the ALTER that adds them) so that a
+            # point logged for two models is not merged into one; every read stays DISTINCT on
+            # (step, timestamp, value). Rerunning the statement is a no-op.
+            """ALTER TABLE {db}.metrics
+            ADD COLUMN IF NOT EXISTS model_id LowCardinality(String),
+            ADD COLUMN IF NOT EXISTS dataset_name LowCardinality(String),
+            ADD COLUMN IF NOT EXISTS dataset_digest LowCardinality(String),
+            MODIFY ORDER BY (run_id, key, step, timestamp, value, model_id, dataset_name, dataset_digest)""",
+            # A model's points are found by model_id across runs: the set index skips every granule
+            # holding only unlinked points (parts written before this migration gain it as they merge).
+            "ALTER TABLE {db}.metrics ADD INDEX IF NOT EXISTS model_ids model_id TYPE set(256) GRANULARITY 1",
+            """CREATE TABLE IF NOT EXISTS {db}.logged_models (
+                model_id String,
+                experiment_id String,
+                name String,
+                artifact_location String,
+                creation_timestamp Int64,
+                last_updated_timestamp Int64,
+                status Int32,
+                lifecycle_stage LowCardinality(String),
+                model_type String,
+                source_run_id String,
+                status_message String,
+                version UInt64
+            ) ENGINE = ReplacingMergeTree(version)
+            ORDER BY model_id""",
+            """CREATE TABLE IF NOT EXISTS {db}.logged_model_tags (
+                model_id String,
+                key String,
+                value String,
+                deleted UInt8,
+                version UInt64
+            ) ENGINE = ReplacingMergeTree(version)
+            ORDER BY (model_id, key)""",
+            """CREATE TABLE IF NOT EXISTS {db}.logged_model_params (
+                model_id String,
+                key String,
+                value String,
+                version UInt64
+            ) ENGINE = ReplacingMergeTree(version)
+            ORDER BY (model_id, key)""",
+            # runs/log-inputs models ('input') and runs/outputs ('output'); a retry writes the same row.
+            """CREATE TABLE IF NOT EXISTS {db}.run_models (
+                run_id String,
+                direction LowCardinality(String),
+                model_id String,
+                step Int64
+            ) ENGINE = ReplacingMergeTree
+            ORDER BY (run_id, direction, model_id, step)""",
         ),
     ),
     (
