@@ -25,6 +25,7 @@ REQUIRED_TABLES: dict[int, tuple[str, ...]] = {
     2: ("experiment_tags",),
     5: ("metric_latest", "metric_extremes"),
     6: ("logged_models", "logged_model_tags", "logged_model_params", "run_models"),
+    7: ("datasets", "dataset_inputs"),
 }
 #: Detached for a harmless reason: ClickHouse keeps parts that a merged part already covers as `ignored_`.
 _HARMLESS_DETACH_REASONS = frozenset({"ignored"})
