@@ -12,40 +12,145 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from trackhouse.query import schema
 from trackhouse.query.connection import Client
 
-#: (step, timestamp, value): MLflow's ordering of a run's points for one key.
+#: (step, timestamp, value) of one point.
 Point = tuple[int, int, float]
+Int64Array = npt.NDArray[np.int64]
+Float64Array = npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True, slots=True)
 class HistoryPage:
-    points: list[Point]
+    """Points as numpy columns, in stock MLflow's order: (timestamp, step, value)."""
+
+    step: Int64Array
+    timestamp: Int64Array
+    value: Float64Array
     #: Pass back as `after` for the next page; None on the last page.
     next_after: Point | None
+
+    @property
+    def points(self) -> list[Point]:
+        """As tuples (tests and small answers; the hot path keeps the columns)."""
+        return list(zip(self.step.tolist(), self.timestamp.tolist(), self.value.tolist(), strict=True))
+
+    def __len__(self) -> int:
+        return len(self.step)
 
 
 def history(
     client: Client, database: str, run_id: str, key: str, limit: int, after: Point | None = None
 ) -> HistoryPage:
-    """One page of a run's series in (step, timestamp, value) order, each distinct point once.
+    """One page of at most `limit` points of a run's series in stock MLflow's order, (timestamp, step, value),
+    each distinct point once.
 
-    Keyset pagination: a page starts strictly after the last point of the previous one,
-    so pages stay stable while points are being added.
+    Keyset pagination: a page starts strictly after the last point of the previous one, so pages stay
+    stable while points are being added. The table is sorted by step, so a page is first read in step
+    order, which ClickHouse streams from the sort key. When timestamps grow with steps (nearly always),
+    that is timestamp order too, and one count over the page's timestamp window proves it (a minmax
+    index skips the rest of the series). Otherwise the page is read sorted by timestamp: exact, slower.
     """
-    where = "run_id = {run:String} AND key = {key:String}"
+    table = f"{database}.{schema.METRICS}"
     parameters: dict[str, object] = {"run": run_id, "key": key, "limit": limit + 1}
     if after is not None:
-        where += " AND (step, timestamp, value) > ({s:Int64}, {t:Int64}, {v:Float64})"
-        parameters.update(s=after[0], t=after[1], v=after[2])
-    rows = client.query(
-        f"SELECT DISTINCT step, timestamp, value FROM {database}.{schema.METRICS} WHERE {where}"
-        " ORDER BY step, timestamp, value LIMIT {limit:UInt64}",
+        parameters.update(_bound("a", after))
+    read = _page(client, table, parameters, after is not None, by_step=True)
+    if not _is_timestamp_page(client, table, parameters, after is not None, read, limit):
+        read = _page(client, table, parameters, after is not None, by_step=False)
+    if len(read) <= limit:
+        return HistoryPage(read.step, read.timestamp, read.value, None)
+    return HistoryPage(read.step[:limit], read.timestamp[:limit], read.value[:limit], read.point(limit - 1))
+
+
+#: A value's place in MLflow's order (NaN after every number), comparable in a tuple; see schema.value_order_sql.
+_VALUE_ORDER = schema.value_order_sql("value", schema.NAN_LOW)
+_A_STEP_FIRST = "{a_s:Int64}, {a_t:Int64}, {a_o:Int64}"
+_SERIES = "run_id = {run:String} AND key = {key:String}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Columns:
+    step: Int64Array
+    timestamp: Int64Array
+    value: Float64Array
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+    def point(self, index: int) -> Point:
+        return int(self.step[index]), int(self.timestamp[index]), float(self.value[index])
+
+
+def _page(client: Client, table: str, parameters: dict[str, object], has_after: bool, by_step: bool) -> _Columns:
+    where = _SERIES
+    if has_after and by_step:
+        where += f" AND step >= {{a_s:Int64}} AND (step, timestamp, {_VALUE_ORDER}) > ({_A_STEP_FIRST})"
+    elif has_after:
+        where += f" AND timestamp >= {{a_t:Int64}} AND {_after_in_time('a', '>')}"
+    order = "step, timestamp, value" if by_step else "timestamp, step, value"
+    rows = client.query_np(
+        f"SELECT DISTINCT step, timestamp, value FROM {table} WHERE {where} ORDER BY {order} LIMIT {{limit:UInt64}}",
         parameters=parameters,
-    ).result_rows
-    points = [(int(s), int(t), float(v)) for s, t, v in rows[:limit]]
-    return HistoryPage(points, points[-1] if len(rows) > limit else None)
+    )
+    if not len(rows):
+        return _Columns(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float64))
+    return _Columns(
+        np.ascontiguousarray(rows["step"], np.int64),
+        np.ascontiguousarray(rows["timestamp"], np.int64),
+        np.ascontiguousarray(rows["value"], np.float64),
+    )
+
+
+def _after_in_time(prefix: str, op: str) -> str:
+    p = prefix
+    return f"(timestamp, step, {_VALUE_ORDER}) {op} ({{{p}_t:Int64}}, {{{p}_s:Int64}}, {{{p}_o:Int64}})"
+
+
+def _bound(prefix: str, point: Point) -> dict[str, object]:
+    step, timestamp, value = point
+    order = int(_value_order(np.array([value], np.float64))[0])
+    return {f"{prefix}_s": step, f"{prefix}_t": timestamp, f"{prefix}_o": order}
+
+
+def _value_order(value: Float64Array) -> Int64Array:
+    """schema.value_order_sql with NaN last, in numpy."""
+    bits = value.view(np.int64)
+    order: Int64Array = np.where(bits >= 0, bits, bits ^ np.int64(2**63 - 1))
+    order[np.isnan(value)] = schema.NAN_LOW
+    return order
+
+
+def _is_timestamp_page(
+    client: Client, table: str, parameters: dict[str, object], has_after: bool, read: _Columns, limit: int
+) -> bool:
+    """Whether the page read in step order is also the page in (timestamp, step, value) order: its points are
+    in that order, and no other point falls in its window of that order (after, its last point]."""
+    page = _Columns(read.step[:limit], read.timestamp[:limit], read.value[:limit])
+    order = _value_order(page.value)
+    t, s = page.timestamp, page.step
+    ascending = (t[1:] > t[:-1]) | (
+        (t[1:] == t[:-1]) & ((s[1:] > s[:-1]) | ((s[1:] == s[:-1]) & (order[1:] > order[:-1])))
+    )
+    if not ascending.all():
+        return False
+    where = _SERIES
+    bounds = dict(parameters)
+    if has_after:
+        if len(page) and (int(t[0]), int(s[0]), int(order[0])) <= (bounds["a_t"], bounds["a_s"], bounds["a_o"]):
+            return False
+        where += f" AND timestamp >= {{a_t:Int64}} AND {_after_in_time('a', '>')}"
+    if len(read) > limit:  # more points follow in step order: the window ends at the page's last point
+        bounds.update(_bound("l", page.point(len(page) - 1)))
+        where += f" AND timestamp <= {{l_t:Int64}} AND {_after_in_time('l', '<=')}"
+    count = client.query(
+        f"SELECT count() FROM (SELECT DISTINCT step, timestamp, value FROM {table} WHERE {where})", parameters=bounds
+    ).result_rows[0][0]
+    return int(count) == len(page)
 
 
 def sampled(

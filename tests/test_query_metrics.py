@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import uuid
+
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from trackhouse.ingest.batch import Batch, Metrics
 from trackhouse.ingest.sink import ClickHouseSink
@@ -108,3 +113,44 @@ def test_sampled_series_from_extremes_is_each_buckets_exact_min_and_max(sql: Cli
             expected.add((int(steps[mask][pick]), int(timestamps[mask][pick]), float(values[mask][pick])))
     assert set(series) == expected
     assert len(series) <= 320
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 30), st.integers(0, 30), st.sampled_from([0.0, -1.5, 2.0, math.nan, math.inf])),
+        min_size=0,
+        max_size=80,
+    ),
+    st.integers(1, 12),
+    st.booleans(),
+)
+def test_history_pages_are_stocks_order_whatever_the_arrival(
+    sql: Client, rows: list[tuple[int, int, float]], limit: int, monotone: bool
+) -> None:
+    """Paged in (timestamp, step, value) order, each distinct point once, whether timestamps grow with steps
+    (the step-order fast path) or not (the sorted read), with duplicates stored twice."""
+    run_id = uuid.uuid4().hex
+    if monotone:  # timestamps that grow with steps: every page takes the fast path
+        rows = [(s, s * 100 + t, v) for s, t, v in rows]
+    if rows:
+        steps, stamps, values = (np.array(c) for c in zip(*rows, strict=True))
+        write(sql, run_id, "loss", steps, values, stamps)
+        write(sql, run_id, "loss", steps[::2], values[::2], stamps[::2])  # a retried flush
+    expected = sorted(
+        {(s, t, _order(v)): (s, t, v) for s, t, v in rows}.items(), key=lambda i: (i[0][1], i[0][0], i[0][2])
+    )
+    got: list[tuple[int, int, float]] = []
+    after = None
+    while True:
+        page = metrics.history(sql, DB, run_id, "loss", limit=limit, after=after)
+        assert len(page) <= limit
+        got += page.points
+        if page.next_after is None:
+            break
+        after = page.next_after
+    assert [(s, t, _order(v)) for s, t, v in got] == [k for k, _ in expected]
+
+
+def _order(value: float) -> tuple[int, float]:
+    return (1, 0.0) if math.isnan(value) else (0, value)  # NaN sorts after every number, and equals itself here
