@@ -135,3 +135,18 @@ def test_bulk_history_streams_runs_in_order_capped_in_total(both: dict[str, str]
         ).json()["metrics"]
         expected = [(r, s) for r in sorted(run_ids) for s in range(3)][:4]
         assert [(m["run_id"], m["step"]) for m in answer] == expected, name
+
+
+def test_chart_call_answers_as_many_points_as_stock(both: dict[str, str]) -> None:
+    """get-history-bulk-interval over flat points: stock samples by row, trackhouse by step buckets plus fill."""
+    flat = each(both, [Metric("flat", 1.0, 1_000 + s, s) for s in range(10)])
+    for max_results in (1, 2, 5, 9, 10, 320):
+        counts = {}
+        for name, (url, run_id) in flat.items():
+            answer = get(
+                url, "metrics/get-history-bulk-interval", run_ids=run_id, metric_key="flat", max_results=max_results
+            )
+            steps = [m["step"] for m in answer["metrics"]]
+            assert steps == sorted(steps) and steps[-1] == 9, (name, max_results)
+            counts[name] = len(steps)
+        assert counts["trackhouse"] == counts["stock"], max_results
