@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -237,3 +238,20 @@ def test_history_pages_are_stocks_order_whatever_the_arrival(
 
 def _order(value: float) -> tuple[int, float]:
     return (1, 0.0) if math.isnan(value) else (0, value)  # NaN sorts after every number, and equals itself here
+
+
+@pytest.mark.parametrize("max_points", [7, 320, 2500])
+def test_special_values_show_once_per_group_even_at_the_ends(sql: Client, max_points: int) -> None:
+    """A series ending on NaN with another NaN just before, and buckets that start on NaN or ±Inf: the end
+    point stands for its group's NaN, and special values never fill the answer."""
+    n = 20_000
+    steps = np.arange(n)
+    values = np.sin(steps / 300.0)
+    values[steps % 16 == 0] = math.nan
+    values[steps % 97 == 0] = math.inf
+    values[steps % 89 == 0] = -math.inf
+    values[[n - 4, n - 1]] = math.nan
+    stamps = 1_700_000_000_000 + steps
+    write(sql, "ends", "loss", steps, values, stamps)
+    chart = metrics.charts(sql, DB, ["ends"], "loss", max_points)["ends"]
+    check_chart_rules(list(zip(steps.tolist(), stamps.tolist(), values.tolist(), strict=True)), chart, max_points)
