@@ -70,7 +70,7 @@ def load_all(data_dir: Path, args: argparse.Namespace) -> float:
         load(sink, run_id, args.chart_points)
     load(sink, "long", args.long_points)
     _load_sweep(sink, args.search_runs)
-    for table in (schema.METRICS, schema.METRIC_EXTREMES, schema.LATEST_METRICS, schema.RUNS, schema.PARAMS):
+    for table in (schema.METRICS, schema.METRIC_BUCKETS, schema.LATEST_METRICS, schema.RUNS, schema.PARAMS):
         client.command(f"OPTIMIZE TABLE {DB}.{table} FINAL")
     client.close()
     return time.perf_counter() - started

@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 from mlflow.protos import service_pb2 as pb
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from trackhouse.compat import wire
 from trackhouse.compat.backend import Backend
@@ -19,11 +21,11 @@ from trackhouse.compat.runs import RunsApi
 from trackhouse.query import metrics
 from trackhouse.query.metrics import Point
 
-#: What the MLflow client asks for per page; also our page size when a caller gives none.
-HISTORY_PAGE = 25_000
 #: MLflow's limits for the chart call (mlflow/server/handlers.py).
 MAX_RUNS_PER_CHART = 100
 MAX_POINTS_PER_RUN = 2500
+#: Points per read and per written chunk of a long history: bounds the server's memory per response.
+HISTORY_CHUNK = 65_536
 #: The older bulk call the metric page uses.
 MAX_BULK_HISTORY = 25_000
 
@@ -44,22 +46,43 @@ class MetricsApi:
         message = await wire.parse(request, pb.GetMetricHistory())
         run_id = wire.required(message.run_id or message.run_uuid, "run_id")
         key = wire.required(message.metric_key, "metric_key")
-        await self._runs.existing_run(run_id)
         limit = message.max_results if message.HasField("max_results") else None
         if limit is not None and limit <= 0:
-            raise invalid(f"max_results must be positive, got {limit}")
-        after = _decode_token(message.page_token) if message.page_token else None
-        points: list[Point] = []
-        while True:  # without max_results MLflow answers the whole series in one response
-            page = await self._backend.read(metrics.history, run_id, key, limit or HISTORY_PAGE, after)
-            points.extend(page.points)
+            raise invalid(f"Invalid value {limit} for parameter 'max_results' supplied. It must be a positive integer.")
+        after = decode_page_token(message.page_token) if message.page_token else None
+        # An unknown run has an empty history, as in stock MLflow.
+        return _json_stream(self._history_body(run_id, key, limit, after))
+
+    async def _history_body(
+        self, run_id: str, key: str, limit: int | None, after: Point | None
+    ) -> AsyncIterator[bytes]:
+        """`{"metrics": [...], "next_page_token": ...}` in chunks: without max_results MLflow answers the
+        whole series in one response, so it is read and written HISTORY_CHUNK points at a time."""
+        opened = False
+        async for page in self._pages(run_id, key, limit, after):
+            if len(page):
+                objects = wire.metric_objects(key, page.step, page.timestamp, page.value)
+                yield (b"," if opened else b'{"metrics":[') + objects
+                opened = True
             after = page.next_after
-            if limit is not None or after is None:
-                break
-        payload: dict[str, Any] = {"metrics": [wire.metric(key, p) for p in points]}
-        if after is not None:
-            payload["next_page_token"] = _encode_token(after)
-        return wire.ok(payload)
+        token = b'"next_page_token":' + orjson.dumps(encode_page_token(after)) if after is not None else b""
+        yield (b"]" + (b"," + token if token else b"") if opened else b"{" + token) + b"}"
+
+    async def _pages(
+        self, run_id: str, key: str, limit: int | None, after: Point | None
+    ) -> AsyncIterator[metrics.HistoryPage]:
+        """Pages of at most HISTORY_CHUNK points until `limit` points or the end; the last page's
+        next_after says whether more follow."""
+        remaining = limit
+        while True:
+            size = HISTORY_CHUNK if remaining is None else min(HISTORY_CHUNK, remaining)
+            page = await self._backend.read(metrics.history, run_id, key, size, after)
+            yield page
+            after = page.next_after
+            if remaining is not None:
+                remaining -= len(page)
+            if after is None or remaining == 0:
+                return
 
     async def bulk_interval(self, request: Request) -> Response:
         message = await wire.parse(request, pb.GetMetricHistoryBulkInterval())
@@ -93,11 +116,25 @@ class MetricsApi:
             limit = min(int(request.query_params.get("max_results", MAX_BULK_HISTORY)), MAX_BULK_HISTORY)
         except ValueError:
             raise invalid("max_results must be an integer") from None
-        series = {}
+        return _json_stream(self._bulk_body(run_ids, key, max(limit, 0)))
+
+    async def _bulk_body(self, run_ids: list[str], key: str, limit: int) -> AsyncIterator[bytes]:
+        """As stock: each run's first points in history order, runs in id order, `limit` points in all."""
+        opened = False
         for run_id in run_ids:
-            page = await self._backend.read(metrics.history, run_id, key, max(limit, 1))
-            series[run_id] = page.points
-        return wire.ok({"metrics": _with_run_ids(key, series)[:limit]})
+            if not limit:
+                break
+            async for page in self._pages(run_id, key, limit, None):
+                if len(page):
+                    objects = wire.metric_objects(key, page.step, page.timestamp, page.value, run_id)
+                    yield (b"," if opened else b'{"metrics":[') + objects
+                    opened = True
+                limit -= len(page)
+        yield b"]}" if opened else b'{"metrics":[]}'
+
+
+def _json_stream(body: AsyncIterator[bytes]) -> Response:
+    return StreamingResponse(body, media_type="application/json")
 
 
 def _check_run_count(run_ids: list[str], message: str) -> None:
@@ -116,13 +153,15 @@ def _with_run_ids(key: str, series: dict[str, list[Point]]) -> list[dict[str, An
     ]
 
 
-def _encode_token(after: Point) -> str:
+def encode_page_token(after: Point) -> str:
+    """An opaque token for the point a page ended on: stable (it names a point, not an offset)."""
     step, timestamp, value = after
     raw = json.dumps([step, timestamp, value.hex()]).encode()
     return base64.urlsafe_b64encode(raw).decode()
 
 
-def _decode_token(token: str) -> Point:
+def decode_page_token(token: str) -> Point:
+    """The one place page tokens are parsed: anything that is not a token this server made is refused."""
     try:
         step, timestamp, value = json.loads(base64.urlsafe_b64decode(token.encode()))
         return int(step), int(timestamp), float.fromhex(value)

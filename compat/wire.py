@@ -3,7 +3,7 @@
 Requests go through `mlflow.protos.service_pb2`, as in MLflow's handlers, so
 field names, types and aliases are exactly MLflow's. Responses are built as
 plain dicts in the shape `message_to_json` produces (int64 as numbers, NaN and
-infinities as strings), because a chart answer holds thousands of points and
+NaN as a string, infinities clamped as stock sends them), because a chart answer holds thousands of points and
 building protobuf messages for them costs more than the query.
 """
 
@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from typing import Any, TypeVar
 
+import numpy as np
+import numpy.typing as npt
 import orjson
 from google.protobuf import descriptor
 from google.protobuf.json_format import ParseError
@@ -25,7 +28,7 @@ from trackhouse.compat import handlers
 from trackhouse.compat.errors import invalid
 from trackhouse.query.datasets import DatasetInput
 from trackhouse.query.experiments import Experiment
-from trackhouse.query.metrics import Point
+from trackhouse.query.metrics import Float64Array, Int64Array, Point
 from trackhouse.query.runs import Run, RunInfo
 
 M = TypeVar("M", bound=Message)
@@ -88,13 +91,67 @@ def ok(payload: dict[str, Any] | None = None) -> Response:
     return Response(orjson.dumps(payload or {}), media_type="application/json")
 
 
+#: What stock MLflow sends for +Inf (and its negative for -Inf): its SQL store keeps infinities clamped to the
+#: largest double, and the UI drops "Infinity" from charts. Storage keeps the exact value.
+FLOAT_MAX = sys.float_info.max
+
+
 def number(value: float) -> float | str:
-    """A double as protobuf's JSON writes it."""
+    """A metric value as stock MLflow's JSON carries it: NaN as protobuf writes it, infinities clamped."""
     if math.isfinite(value):
         return value
     if math.isnan(value):
         return "NaN"
-    return "Infinity" if value > 0 else "-Infinity"
+    return math.copysign(FLOAT_MAX, value)
+
+
+def metric_objects(
+    key: str, step: Int64Array, timestamp: Int64Array, value: Float64Array, run_id: str | None = None
+) -> bytes:
+    """Metric objects as `metric` shapes them, comma-separated, from numpy columns: no Python object per point.
+
+    orjson writes each column in one call; the rows are then laid out in a byte matrix, each field
+    right-aligned in its column's widest token with spaces before it (JSON allows whitespace there).
+    About 20x faster than a dict per point, for a few percent more bytes.
+    """
+    n = len(step)
+    if not n:
+        return b""
+    clamped = np.where(np.isinf(value), np.copysign(FLOAT_MAX, value), value)
+    tail = (b',"run_id":' + orjson.dumps(run_id) if run_id is not None else b"") + b"},"
+    parts = (
+        np.frombuffer(b'{"key":' + orjson.dumps(key) + b',"value":', np.uint8),
+        _column(clamped, nan=b'"NaN"'),
+        np.frombuffer(b',"timestamp":', np.uint8),
+        _column(timestamp),
+        np.frombuffer(b',"step":', np.uint8),
+        _column(step),
+        np.frombuffer(tail, np.uint8),
+    )
+    rows = np.empty((n, sum(part.shape[-1] for part in parts)), np.uint8)
+    at = 0
+    for part in parts:
+        rows[:, at : at + part.shape[-1]] = part
+        at += part.shape[-1]
+    return rows.tobytes()[:-1]
+
+
+def _column(values: npt.NDArray[Any], nan: bytes = b"") -> npt.NDArray[np.uint8]:
+    """One JSON token per value, right-aligned in the rows of a byte matrix. orjson writes NaN as null:
+    `nan` replaces it."""
+    text = orjson.dumps(values, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1]
+    if nan and b"null" in text:
+        text = text.replace(b"null", nan)
+    raw = np.frombuffer(text, np.uint8)
+    ends = np.append(np.flatnonzero(raw == ord(",")), len(raw))
+    lengths = np.diff(ends, prepend=-1) - 1
+    width = int(lengths.max())
+    # Row i is the `width` bytes ending where its token ends; what precedes the token becomes spaces.
+    padded = np.concatenate((np.full(width, ord(" "), np.uint8), raw))
+    matrix: npt.NDArray[np.uint8] = np.lib.stride_tricks.sliding_window_view(padded, width)[ends]
+    # Narrow integers: the n x width comparison is the costliest step here.
+    np.putmask(matrix, np.arange(width, dtype=np.uint8) < (width - lengths).astype(np.uint8)[:, None], ord(" "))
+    return matrix
 
 
 def metric(key: str, point: Point) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Metrics go as an Arrow table whose run and key columns are dictionary arrays,
 so ClickHouse receives LowCardinality data without a Python object per point.
-Their summaries (ingest.summaries: latest points, chart extremes) are computed
+Their summaries (ingest.summaries: latest points, chart buckets) are computed
 here and inserted after the points, before the batch is acknowledged, so a
 retried batch rewrites both and no summary is ever missing its points.
 """
@@ -18,7 +18,7 @@ from clickhouse_connect.driver import exceptions as ch_errors
 
 from trackhouse.ingest.batch import Batch, Int32Array, Int64Array, Metrics
 from trackhouse.ingest.errors import PermanentError, RetryableError
-from trackhouse.ingest.summaries import Extremes, Summaries, pack, summarize
+from trackhouse.ingest.summaries import Buckets, Summaries, pack, summarize
 from trackhouse.query import schema
 from trackhouse.query.connection import Client
 
@@ -95,18 +95,17 @@ def latest_table(summaries: Summaries, dictionaries: _Dictionaries) -> pa.Table:
     )
 
 
-def extremes_table(summaries: Summaries, dictionaries: _Dictionaries) -> pa.Table:
-    return pa.concat_tables([_extremes(level, dictionaries) for level in summaries.extremes])
+def buckets_table(summaries: Summaries, dictionaries: _Dictionaries) -> pa.Table:
+    return pa.concat_tables([_buckets(level, dictionaries) for level in summaries.buckets])
 
 
-def _extremes(level: Extremes, dictionaries: _Dictionaries) -> pa.Table:
+def _buckets(level: Buckets, dictionaries: _Dictionaries) -> pa.Table:
     return pa.table(
         {
             **dictionaries.columns(level.run_index, level.key_index),
             "width": np.full(len(level), level.width, np.uint16),
             "bucket": level.bucket,
-            "low": _int256(level.low),
-            "high": _int256(level.high),
+            **{name: _int256(column) for name, column in level.columns.items()},
         }
     )
 
@@ -207,7 +206,7 @@ class ClickHouseSink:
             summaries = summarize(batch.metrics)
             self._insert_arrow(schema.METRICS, metrics_table(batch.metrics, dictionaries))
             self._insert_arrow(schema.LATEST_METRICS, latest_table(summaries, dictionaries))
-            self._insert_arrow(schema.METRIC_EXTREMES, extremes_table(summaries, dictionaries))
+            self._insert_arrow(schema.METRIC_BUCKETS, buckets_table(summaries, dictionaries))
 
     def _write_datasets(self, batch: Batch) -> None:
         # Datasets before the inputs that point at them.

@@ -23,9 +23,10 @@ from trackhouse.query.schema import MIGRATIONS_TABLE
 REQUIRED_TABLES: dict[int, tuple[str, ...]] = {
     1: ("metrics", "experiments", "runs", "params", "tags"),
     2: ("experiment_tags",),
-    5: ("metric_latest", "metric_extremes"),
+    5: ("metric_latest",),  # and metric_extremes, until migration 8 replaced it
     6: ("logged_models", "logged_model_tags", "logged_model_params", "run_models"),
     7: ("datasets", "dataset_inputs"),
+    8: ("metric_buckets",),
 }
 #: Detached for a harmless reason: ClickHouse keeps parts that a merged part already covers as `ignored_`.
 _HARMLESS_DETACH_REASONS = frozenset({"ignored"})

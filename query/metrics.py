@@ -8,44 +8,153 @@ User input travels only as bound parameters.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+import itertools
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from trackhouse.query import schema
+import numpy as np
+import numpy.typing as npt
+
+from trackhouse.query import sampling, schema
 from trackhouse.query.connection import Client
 
-#: (step, timestamp, value): MLflow's ordering of a run's points for one key.
+#: (step, timestamp, value) of one point.
 Point = tuple[int, int, float]
+Int64Array = npt.NDArray[np.int64]
+Float64Array = npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True, slots=True)
 class HistoryPage:
-    points: list[Point]
+    """Points as numpy columns, in stock MLflow's order: (timestamp, step, value)."""
+
+    step: Int64Array
+    timestamp: Int64Array
+    value: Float64Array
     #: Pass back as `after` for the next page; None on the last page.
     next_after: Point | None
+
+    @property
+    def points(self) -> list[Point]:
+        """As tuples (tests and small answers; the hot path keeps the columns)."""
+        return list(zip(self.step.tolist(), self.timestamp.tolist(), self.value.tolist(), strict=True))
+
+    def __len__(self) -> int:
+        return len(self.step)
 
 
 def history(
     client: Client, database: str, run_id: str, key: str, limit: int, after: Point | None = None
 ) -> HistoryPage:
-    """One page of a run's series in (step, timestamp, value) order, each distinct point once.
+    """One page of at most `limit` points of a run's series in stock MLflow's order, (timestamp, step, value),
+    each distinct point once.
 
-    Keyset pagination: a page starts strictly after the last point of the previous one,
-    so pages stay stable while points are being added.
+    Keyset pagination: a page starts strictly after the last point of the previous one, so pages stay
+    stable while points are being added. The table is sorted by step, so a page is first read in step
+    order, which ClickHouse streams from the sort key. When timestamps grow with steps (nearly always),
+    that is timestamp order too, and one count over the page's timestamp window proves it (a minmax
+    index skips the rest of the series). Otherwise the page is read sorted by timestamp: exact, slower.
     """
-    where = "run_id = {run:String} AND key = {key:String}"
+    table = f"{database}.{schema.METRICS}"
     parameters: dict[str, object] = {"run": run_id, "key": key, "limit": limit + 1}
     if after is not None:
-        where += " AND (step, timestamp, value) > ({s:Int64}, {t:Int64}, {v:Float64})"
-        parameters.update(s=after[0], t=after[1], v=after[2])
-    rows = client.query(
-        f"SELECT DISTINCT step, timestamp, value FROM {database}.{schema.METRICS} WHERE {where}"
-        " ORDER BY step, timestamp, value LIMIT {limit:UInt64}",
+        parameters.update(_bound("a", after))
+    read = _page(client, table, parameters, after is not None, by_step=True)
+    if not _is_timestamp_page(client, table, parameters, after is not None, read, limit):
+        read = _page(client, table, parameters, after is not None, by_step=False)
+    if len(read) <= limit:
+        return HistoryPage(read.step, read.timestamp, read.value, None)
+    return HistoryPage(read.step[:limit], read.timestamp[:limit], read.value[:limit], read.point(limit - 1))
+
+
+#: A value's place in MLflow's order (NaN after every number), comparable in a tuple; see schema.value_order_sql.
+_VALUE_ORDER = schema.value_order_sql("value", schema.NAN_LOW)
+_A_STEP_FIRST = "{a_s:Int64}, {a_t:Int64}, {a_o:Int64}"
+_SERIES = "run_id = {run:String} AND key = {key:String}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Columns:
+    step: Int64Array
+    timestamp: Int64Array
+    value: Float64Array
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+    def point(self, index: int) -> Point:
+        return int(self.step[index]), int(self.timestamp[index]), float(self.value[index])
+
+
+def _page(client: Client, table: str, parameters: dict[str, object], has_after: bool, by_step: bool) -> _Columns:
+    where = _SERIES
+    if has_after and by_step:
+        where += f" AND step >= {{a_s:Int64}} AND (step, timestamp, {_VALUE_ORDER}) > ({_A_STEP_FIRST})"
+    elif has_after:
+        where += f" AND timestamp >= {{a_t:Int64}} AND {_after_in_time('a', '>')}"
+    order = "step, timestamp, value" if by_step else "timestamp, step, value"
+    rows = client.query_np(
+        f"SELECT DISTINCT step, timestamp, value FROM {table} WHERE {where} ORDER BY {order} LIMIT {{limit:UInt64}}",
         parameters=parameters,
-    ).result_rows
-    points = [(int(s), int(t), float(v)) for s, t, v in rows[:limit]]
-    return HistoryPage(points, points[-1] if len(rows) > limit else None)
+    )
+    if not len(rows):
+        return _Columns(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float64))
+    return _Columns(
+        np.ascontiguousarray(rows["step"], np.int64),
+        np.ascontiguousarray(rows["timestamp"], np.int64),
+        np.ascontiguousarray(rows["value"], np.float64),
+    )
+
+
+def _after_in_time(prefix: str, op: str) -> str:
+    p = prefix
+    return f"(timestamp, step, {_VALUE_ORDER}) {op} ({{{p}_t:Int64}}, {{{p}_s:Int64}}, {{{p}_o:Int64}})"
+
+
+def _bound(prefix: str, point: Point) -> dict[str, object]:
+    step, timestamp, value = point
+    order = int(_value_order(np.array([value], np.float64))[0])
+    return {f"{prefix}_s": step, f"{prefix}_t": timestamp, f"{prefix}_o": order}
+
+
+def _value_order(value: Float64Array) -> Int64Array:
+    """schema.value_order_sql with NaN last, in numpy."""
+    bits = value.view(np.int64)
+    order: Int64Array = np.where(bits >= 0, bits, bits ^ np.int64(2**63 - 1))
+    order[np.isnan(value)] = schema.NAN_LOW
+    return order
+
+
+def _is_timestamp_page(
+    client: Client, table: str, parameters: dict[str, object], has_after: bool, read: _Columns, limit: int
+) -> bool:
+    """Whether the page read in step order is also the page in (timestamp, step, value) order: its points are
+    in that order, and no other point falls in its window of that order (after, its last point]."""
+    page = _Columns(read.step[:limit], read.timestamp[:limit], read.value[:limit])
+    order = _value_order(page.value)
+    t, s = page.timestamp, page.step
+    ascending = (t[1:] > t[:-1]) | (
+        (t[1:] == t[:-1]) & ((s[1:] > s[:-1]) | ((s[1:] == s[:-1]) & (order[1:] > order[:-1])))
+    )
+    if not ascending.all():
+        return False
+    where = _SERIES
+    bounds = dict(parameters)
+    if has_after:
+        if len(page) and (int(t[0]), int(s[0]), int(order[0])) <= (bounds["a_t"], bounds["a_s"], bounds["a_o"]):
+            return False
+        where += f" AND timestamp >= {{a_t:Int64}} AND {_after_in_time('a', '>')}"
+    if len(read) > limit:  # more points follow in step order: the window ends at the page's last point
+        bounds.update(_bound("l", page.point(len(page) - 1)))
+        where += f" AND timestamp <= {{l_t:Int64}} AND {_after_in_time('l', '<=')}"
+    # Rows first (cheap): at least the distinct points, so equal means no other point; duplicates not yet
+    # merged away make it larger, and only then are the distinct points counted.
+    for counted in ("count()", "uniqExact(step, timestamp, value)"):
+        count = int(client.query(f"SELECT {counted} FROM {table} WHERE {where}", parameters=bounds).result_rows[0][0])
+        if count == len(page):
+            return True
+    return False
 
 
 def sampled(
@@ -57,45 +166,50 @@ def sampled(
     start_step: int | None = None,
     end_step: int | None = None,
 ) -> dict[str, list[Point]]:
-    """At most `max_points` points per run, for charts, keeping spikes visible.
+    """At most `max_points` points per run, for charts, by query.sampling's rules: both ends of the range,
+    each group's lowest and highest finite point, each special value once per group where it occurs, and
+    as many points as stock MLflow answers where the data has them. A run with no more points than
+    `max_points` in the range comes back whole.
 
-    The step range is cut into max_points // 2 equal buckets shared by every run, so
-    the runs line up; each bucket contributes its lowest and highest point. A series
-    with no more points than `max_points` comes back whole.
-
-    Long ranges are answered from the extremes (one row per run, key and 256 or 4,096
-    steps), so the cost follows the number of chart buckets, not the length of the series. With a
-    step range, an extremes bucket straddling an end may contribute a point just outside
-    it, which is dropped; its other points are then represented by the buckets inside.
+    Long ranges are answered from metric_buckets (one row per run, key and 256 or 4,096 steps), so the cost
+    follows the number of chart buckets, not the length of the series. With a step range, the stored buckets
+    straddling its ends are recomputed from the points inside the range, so both ends are exact.
     """
-    if not run_ids or max_points <= 0:
-        return {}
-    buckets = max(1, max_points // 2)
-    scope = _Scope(list(run_ids), key, start_step, end_step)
-    series: dict[str, list[Point]] | None = None
-    for width in _WIDTHS:  # coarsest first: the first width with a bucket per chart bucket answers
-        first, last = _extremes_bounds(client, database, scope, width)
-        if first is None or last is None:
-            return {run_id: [] for run_id in run_ids}
-        if last - first + 1 >= buckets:
-            series = _from_extremes(client, database, scope, width, first, -(-(last - first + 1) // buckets))
-            break
-    if series is None:
-        assert first is not None and last is not None  # the fine level's bounds, from the loop's last pass
-        # Short range: the raw points within it are few (under buckets * FINE_WIDTH per run).
-        lo = max(first * schema.FINE_WIDTH, start_step if start_step is not None else _MIN_STEP)
-        hi = min((last + 1) * schema.FINE_WIDTH - 1, end_step if end_step is not None else _MAX_STEP)
-        series = _from_points(client, database, _Scope(scope.run_ids, key, lo, hi), buckets)
-    result: dict[str, list[Point]] = {run_id: [] for run_id in run_ids}
-    for run_id, points in series.items():
-        result[run_id] = points if scope.unbounded else [p for p in points if scope.contains(p[0])]
+    result: dict[str, list[Point]] = {}
+    for run_id, chart in charts(client, database, run_ids, key, max_points, start_step, end_step).items():
+        rows = chart.rows
+        values = _order_value(np.ascontiguousarray(rows[:, 2]))
+        result[run_id] = list(zip(rows[:, 0].tolist(), rows[:, 1].tolist(), values.tolist(), strict=True))
     return result
 
 
-#: Bucket widths of the stored extremes, coarsest first.
+def charts(
+    client: Client,
+    database: str,
+    run_ids: Sequence[str],
+    key: str,
+    max_points: int,
+    start_step: int | None = None,
+    end_step: int | None = None,
+) -> dict[str, sampling.Chart]:
+    """`sampled`, as query.sampling's charts: rows of (step, timestamp, value order) and the groups' starts."""
+    if not run_ids or max_points <= 0:
+        return {}
+    scope = _Scope(list(run_ids), key, start_step, end_step)
+    empty = sampling.Chart(np.empty((0, 3), np.int64), np.empty(0, np.int64))
+    result = dict.fromkeys(run_ids, empty)
+    summaries, whole = _chart_buckets(client, database, scope, max_points)
+    result.update(whole)
+    for run_id, run_summaries in summaries.items():
+        result[run_id] = sampling.choose(run_summaries, max_points)
+    short = [run_id for run_id in summaries if len(result[run_id].rows) < max_points]
+    result.update(_sparse(client, database, scope, short, max_points))
+    return result
+
+
+#: Bucket widths of the stored summaries, coarsest first.
 _WIDTHS = (schema.COARSE_WIDTH, schema.FINE_WIDTH)
-_MIN_STEP = -(2**63)
-_MAX_STEP = 2**63 - 1
+_SUMMARY = tuple(schema.BUCKET_MERGES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,15 +219,9 @@ class _Scope:
     start_step: int | None
     end_step: int | None
 
-    @property
-    def unbounded(self) -> bool:
-        return self.start_step is None and self.end_step is None
-
-    def contains(self, step: int) -> bool:
-        return (self.start_step is None or step >= self.start_step) and (self.end_step is None or step <= self.end_step)
-
-    def where(self, step_column: str, width: int | None = None) -> tuple[str, dict[str, object]]:
-        """The WHERE clause for these runs and this key: points, or extremes `width` steps wide."""
+    def where(self, step_column: str, width: int | None = None, prefix: str = "") -> tuple[str, dict[str, object]]:
+        """The WHERE clause for these runs and this key: points, or buckets `width` steps wide that overlap
+        the range."""
         sql = "run_id IN {runs:Array(String)} AND key = {key:String}"
         parameters: dict[str, object] = {"runs": self.run_ids, "key": self.key}
         if width is not None:
@@ -121,72 +229,184 @@ class _Scope:
             parameters["width"] = width
         width = width or 1
         if self.start_step is not None:
-            sql += f" AND {step_column} >= {{lo:Int64}}"
-            parameters["lo"] = self.start_step // width
+            sql += f" AND {step_column} >= {{{prefix}lo:Int64}}"
+            parameters[f"{prefix}lo"] = self.start_step // width
         if self.end_step is not None:
-            sql += f" AND {step_column} <= {{hi:Int64}}"
-            parameters["hi"] = self.end_step // width
+            sql += f" AND {step_column} <= {{{prefix}hi:Int64}}"
+            parameters[f"{prefix}hi"] = self.end_step // width
         return sql, parameters
 
 
-def _extremes_bounds(client: Client, database: str, scope: _Scope, width: int) -> tuple[int | None, int | None]:
-    """The first and last bucket `width` steps wide holding points of the scope, or None when there are none."""
+def _chart_buckets(
+    client: Client, database: str, scope: _Scope, max_points: int
+) -> tuple[dict[str, sampling.Summaries], dict[str, sampling.Chart]]:
+    """Per run, the summaries of up to max_points chart buckets of equal step width shared by every run,
+    from the coarsest stored width with enough buckets in the range, or from the points of a short range;
+    and the runs whose range holds no more than max_points points, whole."""
+    for width in _WIDTHS:
+        first, last = _bucket_bounds(client, database, scope, width)
+        if first is None or last is None:
+            return {}, {}
+        stored = last - first + 1
+        if stored >= max_points or (width == schema.FINE_WIDTH and stored >= max(2, max_points // 2)):
+            per = -(-stored // max_points)  # ceiling division
+            return _from_buckets(client, database, scope, width, first, per), {}
+    return _from_points(client, database, scope, max_points)
+
+
+def _bucket_bounds(client: Client, database: str, scope: _Scope, width: int) -> tuple[int | None, int | None]:
+    """The first and last stored bucket `width` steps wide overlapping the scope, or None when there are none."""
     where, parameters = scope.where("bucket", width)
     count, first, last = client.query(
-        f"SELECT count(), min(bucket), max(bucket) FROM {database}.{schema.METRIC_EXTREMES} WHERE {where}",
+        f"SELECT count(), min(bucket), max(bucket) FROM {database}.{schema.METRIC_BUCKETS} WHERE {where}",
         parameters=parameters,
     ).result_rows[0]
     return (int(first), int(last)) if count else (None, None)
 
 
-def _from_extremes(
-    client: Client, database: str, scope: _Scope, width: int, first: int, per_bucket: int
-) -> dict[str, list[Point]]:
+def _from_buckets(
+    client: Client, database: str, scope: _Scope, width: int, first: int, per: int
+) -> dict[str, sampling.Summaries]:
+    """Stored buckets merged `per` at a time; with a step range, the stored buckets that straddle an end are
+    replaced by the same summaries of the points inside the range."""
     where, parameters = scope.where("bucket", width)
-    rows = client.query(
-        f"SELECT run_id, b, {', '.join(schema.extreme_point_sql('l'))}, {', '.join(schema.extreme_point_sql('h'))}"
-        " FROM (SELECT run_id, intDiv(bucket - {first:Int64}, {per:Int64}) AS b, min(low) AS l, max(high) AS h"
-        f" FROM {database}.{schema.METRIC_EXTREMES} WHERE {where} GROUP BY run_id, b) ORDER BY run_id, b",
-        parameters={**parameters, "first": first, "per": per_bucket},
-    ).result_rows
-    return _in_order(
-        (run_id, (int(ls), int(lt), float(lv)), (int(hs), int(ht), float(hv)))
-        for run_id, _, ls, lt, lv, hs, ht, hv in rows
+    shift = width.bit_length() - 1
+    columns = ", ".join(_SUMMARY)
+    sources = [f"SELECT run_id, bucket, {columns} FROM {database}.{schema.METRIC_BUCKETS} WHERE {where}"]
+    straddling = []
+    if scope.start_step is not None:
+        straddling.append("bucket < {inside_lo:Int64}")
+        parameters["inside_lo"] = -(-scope.start_step // width)
+    if scope.end_step is not None:
+        straddling.append("bucket > {inside_hi:Int64}")
+        parameters["inside_hi"] = (scope.end_step + 1) // width - 1
+    if straddling:
+        partial = " OR ".join(straddling)
+        sources[0] += f" AND NOT ({partial})"
+        points_where, points_parameters = scope.where("step", prefix="step_")
+        aggregates = ", ".join(f"{sql} AS {column}" for column, sql in schema.bucket_aggregates_sql())
+        sources.append(
+            f"SELECT run_id, bitShiftRight(step, {shift}) AS bucket, {aggregates} FROM {database}.{schema.METRICS}"
+            f" WHERE {points_where} AND ({partial}) GROUP BY run_id, bucket"
+        )
+        parameters.update(points_parameters)
+    merged = ", ".join(f"{merge}({column}) AS {column}" for column, merge in schema.BUCKET_MERGES.items())
+    return _summaries(
+        client,
+        f"SELECT run_id, intDiv(bucket - {{first:Int64}}, {{per:Int64}}) AS b, {merged}"
+        f" FROM ({' UNION ALL '.join(sources)}) GROUP BY run_id, b",
+        {**parameters, "first": first, "per": per},
+        origin=first * width,
+        scale=per * width,
     )
 
 
-def _in_order(buckets: Iterable[tuple[str, Point, Point]]) -> dict[str, list[Point]]:
-    """Series from (run_id, lowest, highest) per bucket, buckets in step order: each bucket's two points
-    in (step, timestamp, value) order, once if they are the same point. Buckets never share steps, so
-    the whole series is in order without sorting (sorting 32,000 points cost a chart call 10 ms)."""
-    series: dict[str, list[Point]] = {}
-    for run_id, low, high in buckets:
-        points = series.setdefault(run_id, [])
-        if low == high:
-            points.append(low)
-        elif low < high:
-            points += (low, high)
-        else:
-            points += (high, low)
-    return series
-
-
-def _from_points(client: Client, database: str, scope: _Scope, buckets: int) -> dict[str, list[Point]]:
+def _from_points(
+    client: Client, database: str, scope: _Scope, max_points: int
+) -> tuple[dict[str, sampling.Summaries], dict[str, sampling.Chart]]:
+    """A short range, straight from its points (under max_points * FINE_WIDTH steps per run)."""
     where, parameters = scope.where("step")
     table = f"{database}.{schema.METRICS}"
-    count, first, last = client.query(
-        f"SELECT count(), min(step), max(step) FROM {table} WHERE {where}", parameters=parameters
-    ).result_rows[0]
-    if not count:
-        return {}
-    width = max(1, -(-(int(last) - int(first) + 1) // buckets))  # ceiling division
-    rows = client.query(
-        "SELECT run_id, intDiv(step - {first:Int64}, {width:Int64}) AS bucket,"
-        " argMin((step, timestamp, value), value) AS low, argMax((step, timestamp, value), value) AS high"
-        f" FROM {table} WHERE {where} GROUP BY run_id, bucket ORDER BY run_id, bucket",
-        parameters={**parameters, "first": int(first), "width": width},
+    counts = client.query(
+        f"SELECT run_id, uniqExact(step, timestamp, value), min(step), max(step) FROM {table} WHERE {where}"
+        " GROUP BY run_id",
+        parameters=parameters,
     ).result_rows
-    return _in_order((run_id, _point(low), _point(high)) for run_id, _, low, high in rows)
+    if not counts:
+        return {}, {}
+    small = [run_id for run_id, count, _, _ in counts if count <= max_points]
+    whole = _whole(client, table, where, parameters, small)
+    large = [run_id for run_id, count, _, _ in counts if count > max_points]
+    if not large:
+        return {}, whole
+    first = min(int(low) for _, _, low, _ in counts)
+    last = max(int(high) for _, _, _, high in counts)
+    width = max(1, -(-(last - first + 1) // max_points))  # ceiling division
+    aggregates = ", ".join(f"{sql} AS {column}" for column, sql in schema.bucket_aggregates_sql())
+    summaries = _summaries(
+        client,
+        f"SELECT run_id, intDiv(step - {{first:Int64}}, {{width:Int64}}) AS b, {aggregates} FROM {table}"
+        f" WHERE {where} AND run_id IN {{large:Array(String)}} GROUP BY run_id, b",
+        {**parameters, "large": large, "first": first, "width": width},
+        origin=first,
+        scale=width,
+    )
+    return summaries, whole
+
+
+def _whole(
+    client: Client, table: str, where: str, parameters: dict[str, object], run_ids: list[str]
+) -> dict[str, sampling.Chart]:
+    """Every distinct point of these runs in the range, as charts."""
+    if not run_ids:
+        return {}
+    rows = client.query_np(
+        f"SELECT DISTINCT run_id, step, timestamp, {_VALUE_ORDER} AS o FROM {table} WHERE {where}"
+        " AND run_id IN {whole:Array(String)} ORDER BY run_id, step, timestamp, o",
+        parameters={**parameters, "whole": run_ids},
+    )
+    whole = {}
+    for run_id, begin, end in _runs_in(rows["run_id"]) if len(rows) else []:
+        part = rows[begin:end]
+        points = np.column_stack([np.asarray(part[c], np.int64) for c in ("step", "timestamp", "o")])
+        whole[run_id] = sampling.Chart(points, points[:1, 0])
+    return whole
+
+
+def _sparse(
+    client: Client, database: str, scope: _Scope, run_ids: list[str], max_points: int
+) -> dict[str, sampling.Chart]:
+    """Runs charted from stored buckets with fewer than max_points points: sparse series over a long range,
+    which may hold points the summaries do not name. Those with at most max_points points come back whole,
+    as stock MLflow answers them; reading them is cheap because they are small."""
+    if not run_ids:
+        return {}
+    runs = _Scope(run_ids, scope.key, scope.start_step, scope.end_step)
+    where, parameters = runs.where("step")
+    table = f"{database}.{schema.METRICS}"
+    counts = client.query(
+        f"SELECT run_id, uniqExact(step, timestamp, value) AS n FROM {table} WHERE {where} GROUP BY run_id",
+        parameters=parameters,
+    ).result_rows
+    return _whole(client, table, where, parameters, [run_id for run_id, n in counts if n <= max_points])
+
+
+def _summaries(
+    client: Client, grouped: str, parameters: dict[str, object], origin: int, scale: int
+) -> dict[str, sampling.Summaries]:
+    """Run `grouped` (run_id, b and the packed summary columns), unpacked into numpy per run."""
+    words = ", ".join(
+        f"{sql} AS {column}_{i}" for column in _SUMMARY for i, sql in enumerate(schema.unpack_sql(column))
+    )
+    rows = client.query_np(f"SELECT run_id, b, {words} FROM ({grouped}) ORDER BY run_id, b", parameters=parameters)
+    summaries = {}
+    for run_id, begin, end in _runs_in(rows["run_id"]) if len(rows) else []:
+        part = rows[begin:end]
+        summaries[run_id] = sampling.Summaries(
+            bucket=np.asarray(part["b"], np.int64),
+            words={
+                column: np.column_stack([np.asarray(part[f"{column}_{i}"], np.int64) for i in range(3)])
+                for column in _SUMMARY
+            },
+            origin=origin,
+            scale=scale,
+        )
+    return summaries
+
+
+def _runs_in(run_column: npt.NDArray[Any]) -> list[tuple[str, int, int]]:
+    """(run_id, begin, end) of each run's rows in a result ordered by run_id."""
+    if not len(run_column):
+        return []
+    starts = np.flatnonzero(np.append(True, run_column[1:] != run_column[:-1]))
+    bounds = np.append(starts, len(run_column)).tolist()
+    return [(str(run_column[b]), b, e) for b, e in itertools.pairwise(bounds)]
+
+
+def _order_value(order: Int64Array) -> Float64Array:
+    """The inverse of _value_order (NaN for NaN's order)."""
+    bits: Int64Array = np.where(order >= 0, order, order ^ np.int64(2**63 - 1))
+    return bits.view(np.float64)
 
 
 def latest(client: Client, database: str, run_ids: Collection[str]) -> dict[str, dict[str, Point]]:
@@ -202,9 +422,3 @@ def latest(client: Client, database: str, run_ids: Collection[str]) -> dict[str,
     for run_id, key, step, timestamp, value in rows:
         result[run_id][key] = (int(step), int(timestamp), float(value))
     return result
-
-
-def _point(value: Any) -> Point:
-    """A (step, timestamp, value) tuple from ClickHouse: named tuples arrive as dicts, plain ones as tuples."""
-    step, timestamp, number = value.values() if isinstance(value, dict) else value
-    return int(step), int(timestamp), float(number)

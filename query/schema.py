@@ -23,16 +23,23 @@ DATASETS = "datasets"
 DATASET_INPUTS = "dataset_inputs"
 #: The input tag MLflow keeps a dataset's role in ("training", "eval", ...); dataset_inputs.context copies it.
 DATASET_CONTEXT_TAG = "mlflow.data.context"
-#: Each chart bucket's lowest and highest point (ingest.summaries computes them), at two widths:
-METRIC_EXTREMES = "metric_extremes"
+#: Each chart bucket's first, last, lowest and highest finite point and its first NaN, +Inf and -Inf point
+#: (ingest.summaries computes them; see bucket_aggregates_sql), at two widths. Replaced `metric_extremes`
+#: in migration 8.
+METRIC_BUCKETS = "metric_buckets"
 #: steps per fine bucket (charts over more than ~160 of them read extremes, not points),
 FINE_WIDTH = 256
 #: and per coarse bucket, for charts of many long runs at once.
 COARSE_WIDTH = 4096
-#: Value orders (see value_order_sql) stored for NaN: lows take it after every number, highs before.
-#: Both decode back to a NaN, so a bucket's extremes skip NaN unless it holds nothing else.
+#: Value orders (see value_order_sql) stored for NaN: after every number (MLflow's order), or before.
+#: Both decode back to a NaN. metric_buckets' lows and highs give every non-finite value these orders, so
+#: a low with order NAN_LOW (a high with NAN_HIGH) means the bucket holds no finite point.
 NAN_LOW = 2**63 - 1
 NAN_HIGH = -(2**63)
+#: The non-finite values whose first point each bucket keeps, by column of metric_buckets.
+SPECIALS = {"nan_at": "isNaN(value)", "pinf_at": "value = inf", "ninf_at": "value = -inf"}
+#: The unpacked (flag, step, timestamp) of a bucket holding no point of a SPECIALS kind: flag 1 loses to every 0.
+NO_SPECIAL = (1, 0, 0)
 MIGRATIONS_TABLE = "schema_migrations"
 #: MLflow 3 logged models (migration 6), their tags and params, and which runs used or produced them.
 LOGGED_MODELS = "logged_models"
@@ -301,6 +308,38 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             ORDER BY (run_id, name, digest)""",
         ),
     ),
+    (
+        8,
+        (
+            # Faithful charts: each bucket also keeps its first and last point (a chart starts and ends where the
+            # series does), its lowest and highest *finite* point, and its first NaN, +Inf and -Inf point, so a
+            # chart shows each special value once where it occurs. metric_extremes' lows and highs counted
+            # infinities as extremes, so it cannot be extended; its rows are rebuilt from the points.
+            """CREATE TABLE IF NOT EXISTS {db}.metric_buckets (
+                run_id LowCardinality(String),
+                key LowCardinality(String),
+                width UInt16,
+                bucket Int64,
+                first SimpleAggregateFunction(min, Int256),
+                last SimpleAggregateFunction(max, Int256),
+                low SimpleAggregateFunction(min, Int256),
+                high SimpleAggregateFunction(max, Int256),
+                nan_at SimpleAggregateFunction(min, Int256),
+                pinf_at SimpleAggregateFunction(min, Int256),
+                ninf_at SimpleAggregateFunction(min, Int256)
+            ) ENGINE = AggregatingMergeTree
+            ORDER BY (width, run_id, key, bucket)""",
+            """INSERT INTO {db}.metric_buckets SELECT {buckets_select_fine} FROM {db}.metrics
+            GROUP BY run_id, key, bucket""",
+            """INSERT INTO {db}.metric_buckets SELECT {buckets_select_coarse} FROM {db}.metrics
+            GROUP BY run_id, key, bucket""",
+            "DROP TABLE IF EXISTS {db}.metric_extremes",
+            # History pages are read in step order and checked against a window of timestamps: with timestamps
+            # growing along steps, this index lets that check read only the page's granules.
+            "ALTER TABLE {db}.metrics ADD INDEX IF NOT EXISTS timestamp_range timestamp TYPE minmax GRANULARITY 1",
+            "ALTER TABLE {db}.metrics MATERIALIZE INDEX timestamp_range",
+        ),
+    ),
 )
 
 _ROLLUP_SELECT = (
@@ -372,8 +411,50 @@ def latest_select() -> str:
     return f"run_id, key, max({pack_sql('step', 'timestamp', value_order_sql('value', NAN_LOW))}) AS latest"
 
 
+def bucket_aggregates_sql() -> list[tuple[str, str]]:
+    """(column, aggregate over points) for each summary column of metric_buckets; ingest.summaries computes
+    the same with numpy. Every column is one packed Int256 (see pack_sql) whose min or max is the point:
+    - first, last: the bucket's first and last point by (step, timestamp, value order), MLflow's order;
+    - low, high: its lowest and highest finite point, (value order, step, timestamp); every non-finite value
+      has order NAN_LOW in a low and NAN_HIGH in a high, so they lose to any finite point;
+    - nan_at, pinf_at, ninf_at: (0, step, timestamp) of its first point of that kind, or NO_SPECIAL."""
+    order = value_order_sql("value", NAN_LOW)
+    low = f"if(isFinite(value), {order}, toInt64('{NAN_LOW}'))"
+    high = f"if(isFinite(value), {order}, toInt64('{NAN_HIGH}'))"
+    columns = [
+        ("first", f"min({pack_sql('step', 'timestamp', order)})"),
+        ("last", f"max({pack_sql('step', 'timestamp', order)})"),
+        ("low", f"min({pack_sql(low, 'step', 'timestamp')})"),
+        ("high", f"max({pack_sql(high, 'step', 'timestamp')})"),
+    ]
+    for column, test in SPECIALS.items():
+        flag, step, timestamp = f"if({test}, 0, 1)", f"if({test}, step, 0)", f"if({test}, timestamp, 0)"
+        columns.append((column, f"min({pack_sql(flag, step, timestamp)})"))
+    return columns
+
+
+#: How stored metric_buckets rows of one bucket combine (what the AggregatingMergeTree does on merge).
+BUCKET_MERGES = {
+    "first": "min",
+    "last": "max",
+    "low": "min",
+    "high": "max",
+    "nan_at": "min",
+    "pinf_at": "min",
+    "ninf_at": "min",
+}
+
+
+def buckets_select(width: int) -> str:
+    """The SELECT list summarising points into metric_buckets rows `width` steps wide (for backfills)."""
+    shift = width.bit_length() - 1  # floor(step / width), also for negative steps
+    aggregates = ", ".join(f"{sql} AS {column}" for column, sql in bucket_aggregates_sql())
+    return f"run_id, key, {width} AS width, bitShiftRight(step, {shift}) AS bucket, {aggregates}"
+
+
 def extremes_select(width: int) -> str:
-    """The SELECT list summarising points into metric_extremes rows `width` steps wide (for backfills)."""
+    """The SELECT list summarising points into metric_extremes rows `width` steps wide (migration 5's backfill;
+    migration 8 replaced the table)."""
     shift = width.bit_length() - 1  # floor(step / width), also for negative steps
     low = pack_sql(value_order_sql("value", NAN_LOW), "step", "timestamp")
     high = pack_sql(value_order_sql("value", NAN_HIGH), "step", "timestamp")
@@ -406,6 +487,8 @@ def migrate(client: Client, database: str) -> int:
                     latest_select=latest_select(),
                     extremes_select_fine=extremes_select(FINE_WIDTH),
                     extremes_select_coarse=extremes_select(COARSE_WIDTH),
+                    buckets_select_fine=buckets_select(FINE_WIDTH),
+                    buckets_select_coarse=buckets_select(COARSE_WIDTH),
                 )
             )
         client.command(f"INSERT INTO {database}.{MIGRATIONS_TABLE} VALUES ({version}, now64(3))")

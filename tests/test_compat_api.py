@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -174,13 +175,19 @@ def test_params_are_immutable(client: MlflowClient) -> None:
     assert client.get_run(run_id).data.params == {"lr": "0.1"}
 
 
-def test_nan_and_infinities_round_trip(client: MlflowClient) -> None:
+def test_nan_and_infinities_round_trip(client: MlflowClient, mlflow_server: RunningServer) -> None:
     run_id = client.create_run("0").info.run_id
     values = [math.nan, math.inf, -math.inf, 1.5]
     client.log_batch(run_id, metrics=[Metric("odd", v, 1000 + i, i) for i, v in enumerate(values)])
     history = client.get_metric_history(run_id, "odd")
     got = [m.value for m in sorted(history, key=lambda m: m.step)]
-    assert math.isnan(got[0]) and got[1:] == [math.inf, -math.inf, 1.5]
+    # MLflow's wire carries infinities clamped to the largest double, as stock sends them; storage keeps them.
+    assert math.isnan(got[0]) and got[1:] == [sys.float_info.max, -sys.float_info.max, 1.5]
+    assert mlflow_server.sql is not None
+    stored = mlflow_server.sql.query(
+        "SELECT value FROM trackhouse.metrics WHERE run_id = {r:String} ORDER BY step", parameters={"r": run_id}
+    ).result_rows
+    assert [v for (v,) in stored][1:] == [math.inf, -math.inf, 1.5]
     assert client.get_run(run_id).data.metrics["odd"] == 1.5  # the latest by (step, timestamp, value)
 
 

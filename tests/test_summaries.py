@@ -4,6 +4,7 @@ ClickHouse's own aggregation of the same points, and across the migration that i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,37 +53,72 @@ def _ordered(value: float, nan_last: bool) -> tuple[int, int]:
     return 0, int(value_order(np.array([value]), 0)[0])
 
 
-def brute_force(m: Metrics, width: int) -> dict[tuple[str, str, int], tuple[Point, Point]]:
-    """Each bucket's lowest point (NaN only when nothing else) and highest, ties to the lowest and highest
-    (step, timestamp), one point at a time in plain Python."""
+#: A bucket's summary as plain Python: column -> point, or (step, timestamp) for special kinds, or None.
+Summary = dict[str, Any]
+
+
+def brute_force(m: Metrics, width: int) -> dict[tuple[str, str, int], Summary]:
+    """Each bucket's first and last point, lowest and highest finite point (ties to the lowest and highest
+    (step, timestamp)) and first NaN, +Inf and -Inf point, one point at a time in plain Python."""
     groups: dict[tuple[str, str, int], list[Point]] = {}
     for i in range(len(m)):
         step = int(m.step[i])
         key = (m.run_ids[m.run_index[i]], m.keys[m.key_index[i]], step // width)
         groups.setdefault(key, []).append((step, int(m.timestamp[i]), float(m.value[i])))
+
+    def summary(points: list[Point]) -> Summary:
+        finite = [p for p in points if math.isfinite(p[2])]
+        in_order = sorted(points, key=lambda p: (p[0], p[1], _ordered(p[2], nan_last=True)))
+        kinds: dict[str, Callable[[float], bool]] = {
+            "nan_at": math.isnan,
+            "pinf_at": lambda v: v == math.inf,
+            "ninf_at": lambda v: v == -math.inf,
+        }
+        return {
+            "first": in_order[0],
+            "last": in_order[-1],
+            "low": min(finite, key=lambda p: (_ordered(p[2], True), p[0], p[1])) if finite else None,
+            "high": max(finite, key=lambda p: (_ordered(p[2], True), p[0], p[1])) if finite else None,
+            **{k: min(((p[0], p[1]) for p in points if test(p[2])), default=None) for k, test in kinds.items()},
+        }
+
+    return {key: summary(points) for key, points in groups.items()}
+
+
+def same_point(a: Any, b: Any) -> bool:
+    if a is None or b is None or len(a) == 2:
+        return bool(a == b)
+    return bool(a[:2] == b[:2] and (a[2] == b[2] or (math.isnan(a[2]) and math.isnan(b[2]))))
+
+
+def decoded(name: str, words: tuple[int, int, int]) -> Any:
+    """A metric_buckets column's packed words back as brute_force's shapes."""
+    a, b, c = words
+    if name in ("first", "last"):
+        return (a, b, float(order_value(np.array([c], np.int64))[0]))
+    if name in ("low", "high"):
+        if a in (schema.NAN_LOW, schema.NAN_HIGH):
+            return None
+        return (b, c, float(order_value(np.array([a], np.int64))[0]))
+    return None if (a, b, c) == schema.NO_SPECIAL else (b, c)
+
+
+def summarised(m: Metrics, level: int) -> dict[tuple[str, str, int], Summary]:
+    buckets = summarize(m).buckets[level]
     return {
-        key: (
-            min(points, key=lambda p: (_ordered(p[2], nan_last=True), p[0], p[1])),
-            max(points, key=lambda p: (_ordered(p[2], nan_last=False), p[0], p[1])),
-        )
-        for key, points in groups.items()
+        (m.run_ids[buckets.run_index[i]], m.keys[buckets.key_index[i]], int(buckets.bucket[i])): {
+            name: decoded(name, (int(column[0][i]), int(column[1][i]), int(column[2][i])))
+            for name, column in buckets.columns.items()
+        }
+        for i in range(len(buckets))
     }
 
 
-def same_point(a: Point, b: Point) -> bool:
-    return a[:2] == b[:2] and (a[2] == b[2] or (math.isnan(a[2]) and math.isnan(b[2])))
-
-
-def summarised(m: Metrics, level: int) -> dict[tuple[str, str, int], tuple[Point, Point]]:
-    extremes = summarize(m).extremes[level]
-    low_values, high_values = order_value(extremes.low[0]), order_value(extremes.high[0])
-    return {
-        (m.run_ids[extremes.run_index[i]], m.keys[extremes.key_index[i]], int(extremes.bucket[i])): (
-            (int(extremes.low[1][i]), int(extremes.low[2][i]), float(low_values[i])),
-            (int(extremes.high[1][i]), int(extremes.high[2][i]), float(high_values[i])),
-        )
-        for i in range(len(extremes))
-    }
+def same_summaries(got: dict[tuple[str, str, int], Summary], expected: dict[tuple[str, str, int], Summary]) -> None:
+    assert got.keys() == expected.keys()
+    for bucket, summary in expected.items():
+        for name, point in summary.items():
+            assert same_point(got[bucket][name], point), (bucket, name, got[bucket][name], point)
 
 
 def test_value_order_keeps_float_order_and_inverts_exactly() -> None:
@@ -110,13 +146,10 @@ def test_packed_points_sort_as_their_triples(triples: list[tuple[int, int, int]]
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_extremes_are_each_buckets_lowest_and_highest_point(seed: int) -> None:
+def test_buckets_hold_each_buckets_ends_extremes_and_special_values(seed: int) -> None:
     m = random_metrics(seed, 5_000)
     for level, width in enumerate((schema.FINE_WIDTH, schema.COARSE_WIDTH)):
-        expected, got = brute_force(m, width), summarised(m, level)
-        assert got.keys() == expected.keys()
-        for bucket, (low, high) in expected.items():
-            assert same_point(got[bucket][0], low) and same_point(got[bucket][1], high), bucket
+        same_summaries(summarised(m, level), brute_force(m, width))
 
 
 @settings(max_examples=60, deadline=None)
@@ -144,9 +177,7 @@ def test_summaries_hold_for_any_points(points: list[tuple[int, int, int, float]]
         value=np.array([p[3] for p in points], np.float64),
     )
     for level, width in enumerate((schema.FINE_WIDTH, schema.COARSE_WIDTH)):
-        expected, got = brute_force(m, width), summarised(m, level)
-        assert got.keys() == expected.keys()
-        assert all(same_point(got[b][0], e[0]) and same_point(got[b][1], e[1]) for b, e in expected.items())
+        same_summaries(summarised(m, level), brute_force(m, width))
     latest = summarize(m).latest
     # One latest point for each run that has points: an empty answer must not pass the loop below by skipping it.
     assert sorted(latest.run_index.tolist()) == sorted({p[0] for p in points})
@@ -156,9 +187,10 @@ def test_summaries_hold_for_any_points(points: list[tuple[int, int, int, float]]
         assert same_point((int(latest.step[i]), int(latest.timestamp[i]), float(latest.value[i])), best)
 
 
-def _stored_extremes(sql: Client, source: str) -> dict[tuple[Any, ...], tuple[Any, ...]]:
+def _stored_buckets(sql: Client, source: str) -> dict[tuple[Any, ...], tuple[Any, ...]]:
+    merged = ", ".join(f"{merge}({name})" for name, merge in schema.BUCKET_MERGES.items())
     rows = sql.query(
-        f"SELECT run_id, key, width, bucket, min(low), max(high) FROM ({source}) GROUP BY run_id, key, width, bucket"
+        f"SELECT run_id, key, width, bucket, {merged} FROM ({source}) GROUP BY run_id, key, width, bucket"
     ).result_rows
     return {tuple(r[:4]): tuple(r[4:]) for r in rows}
 
@@ -171,13 +203,13 @@ def test_sink_and_sql_backfill_agree(sql: Client) -> None:
     thirds = np.array_split(np.arange(len(m)), 3)
     for part in (*thirds, thirds[0]):
         sink.write(Batch(metrics=_take(m, part)))
-    table = f"{DB}.{schema.METRIC_EXTREMES}"
+    table = f"{DB}.{schema.METRIC_BUCKETS}"
     backfill = " UNION ALL ".join(
-        f"SELECT {schema.extremes_select(width)} FROM {DB}.{schema.METRICS} GROUP BY run_id, key, bucket"
+        f"SELECT {schema.buckets_select(width)} FROM {DB}.{schema.METRICS} GROUP BY run_id, key, bucket"
         for width in (schema.FINE_WIDTH, schema.COARSE_WIDTH)
     )
-    stored = _stored_extremes(sql, f"SELECT * FROM {table}")
-    assert stored == _stored_extremes(sql, backfill)
+    stored = _stored_buckets(sql, f"SELECT * FROM {table}")
+    assert stored == _stored_buckets(sql, backfill)
     latest = "SELECT run_id, key, max(latest) FROM ({}) GROUP BY run_id, key ORDER BY run_id, key"
     from_sink = sql.query(latest.format(f"SELECT * FROM {DB}.{schema.LATEST_METRICS}")).result_rows
     from_sql = f"SELECT {schema.latest_select()} FROM {DB}.{schema.METRICS} GROUP BY run_id, key"
