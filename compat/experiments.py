@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from trackhouse.compat import wire
+from trackhouse.compat.artifact_roots import ArtifactRoots
 from trackhouse.compat.backend import Backend, next_version, now_ms
 from trackhouse.compat.errors import RESOURCE_ALREADY_EXISTS, invalid, not_found
 from trackhouse.compat.routing import Endpoint
@@ -24,8 +25,9 @@ DEFAULT_SEARCH_RESULTS = 1000
 
 
 class ExperimentsApi:
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, artifact_roots: ArtifactRoots) -> None:
         self._backend = backend
+        self._artifact_roots = artifact_roots
 
     def endpoints(self) -> list[Endpoint]:
         return [
@@ -45,6 +47,7 @@ class ExperimentsApi:
         message = await wire.parse(request, pb.CreateExperiment())
         name = wire.required(message.name, "name")
         validation.check_experiment_name(name)
+        location = self._artifact_roots.validate_new(message.artifact_location) if message.artifact_location else ""
         await self._check_name_free(name)
         experiment_id = await self._backend.read(catalog.allocate_experiment_id, name)
         now = now_ms()
@@ -57,7 +60,7 @@ class ExperimentsApi:
             name,
             now,
             version=version,
-            artifact_location=message.artifact_location,
+            artifact_location=location,
             last_update_time_ms=now,
         )
         await self._backend.write(Batch(experiments=(row,), experiment_tags=tags))
