@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.uri import resolve_uri_if_local
+from mlflow.utils import uri
 
 from tests.conftest import RunningServer
 
@@ -137,7 +137,8 @@ def _old_experiment(server: RunningServer, experiment_id: str, location: str) ->
         name=f"old-{experiment_id}",
         loc=location,
     )
-    return MlflowClient(tracking_uri=server.http_url).create_run(experiment_id).info.run_id
+    run_id: str = MlflowClient(tracking_uri=server.http_url).create_run(experiment_id).info.run_id
+    return run_id
 
 
 def test_old_rows_pointing_outside_are_never_read(server: RunningServer, outside: Path, listener: Listener) -> None:
@@ -196,6 +197,6 @@ def test_relative_artifact_location_is_made_absolute_as_stock_does(
     client = MlflowClient(tracking_uri=server.http_url)
     experiment_id = client.create_experiment("relative", artifact_location="team/exp")
     stored = client.get_experiment(experiment_id).artifact_location
-    assert stored == resolve_uri_if_local("team/exp") == str(tmp_path / "team" / "exp")
+    assert stored == uri.resolve_uri_if_local("team/exp") == str(tmp_path / "team" / "exp")  # type: ignore[no-untyped-call]
     with pytest.raises(MlflowException, match="outside the artifact roots"):
         client.create_experiment("relative-outside", artifact_location="elsewhere/exp")
