@@ -20,8 +20,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import RunningServer
+from trackhouse.cli import _parser, build_config
 from trackhouse.compat.limits import HttpLimits
 from trackhouse.ingest.codec import encode_request
+from trackhouse.ingest.config import ConfigError
 from trackhouse.v1 import ingest_pb2
 
 KIB = 1024
@@ -77,7 +79,7 @@ def assert_too_large(status: int, headers: dict[str, str], body: bytes, flag: st
 @pytest.fixture
 def small(start_server: Callable[..., RunningServer]) -> RunningServer:
     limits = HttpLimits(max_body_bytes=64 * KIB, max_upload_bytes=1 * MIB, header_timeout_s=0.5, max_connections=40)
-    return start_server(http_limits=limits)
+    return start_server(network={"http_limits": limits})
 
 
 def new_run(server: RunningServer) -> tuple[str, str]:
@@ -322,3 +324,24 @@ def test_the_mlflow_client_over_the_limits(mlflow_client: MlflowClient, small: R
         mlflow_client.log_artifact(run_id, str(big))
     mlflow_client.set_tag(run_id, "t", "fine")
     assert mlflow_client.get_run(run_id).data.tags["t"] == "fine"
+
+
+# --- configuration ------------------------------------------------------------------------------------------------
+
+
+def test_the_flags_reach_the_server_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRACKHOUSE_MAX_BODY_BYTES", "2000000")
+    monkeypatch.setenv("TRACKHOUSE_ARTIFACTS_ALLOWED_ROOTS", "s3://a/x, gs://b/y")
+    args = ["serve", "--max-upload-bytes", "3000000", "--http-header-timeout", "2.5", "--http-max-connections", "7"]
+    config = build_config(_parser().parse_args([*args, "--http-keep-alive-timeout", "3"]))
+    assert config.http_limits == HttpLimits(
+        max_body_bytes=2_000_000,
+        max_upload_bytes=3_000_000,
+        header_timeout_s=2.5,
+        keep_alive_timeout_s=3,
+        max_connections=7,
+    )
+    assert config.artifacts_allowed_roots == ("s3://a/x", "gs://b/y")
+    for bad in (["--max-body-bytes", "0"], ["--http-header-timeout", "0"], ["--artifacts-allowed-roots", "/a/../b"]):
+        with pytest.raises(ConfigError):
+            build_config(_parser().parse_args(["serve", *bad]))

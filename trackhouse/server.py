@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from trackhouse.compat.app import create_app
+from trackhouse.compat.artifact_roots import ArtifactRoots
 from trackhouse.compat.artifacts import ArtifactsConfig
 from trackhouse.compat.backend import Backend, BackendConfig
 from trackhouse.compat.http_server import HttpServer
@@ -93,6 +94,7 @@ class ServerConfig:
                 f"refusing to listen on {', '.join(sorted(exposed))} without authentication: pass --auth-file"
                 " (create it with `trackhouse auth add-user`), or --allow-unauthenticated-network to accept the risk"
             )
+        ArtifactRoots(self.artifacts_destination, self.artifacts_allowed_roots)  # fails fast on an ambiguous root
 
     @property
     def tls(self) -> bool:
