@@ -28,14 +28,22 @@ from mlflow.utils.validation import _validate_experiment_artifact_location_lengt
 
 from trackhouse.ingest.config import ConfigError
 
-with warnings.catch_warnings():
-    # Importing the handlers loads MLflow's SQLAlchemy models, which use a loader strategy SQLAlchemy 2.1
-    # deprecates: MLflow's to fix, and no reason to copy stock's check instead of calling it.
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from mlflow.server.handlers import _validate_storage_location_uri
+
+def _check_stock(location: str, field: str) -> None:
+    """Stock's own check, `mlflow.server.handlers._validate_storage_location_uri`, called rather than copied.
+
+    Imported on first use: mlflow.server loads Flask and MLflow's SQLAlchemy models, about 3 s of CPU (measured,
+    doubling the server's import time) that start-up should not pay for a field few clients send. Callers run
+    this in a worker thread, so that first import never stalls the event loop.
+    """
+    with warnings.catch_warnings():
+        # MLflow's SQLAlchemy models use a loader strategy SQLAlchemy 2.1 deprecates: MLflow's to fix.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from mlflow.server.handlers import _validate_storage_location_uri
+    _validate_storage_location_uri(location, field)
+
 
 _resolve_uri_if_local: Callable[[str], str] = mlflow_uri.resolve_uri_if_local
-_check_stock: Callable[[str, str], str] = _validate_storage_location_uri
 
 FIELD = "artifact_location"
 PROXIED_SCHEME = "mlflow-artifacts"
@@ -103,7 +111,10 @@ class ArtifactRoots:
         return any(root.contains(parsed) for root in self._roots)
 
     def validate_new(self, location: str) -> str:
-        """A client's `artifact_location`, as it is to be stored: stock's checks, stock's absolute form, then ours."""
+        """A client's `artifact_location`, as it is to be stored: stock's checks, stock's absolute form, then ours.
+
+        Blocking on first use (see `_check_stock`): call it in a worker thread.
+        """
         absolute = _resolve_uri_if_local(location)
         inside = self.contains(absolute)
         if inside and host_addressed_uri_targets(location) is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -48,7 +49,9 @@ class ExperimentsApi:
         message = await wire.parse(request, pb.CreateExperiment())
         name = wire.required(message.name, "name")
         validation.check_experiment_name(name)
-        location = self._artifact_roots.validate_new(message.artifact_location) if message.artifact_location else ""
+        location = ""
+        if message.artifact_location:
+            location = await asyncio.to_thread(self._artifact_roots.validate_new, message.artifact_location)
         tag_values = [(tag.key, _tag_value(tag.key, tag.value)) for tag in message.tags]
         async with self._backend.experiment_names() as taken:
             await self._check_name_free(name, taken)
