@@ -163,7 +163,7 @@ class _Tricklers:
                 continue
             self.open += 1
             try:
-                writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
                 while True:
                     writer.write(b"X")
                     await writer.drain()

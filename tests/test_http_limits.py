@@ -61,7 +61,7 @@ def request(server: RunningServer, method: str, target: str, body: bytes | None 
 
 
 def send_chunked_head(sock: socket.socket, method: str, target: str) -> None:
-    sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+    sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
 
 
 def send_chunk(sock: socket.socket, data: bytes) -> None:
@@ -94,7 +94,7 @@ def test_a_declared_length_over_the_cap_is_refused_before_any_body_is_read(small
     with closing(connect(small)) as sock:
         # 10 GB declared, none sent: an answer at all proves the server did not wait to read it.
         sock.sendall(
-            b"POST /api/2.0/mlflow/runs/log-batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /api/2.0/mlflow/runs/log-batch HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: 10737418240\r\n\r\n"
         )
         assert_too_large(*read_response(sock), "--max-body-bytes")
@@ -115,7 +115,7 @@ def test_a_chunked_body_is_cut_off_at_the_cap(small: RunningServer) -> None:
 
 def test_a_malformed_content_length_is_refused(small: RunningServer) -> None:
     with closing(connect(small)) as sock:
-        sock.sendall(b"POST /api/2.0/mlflow/runs/log-batch HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n")
+        sock.sendall(b"POST /api/2.0/mlflow/runs/log-batch HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -5\r\n\r\n")
         status, _, _ = read_response(sock)
         assert status == 400
 
@@ -242,7 +242,7 @@ def test_a_trickled_head_is_cut_off_and_others_are_served_meanwhile(small: Runni
     tricklers = [connect(small) for _ in range(20)]
     try:
         for sock in tricklers:
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         # While they trickle, a normal client is served.
         assert request(small, "GET", "/health") == (200, {"status": "ok"})
         closed = _trickle_until_closed(tricklers[0])
@@ -270,7 +270,7 @@ def _trickle_until_closed(sock: socket.socket, limit_s: float = 30) -> bool:
 
 def test_an_oversized_head_is_refused(small: RunningServer) -> None:
     with closing(connect(small)) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         try:
             for _ in range(40):
                 sock.sendall(b"X-Filler: " + b"y" * 8 * KIB + b"\r\n")
@@ -285,7 +285,7 @@ def test_connections_beyond_the_bound_are_refused(small: RunningServer) -> None:
     try:
         for _ in range(40):
             sock = connect(small)
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             sock.recv(65536)  # served: the connection stays open, kept alive
             held.append(sock)
         with closing(connect(small)) as extra:
