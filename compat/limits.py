@@ -25,11 +25,11 @@ DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 #: One artifact per PUT; 5 GiB is S3's single-PUT limit. Uploads stream, so memory stays flat in any case.
 DEFAULT_MAX_UPLOAD_BYTES = 5 * 1024**3
 #: A request head (request line and headers) must arrive whole within this many seconds.
-DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_HEADER_TIMEOUT_S = 10
 #: ...and be at most this large (llhttp, under uvicorn's httptools protocol, has no limit of its own).
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 #: An idle kept-alive connection is closed after this many seconds.
-DEFAULT_KEEP_ALIVE_TIMEOUT_S = 5.0
+DEFAULT_KEEP_ALIVE_TIMEOUT_S = 5
 #: Open connections beyond this are refused with 503 as they arrive.
 DEFAULT_MAX_CONNECTIONS = 1000
 

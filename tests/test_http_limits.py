@@ -335,12 +335,12 @@ def test_the_mlflow_client_over_the_limits(mlflow_client: MlflowClient, small: R
 def test_the_flags_reach_the_server_config(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRACKHOUSE_MAX_BODY_BYTES", "2000000")
     monkeypatch.setenv("TRACKHOUSE_ARTIFACTS_ALLOWED_ROOTS", "s3://a/x, gs://b/y")
-    args = ["serve", "--max-upload-bytes", "3000000", "--http-header-timeout", "2.5", "--http-max-connections", "7"]
+    args = ["serve", "--max-upload-bytes", "3000000", "--http-header-timeout", "2", "--http-max-connections", "7"]
     config = build_config(_parser().parse_args([*args, "--http-keep-alive-timeout", "3"]))
     assert config.http_limits == HttpLimits(
         max_body_bytes=2_000_000,
         max_upload_bytes=3_000_000,
-        header_timeout_s=2.5,
+        header_timeout_s=2,
         keep_alive_timeout_s=3,
         max_connections=7,
     )

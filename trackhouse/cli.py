@@ -223,16 +223,16 @@ SERVE_OPTIONS = (
     Option(
         "--http-header-timeout",
         "TRACKHOUSE_HTTP_HEADER_TIMEOUT",
-        float,
+        int,
         limits.DEFAULT_HEADER_TIMEOUT_S,
-        "seconds a request's head (request line and headers) may take to arrive",
+        "whole seconds a request's head (request line and headers) may take to arrive",
     ),
     Option(
         "--http-keep-alive-timeout",
         "TRACKHOUSE_HTTP_KEEP_ALIVE_TIMEOUT",
-        float,
+        int,
         limits.DEFAULT_KEEP_ALIVE_TIMEOUT_S,
-        "seconds an idle kept-alive HTTP connection stays open",
+        "whole seconds an idle kept-alive HTTP connection stays open",
     ),
     Option(
         "--http-max-connections",
