@@ -6,15 +6,18 @@ from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from trackhouse.compat.artifacts import ArtifactsConfig, artifact_routes
+from trackhouse.compat.artifact_roots import ArtifactRoots
+from trackhouse.compat.artifacts import ArtifactsConfig, artifact_routes, is_upload
 from trackhouse.compat.backend import Backend
 from trackhouse.compat.datasets import DatasetsApi
 from trackhouse.compat.experiments import ExperimentsApi
 from trackhouse.compat.graphql import GraphQlApi
+from trackhouse.compat.limits import BodyLimit, HttpLimits
 from trackhouse.compat.logged_models import LoggedModelsApi
 from trackhouse.compat.logged_models import artifact_routes as model_artifact_routes
 from trackhouse.compat.metrics import MetricsApi
@@ -33,6 +36,7 @@ def create_app(
     artifacts: ArtifactsConfig | None = None,
     security: SecurityConfig | None = None,
     registry: RegistryStore | None = None,
+    limits: HttpLimits | None = None,
 ) -> Starlette:
     async def health(_: Request) -> Response:
         if is_serving():
@@ -44,7 +48,8 @@ def create_app(
 
     routes: list[BaseRoute] = [Route("/health", health), Route("/metrics", metrics)]
     if backend is not None:  # a gateway has no storage, so no MLflow API
-        experiments = ExperimentsApi(backend)
+        roots = artifacts.roots() if artifacts is not None else ArtifactRoots(None)
+        experiments = ExperimentsApi(backend, roots)
         datasets = DatasetsApi(backend)
         runs = RunsApi(backend, experiments, datasets)
         endpoints = [*experiments.endpoints(), *runs.endpoints(), *MetricsApi(backend, runs).endpoints()]
@@ -62,5 +67,7 @@ def create_app(
             routes += artifact_routes(artifacts, runs.artifact_uri)
             routes += model_artifact_routes(artifacts, logged_models)
         routes += ui_routes(GraphQlApi())
-    # The edge's policy (Host, CORS, authentication) wraps every route, here and nowhere else.
-    return Starlette(routes=routes, middleware=middleware(security or SecurityConfig()))
+    # The edge's policy, here and nowhere else, outermost first: Host, CORS and authentication (so nobody
+    # unauthenticated gets a body read), then the body caps (artifact uploads get their own, larger cap).
+    body_limit = Middleware(BodyLimit, limits=limits or HttpLimits(), is_upload=is_upload)
+    return Starlette(routes=routes, middleware=[*middleware(security or SecurityConfig()), body_limit])

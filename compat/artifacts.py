@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import unicodedata
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -29,7 +29,12 @@ from mlflow.exceptions import (
     _UnsupportedMultipartUploadException,
 )
 from mlflow.protos import mlflow_artifacts_pb2 as artifacts_pb2
-from mlflow.protos.databricks_pb2 import ENDPOINT_NOT_FOUND, INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
+from mlflow.protos.databricks_pb2 import (
+    ENDPOINT_NOT_FOUND,
+    INVALID_PARAMETER_VALUE,
+    PERMISSION_DENIED,
+    RESOURCE_DOES_NOT_EXIST,
+)
 from mlflow.protos.service_pb2 import ListArtifacts
 from mlflow.store.artifact.artifact_repo import (
     ARTIFACT_STREAM_CHUNK_SIZE,
@@ -44,6 +49,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from trackhouse.compat.artifact_roots import ArtifactRoots
 from trackhouse.compat.routing import guarded
 from trackhouse.query.errors import NotFoundError
 
@@ -66,6 +72,26 @@ _TOKEN_CHARS = frozenset("!#$%&'*+-.0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ^_`abcde
 class ArtifactsConfig:
     #: Where proxied artifacts live: a local directory path or URI (file:///..., s3://bucket/prefix, ...).
     destination: str
+    #: Other roots experiments may keep artifacts under (`s3://bucket/prefix`, ...); nothing else is touched.
+    allowed_roots: tuple[str, ...] = ()
+    #: False on a reader: uploads and deletes are refused, whatever the route.
+    writable: bool = True
+
+    def roots(self) -> ArtifactRoots:
+        return ArtifactRoots(self.destination, self.allowed_roots)
+
+
+#: The UI's upload route (stock serves it under /ajax-api only), and stock's cap on it.
+UI_UPLOAD_PATH = "/ajax-api/2.0/mlflow/upload-artifact"
+UI_UPLOAD_MAX_BYTES = 10 * 1024 * 1024
+_PROXY_PREFIXES = ("/api/2.0/mlflow-artifacts/artifacts/", "/ajax-api/2.0/mlflow-artifacts/artifacts/")
+
+
+def is_upload(method: str, path: str) -> bool:
+    """Whether a request's body is an artifact's bytes, which streams under the upload cap, not the body cap."""
+    if method == "PUT":
+        return path.startswith(_PROXY_PREFIXES)
+    return method == "POST" and path == UI_UPLOAD_PATH
 
 
 RunArtifactUri = Callable[[str], Awaitable[str]]
@@ -75,7 +101,8 @@ _Endpoint = Callable[[Request], Awaitable[Response]]
 def artifact_routes(config: ArtifactsConfig, run_artifact_uri: RunArtifactUri) -> list[BaseRoute]:
     """The routes, under both `/api/2.0` and `/ajax-api/2.0`, plus `/get-artifact`. Fails fast on a bad destination."""
     # A relative destination is pinned now, so a later chdir cannot move where artifacts go.
-    service = _ArtifactService(get_artifact_repository(_resolve_uri_if_local(config.destination)), run_artifact_uri)
+    destination = get_artifact_repository(_resolve_uri_if_local(config.destination))
+    service = _ArtifactService(destination, run_artifact_uri, config.roots(), config.writable)
     # The first call imports mlflow.models for its text-file names; pay for that at start-up, not in a request.
     _guess_mime_type("MLmodel")
     routes: list[BaseRoute] = []
@@ -92,34 +119,69 @@ def artifact_routes(config: ArtifactsConfig, run_artifact_uri: RunArtifactUri) -
             _route(f"{service_root}/presigned/{{artifact_path:path}}", service.presigned_download, "GET"),
             _route(f"{prefix}/mlflow/artifacts/list", service.list_run, "GET"),
         ]
+    routes.append(_route(UI_UPLOAD_PATH, service.upload_for_run, "POST"))
     # Stock serves the UI's preview route only without an API prefix.
     routes.append(_route("/get-artifact", service.get_artifact, "GET"))
     return routes
 
 
 class _ArtifactService:
-    def __init__(self, destination: ArtifactRepository, run_artifact_uri: RunArtifactUri) -> None:
+    def __init__(
+        self, destination: ArtifactRepository, run_artifact_uri: RunArtifactUri, roots: ArtifactRoots, writable: bool
+    ) -> None:
         self._destination = destination
         self._run_artifact_uri = run_artifact_uri
+        self._roots = roots
+        self._writable = writable
 
     async def download(self, request: Request) -> Response:
         path = _artifact_path(request)
         return await _send_artifact(self._destination, path)
 
     async def upload(self, request: Request) -> Response:
+        self._check_writable()
         head, tail = posixpath.split(_artifact_path(request))
         if not tail:
             raise MlflowException.invalid_parameter_value(
                 "Artifact path must include a filename (cannot end with '/')."
             )
-        repo = self._destination
-        if isinstance(repo, StreamUploadMixin):
-            await repo.log_artifact_from_async_stream(request.stream(), tail, artifact_path=head or None)
-        else:
-            await _upload_via_temp_file(repo, request, tail, head or None)
+        await _upload_stream(self._destination, request.stream(), tail, head or None)
         return _json(artifacts_pb2.UploadArtifact.Response())
 
+    async def upload_for_run(self, request: Request) -> Response:
+        """The UI's upload: stock's parameters, checks and messages; the body streams, as every upload here does."""
+        self._check_writable()
+        run_id = request.query_params.get("run_uuid")
+        if not run_id:
+            raise MlflowException.invalid_parameter_value("Request must specify run_uuid.")
+        path = request.query_params.get("path")
+        if not path:
+            raise MlflowException.invalid_parameter_value("Request must specify path.")
+        directory, name = posixpath.split(_safe_path(path))
+        if not name:
+            raise MlflowException.invalid_parameter_value(
+                "Artifact path must include a filename (cannot end with '/')."
+            )
+        if int(request.headers.get("content-length") or 0) > UI_UPLOAD_MAX_BYTES:
+            raise _ui_upload_too_large()
+        chunks = request.stream()
+        first = b""
+        async for first in chunks:
+            if first:
+                break
+        if not first:
+            raise MlflowException.invalid_parameter_value("Request must specify data.")
+        root = await self._run_root(run_id)
+        destination_path = _destination_path(root, directory or None)
+        if destination_path is not None:
+            repo, target = self._destination, destination_path
+        else:
+            repo, target = await asyncio.to_thread(get_artifact_repository, root), directory
+        await _upload_stream(repo, _capped(first, chunks), name, target or None)
+        return Response(media_type="application/json")
+
     async def delete(self, request: Request) -> Response:
+        self._check_writable()
         path = _artifact_path(request)
         await asyncio.to_thread(self._destination.delete_artifacts, path)
         return _json(artifacts_pb2.DeleteArtifact.Response())
@@ -160,6 +222,7 @@ class _ArtifactService:
         return await _send_artifact(repo, path)
 
     async def create_multipart(self, request: Request) -> Response:
+        self._check_writable()
         path = _artifact_path(request)
         message = await _parse_body(request, artifacts_pb2.CreateMultipartUpload(), "path")
         repo = _multipart_repo(self._destination)
@@ -167,6 +230,7 @@ class _ArtifactService:
         return _json(created.to_proto())
 
     async def complete_multipart(self, request: Request) -> Response:
+        self._check_writable()
         path = _artifact_path(request)
         message = await _parse_body(request, artifacts_pb2.CompleteMultipartUpload(), "path", "parts")
         parts = [MultipartUploadPart.from_proto(part) for part in message.parts]
@@ -175,6 +239,7 @@ class _ArtifactService:
         return _json(artifacts_pb2.CompleteMultipartUpload.Response())
 
     async def abort_multipart(self, request: Request) -> Response:
+        self._check_writable()
         path = _artifact_path(request)
         message = await _parse_body(request, artifacts_pb2.AbortMultipartUpload(), "path")
         repo = _multipart_repo(self._destination)
@@ -191,10 +256,21 @@ class _ArtifactService:
         return Response(json.dumps(presigned.to_dict()), media_type="application/json")
 
     async def _run_root(self, run_id: str) -> str:
+        """The run's artifact root, which must lie under the configured roots: a stored row is never trusted."""
         try:
-            return await self._run_artifact_uri(run_id)
+            root = await self._run_artifact_uri(run_id)
         except NotFoundError:
             raise MlflowException(f"Run with id={run_id} not found", error_code=RESOURCE_DOES_NOT_EXIST) from None
+        self._roots.check_stored(root)
+        return root
+
+    def _check_writable(self) -> None:
+        if not self._writable:
+            raise MlflowException(
+                "This node is read-only (--role reader): it does not write or delete artifacts;"
+                " send them to a node that stores.",
+                error_code=PERMISSION_DENIED,
+            )
 
 
 def _route(path: str, endpoint: _Endpoint, method: str) -> Route:
@@ -269,13 +345,44 @@ async def _parse_body(request: Request, message: _M, *required: str) -> _M:
     return message
 
 
-async def _upload_via_temp_file(repo: ArtifactRepository, request: Request, name: str, directory: str | None) -> None:
+async def _upload_stream(
+    repo: ArtifactRepository, chunks: AsyncIterable[bytes], name: str, directory: str | None
+) -> None:
+    """Store a request body as one artifact, chunk by chunk.
+
+    The body-limit middleware caps the stream, and a stream cut short leaves nothing behind: MLflow's stream
+    upload stages and then publishes, and the spooled copy here is removed.
+    """
+    if isinstance(repo, StreamUploadMixin):
+        await repo.log_artifact_from_async_stream(chunks, name, artifact_path=directory)
+    else:
+        await _upload_via_temp_file(repo, chunks, name, directory)
+
+
+async def _capped(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The UI upload's body, cut off with stock's error at stock's 10 MB (a chunked body declares no length)."""
+    size = len(first)
+    yield first
+    async for chunk in rest:
+        size += len(chunk)
+        if size > UI_UPLOAD_MAX_BYTES:
+            raise _ui_upload_too_large()
+        yield chunk
+
+
+def _ui_upload_too_large() -> MlflowException:
+    return MlflowException("Artifact size is too large. Max size is 10MB.", error_code=INVALID_PARAMETER_VALUE)
+
+
+async def _upload_via_temp_file(
+    repo: ArtifactRepository, chunks: AsyncIterable[bytes], name: str, directory: str | None
+) -> None:
     """Repositories that cannot take a stream get a spooled file, never the whole body in memory."""
     tmp_dir = await asyncio.to_thread(tempfile.mkdtemp)
     try:
         tmp_path = os.path.join(tmp_dir, name)
         with open(tmp_path, "wb") as f:
-            async for chunk in request.stream():
+            async for chunk in chunks:
                 await asyncio.to_thread(f.write, chunk)
         await asyncio.to_thread(repo.log_artifact, tmp_path, directory)
     finally:

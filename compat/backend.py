@@ -54,6 +54,20 @@ class Backend:
         async with self._client() as client:
             return await asyncio.to_thread(query, client, self._config.database, *args, **kwargs)
 
+    @asynccontextmanager
+    async def experiment_names(self) -> AsyncIterator[Callable[[str], str | None]]:
+        """Hold the node's experiment-name lock; yields a lookup of names taken but perhaps not yet stored.
+
+        Check-then-write on experiment names happens inside, through to a durable write, so concurrent
+        creates and renames on this node (REST or gRPC) never leave two live experiments with one name.
+        """
+        if self._pipeline is None:  # a reader writes nothing; its writes are refused
+            yield lambda _: None
+            return
+        catalog = self._pipeline.catalog
+        async with catalog.names_lock:
+            yield catalog.cached_experiment_id
+
     async def write(self, batch: Batch) -> None:
         """Store `batch` through the same pipeline as gRPC and Kafka; returns once it is durable."""
         if self._pipeline is None:
@@ -69,4 +83,6 @@ def now_ms() -> int:
 
 def next_version(previous: int = 0) -> int:
     """A row version that outranks `previous` and every earlier write from this clock."""
-    return max(time.time_ns(), previous + 1)
+    # Capped at UInt64's top: a row pinned there before versions were capped (codec._server_version) is
+    # outranked by an equal version, since ReplacingMergeTree keeps the last insert among equals.
+    return max(time.time_ns(), min(previous + 1, 2**64 - 1))

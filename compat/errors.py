@@ -18,6 +18,7 @@ from mlflow.protos.databricks_pb2 import (
 )
 from starlette.responses import Response
 
+from trackhouse.compat.limits import BodyTooLarge
 from trackhouse.ingest.errors import PermanentError, RetryableError
 from trackhouse.query.errors import InvalidQueryError, NotFoundError
 
@@ -50,6 +51,8 @@ def as_mlflow(exc: Exception) -> MlflowException:
             return not_found(str(exc))
         case InvalidQueryError() | PermanentError():
             return invalid(str(exc))
+        case BodyTooLarge():  # the body-limit middleware answers 413 in place of this
+            return invalid("request body over the limit")
         case RetryableError():
             # 503: the MLflow client retries it with backoff, which is what a full queue wants.
             return MlflowException(str(exc), error_code=TEMPORARILY_UNAVAILABLE)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import replace
 
 from mlflow.entities import ViewType
@@ -12,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from trackhouse.compat import wire
+from trackhouse.compat.artifact_roots import ArtifactRoots
 from trackhouse.compat.backend import Backend, next_version, now_ms
 from trackhouse.compat.errors import RESOURCE_ALREADY_EXISTS, invalid, not_found
 from trackhouse.compat.routing import Endpoint
@@ -24,8 +27,9 @@ DEFAULT_SEARCH_RESULTS = 1000
 
 
 class ExperimentsApi:
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, artifact_roots: ArtifactRoots) -> None:
         self._backend = backend
+        self._artifact_roots = artifact_roots
 
     def endpoints(self) -> list[Endpoint]:
         return [
@@ -45,22 +49,25 @@ class ExperimentsApi:
         message = await wire.parse(request, pb.CreateExperiment())
         name = wire.required(message.name, "name")
         validation.check_experiment_name(name)
-        await self._check_name_free(name)
-        experiment_id = await self._backend.read(catalog.allocate_experiment_id, name)
-        now = now_ms()
-        version = next_version()
-        tags = tuple(
-            ExperimentTagRow(experiment_id, tag.key, _tag_value(tag.key, tag.value), version) for tag in message.tags
-        )
-        row = ExperimentRow(
-            experiment_id,
-            name,
-            now,
-            version=version,
-            artifact_location=message.artifact_location,
-            last_update_time_ms=now,
-        )
-        await self._backend.write(Batch(experiments=(row,), experiment_tags=tags))
+        location = ""
+        if message.artifact_location:
+            location = await asyncio.to_thread(self._artifact_roots.validate_new, message.artifact_location)
+        tag_values = [(tag.key, _tag_value(tag.key, tag.value)) for tag in message.tags]
+        async with self._backend.experiment_names() as taken:
+            await self._check_name_free(name, taken)
+            experiment_id = await self._backend.read(catalog.allocate_experiment_id, name)
+            now = now_ms()
+            version = next_version()
+            tags = tuple(ExperimentTagRow(experiment_id, key, value, version) for key, value in tag_values)
+            row = ExperimentRow(
+                experiment_id,
+                name,
+                now,
+                version=version,
+                artifact_location=location,
+                last_update_time_ms=now,
+            )
+            await self._backend.write(Batch(experiments=(row,), experiment_tags=tags))
         return wire.ok({"experiment_id": experiment_id})
 
     async def get(self, request: Request) -> Response:
@@ -96,14 +103,16 @@ class ExperimentsApi:
 
     async def update(self, request: Request) -> Response:
         message = await wire.parse(request, pb.UpdateExperiment())
-        found = await self.experiment(wire.required(message.experiment_id, "experiment_id"))
+        experiment_id = wire.required(message.experiment_id, "experiment_id")
         new_name = wire.required(message.new_name, "new_name")
-        if found.lifecycle_stage != ACTIVE:
-            raise invalid("Cannot rename a non-active experiment.")
-        validation.check_experiment_name(new_name)
-        if new_name != found.name:
-            await self._check_name_free(new_name)
-            await self._store(replace(found, name=new_name))
+        async with self._backend.experiment_names() as taken:
+            found = await self.experiment(experiment_id)  # read under the lock: a concurrent rename may win
+            if found.lifecycle_stage != ACTIVE:
+                raise invalid("Cannot rename a non-active experiment.")
+            validation.check_experiment_name(new_name)
+            if new_name != found.name:
+                await self._check_name_free(new_name, taken)
+                await self._store(replace(found, name=new_name))
         return wire.ok()
 
     async def delete(self, request: Request) -> Response:
@@ -172,8 +181,14 @@ class ExperimentsApi:
         )
         await self._backend.write(Batch(experiments=(row,)))
 
-    async def _check_name_free(self, name: str) -> None:
+    async def _check_name_free(self, name: str, taken: Callable[[str], str | None]) -> None:
+        """Raise unless `name` is free: not stored (live or deleted), and not just taken by a write in flight."""
         existing = await self._backend.read(experiments.by_name, name)
+        pending = taken(name) if existing is None else None
+        # Taken in flight: created through the write path (gRPC, by name), not stored yet. A stored row under
+        # that id means this node's memory is stale (renamed elsewhere), and the name is free.
+        if pending is not None and not await self._backend.read(experiments.by_ids, [pending]):
+            raise MlflowException(f"Experiment(name={name}) already exists.", error_code=RESOURCE_ALREADY_EXISTS)
         if existing is not None:
             state = "" if existing.lifecycle_stage == ACTIVE else " (deleted)"
             raise MlflowException(f"Experiment(name={name}) already exists{state}.", error_code=RESOURCE_ALREADY_EXISTS)

@@ -112,10 +112,13 @@ class MetricsApi:
         key = request.query_params.get("metric_key")
         if key is None:
             raise invalid("GetMetricHistoryBulk request must specify a metric_key.")
+        raw_limit = request.query_params.get("max_results", str(MAX_BULK_HISTORY))
         try:
-            limit = min(int(request.query_params.get("max_results", MAX_BULK_HISTORY)), MAX_BULK_HISTORY)
+            limit = int(raw_limit)
         except ValueError:
             raise invalid("max_results must be an integer") from None
+        if limit <= 0:  # stock would slice with it (a negative one drops points from the end); refuse instead
+            raise invalid(f"Invalid value {limit} for parameter 'max_results' supplied. It must be a positive integer.")
         return _json_stream(self._bulk_body(run_ids, key, max(limit, 0)))
 
     async def _bulk_body(self, run_ids: list[str], key: str, limit: int) -> AsyncIterator[bytes]:
@@ -163,7 +166,19 @@ def encode_page_token(after: Point) -> str:
 def decode_page_token(token: str) -> Point:
     """The one place page tokens are parsed: anything that is not a token this server made is refused."""
     try:
+        if len(token) > _MAX_TOKEN_CHARS:
+            raise ValueError("too long")
         step, timestamp, value = json.loads(base64.urlsafe_b64decode(token.encode()))
-        return int(step), int(timestamp), float.fromhex(value)
+        if not (_is_int64(step) and _is_int64(timestamp) and isinstance(value, str)):
+            raise ValueError("not a step, timestamp and value")
+        return step, timestamp, float.fromhex(value)
     except (ValueError, TypeError, binascii.Error):
         raise invalid(f"Invalid page token {token[:100]!r}") from None
+
+
+# Two int64s and a hex double in JSON, base64: about 100 characters.
+_MAX_TOKEN_CHARS = 256
+
+
+def _is_int64(number: object) -> bool:
+    return isinstance(number, int) and not isinstance(number, bool) and -(2**63) <= number < 2**63

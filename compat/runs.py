@@ -90,7 +90,10 @@ class RunsApi:
                 f"Both 'run_name' argument and 'mlflow.runName' tag are specified, but with different"
                 f" values (run_name='{name}', mlflow.runName='{given[RUN_NAME_TAG]}')."
             )
+        name = validation.fit_run_name(name)
         given[RUN_NAME_TAG] = name
+        user = message.user_id or given.get(_USER_TAG, "")
+        validation.check_user(user)
         run_id = uuid.uuid4().hex
         version = next_version()
         row = RunRow(
@@ -100,7 +103,7 @@ class RunsApi:
             status="RUNNING",
             start_time_ms=message.start_time or now_ms(),
             end_time_ms=0,
-            user=message.user_id or given.get(_USER_TAG, ""),
+            user=user,
             version=version,
         )
         tags = tuple(_tag(run_id, key, value, version) for key, value in given.items())
@@ -124,8 +127,8 @@ class RunsApi:
             changed = replace(changed, end_time=message.end_time)
         tags: tuple[TagRow, ...] = ()
         if message.HasField("run_name") and message.run_name:
-            changed = replace(changed, name=message.run_name)
-            tags = (_tag(info.run_id, RUN_NAME_TAG, message.run_name, next_version()),)
+            changed = replace(changed, name=validation.fit_run_name(message.run_name))
+            tags = (_tag(info.run_id, RUN_NAME_TAG, changed.name, next_version()),)
         row = _run_row(changed)
         await self._backend.write(Batch(runs=(row,), tags=tags))
         return wire.ok({"run_info": wire.run_info(replace(changed, version=row.version))})
@@ -414,7 +417,9 @@ def _int64(raw: object, name: str) -> int:
     number = None
     if isinstance(raw, int) and not isinstance(raw, bool):
         number = raw
-    elif isinstance(raw, float) and raw.is_integer():
+    elif isinstance(raw, float) and raw.is_integer() and abs(raw) < 2**53:
+        # Only below 2**53 is a double an exact integer. Past it, it may be a rounded one: orjson reads an
+        # integer beyond int64 (say -2**63 - 1) as the nearest double, which would pass as -2**63.
         number = int(raw)
     elif isinstance(raw, str):
         with contextlib.suppress(ValueError):

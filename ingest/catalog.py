@@ -66,6 +66,10 @@ class Catalog:
     def __init__(self, client: Client, database: str, cache_entries: int) -> None:
         self._client = client
         self._database = database
+        #: Held by whoever checks that an experiment name is free and then takes it: the REST API's create,
+        #: rename and restore (until the write is durable), and `resolve` when it creates experiments by name.
+        #: One node never lets two live experiments share a name (multi-node: see the README).
+        self.names_lock = asyncio.Lock()
         self._experiment_ids = _Lru[str, str](cache_entries)  # name -> id
         self._known_experiments = _Lru[str, bool](cache_entries)
         self._known_runs = _Lru[str, bool](cache_entries)
@@ -73,8 +77,22 @@ class Catalog:
         #: The newest run row this node accepted, for renames of runs whose row is still queued.
         self._run_rows = _Lru[str, RunRow](cache_entries)
 
+    def cached_experiment_id(self, name: str) -> str | None:
+        """The id of the live experiment called `name` that this node has created or seen, written or not."""
+        return self._experiment_ids.get(name)
+
     async def resolve(self, batch: Batch) -> Batch:
-        """Return `batch` with experiment ids filled in and new experiments added; raise on bad references."""
+        """Return `batch` with experiment ids filled in and new experiments added; raise on bad references.
+
+        Creating experiments by name happens under `names_lock`. `remember` runs right after, with no await
+        in between (see WritePipeline.accept), so the cache knows a new name before the lock can change hands.
+        """
+        if any(r.experiment_name and r.experiment_name not in self._experiment_ids for r in batch.runs):
+            async with self.names_lock:
+                return await self._resolve(batch)
+        return await self._resolve(batch)
+
+    async def _resolve(self, batch: Batch) -> Batch:
         runs, experiments = await self._resolve_experiments(batch.runs)
         await self._check_runs(batch.run_ids() - {r.run_id for r in runs})
         await self._check_params(batch)

@@ -8,6 +8,7 @@ natively on decode, and encoding goes through encode_view.proto.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from trackhouse.ingest.errors import InvalidArgumentError
 from trackhouse.v1 import encode_view_pb2, ingest_pb2
 
 SCHEMA_VERSION = 1
+#: How far ahead of this server's clock a client's row version may be (see `_server_version`).
+MAX_VERSION_LEAD_NS = 1_000_000_000
 # MLflow spells statuses as strings in its API and storage; so do our tables.
 _STATUS_NAMES = {
     ingest_pb2.RUNNING: "RUNNING",
@@ -52,17 +55,36 @@ def decode_request(raw: bytes, max_bytes: int) -> DecodedRequest:
         raise InvalidArgumentError(
             f"schema_version {request.schema_version} is not supported; this server speaks {SCHEMA_VERSION}"
         )
+    newest = time.time_ns() + MAX_VERSION_LEAD_NS
     batch = Batch(
         metrics=_decode_metrics(request.metrics),
-        runs=tuple(_decode_run(r) for r in request.runs),
+        runs=tuple(_decode_run(r, newest) for r in request.runs),
         params=tuple(_decode_param(p) for p in request.params),
-        tags=tuple(_decode_tag(t) for t in request.tags),
+        tags=tuple(_decode_tag(t, newest) for t in request.tags),
     )
     return DecodedRequest(writer_id=request.writer_id, sequence=request.sequence, batch=batch, raw=raw)
 
 
-def _decode_run(run: ingest_pb2.RunUpsert) -> RunRow:
+def _server_version(client_version: int, newest: int) -> int:
+    """The row version stored for a client's upsert or tag: the client's own, capped at this server's clock
+    plus MAX_VERSION_LEAD_NS (1 s).
+
+    - The client's version is kept because it orders what the client did. A retried request, or a Kafka
+      message redelivered after a crash, carries its original version, so an old upsert never overwrites a
+      newer one. Stamping receipt time here would let exactly that happen.
+    - The cap stops a client from pinning a row: a version of 2**64-1 would outrank every later write, REST
+      included, forever. Now a row is ahead of the server's clock by at most 1 s; REST's run updates take
+      max(now, previous + 1) and outrank it at once, REST tag writes (now) within that second.
+    - What remains: a client whose clock runs more than 1 s ahead has its versions capped at arrival, so its
+      own writes are then ordered by arrival time, and a redelivery of one of them may outrank a later write
+      that was capped earlier. Hosts kept in sync by NTP are well inside 1 s.
+    """
+    return min(client_version, newest)
+
+
+def _decode_run(run: ingest_pb2.RunUpsert, newest: int) -> RunRow:
     validation.check_run_id(run.run_id)
+    validation.check_user(run.user)
     if bool(run.experiment_id) == bool(run.experiment_name):
         raise InvalidArgumentError(f"run {run.run_id}: give exactly one of experiment_id and experiment_name")
     if run.experiment_id:
@@ -76,12 +98,12 @@ def _decode_run(run: ingest_pb2.RunUpsert) -> RunRow:
         run_id=run.run_id,
         experiment_id=run.experiment_id,
         experiment_name=run.experiment_name,
-        name=run.name,
+        name=validation.fit_run_name(run.name),
         status=status,
         start_time_ms=run.start_time_ms,
         end_time_ms=run.end_time_ms,
         user=run.user,
-        version=run.version,
+        version=_server_version(run.version, newest),
     )
 
 
@@ -92,11 +114,11 @@ def _decode_param(param: ingest_pb2.Param) -> ParamRow:
     return ParamRow(run_id=param.run_id, key=param.key, value=value)
 
 
-def _decode_tag(tag: ingest_pb2.Tag) -> TagRow:
+def _decode_tag(tag: ingest_pb2.Tag, newest: int) -> TagRow:
     validation.check_run_id(tag.run_id)
     validation.check_key(tag.key, "tag")
     value = validation.fit_value("tag", tag.key, tag.value, validation.MAX_TAG_VALUE_LENGTH)
-    return TagRow(run_id=tag.run_id, key=tag.key, value=value, version=tag.version)
+    return TagRow(run_id=tag.run_id, key=tag.key, value=value, version=_server_version(tag.version, newest))
 
 
 def _decode_metrics(blocks: Sequence[ingest_pb2.MetricBlock]) -> Metrics:

@@ -27,8 +27,13 @@ class WritePipeline:
         self._batcher = batcher
         self._telemetry = telemetry
 
+    @property
+    def catalog(self) -> Catalog:
+        return self._catalog
+
     async def accept(self, request: DecodedRequest, flush_within_ms: int | None = None) -> Awaitable[None]:
         batch = await self._catalog.resolve(request.batch)
+        # No await from here to `remember`: the catalog learns new names before any other task runs.
         durable = self._batcher.submit(batch, flush_within_ms)
         self._catalog.remember(batch)
         self._telemetry.received_points.inc(batch.points)

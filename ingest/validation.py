@@ -18,6 +18,10 @@ MAX_KEY_LENGTH = 250
 MAX_PARAM_VALUE_LENGTH = 6000
 MAX_TAG_VALUE_LENGTH = 8000
 MAX_EXPERIMENT_NAME_LENGTH = 500
+#: MLflow keeps a run's name also as its `mlflow.runName` tag, so the name has the tag's limit and rule.
+MAX_RUN_NAME_LENGTH = MAX_TAG_VALUE_LENGTH
+#: MLflow's `runs.user_id` column (String(256)).
+MAX_USER_LENGTH = 256
 
 # MLflow's own switch: when true (its default), over-long param and tag values
 # are cut to the limit instead of rejected.
@@ -88,6 +92,16 @@ def check_experiment_name(name: str) -> None:
         raise InvalidArgumentError(
             f"experiment name is {len(name)} characters, over the limit of {MAX_EXPERIMENT_NAME_LENGTH}"
         )
+
+
+def fit_run_name(name: str) -> str:
+    """The run name as stored: cut (or refused) exactly as its `mlflow.runName` tag is, so the two stay equal."""
+    return fit_value("tag", "mlflow.runName", name, MAX_RUN_NAME_LENGTH)
+
+
+def check_user(user: str) -> None:
+    if len(user) > MAX_USER_LENGTH:
+        raise InvalidArgumentError(f"run user is {len(user)} characters, over the limit of {MAX_USER_LENGTH}")
 
 
 def truncate_long_values() -> bool:

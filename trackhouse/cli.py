@@ -18,6 +18,8 @@ from aiokafka.errors import KafkaError
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from trackhouse.admin import add_admin_commands, run_admin_command
+from trackhouse.compat import limits
+from trackhouse.compat.limits import HttpLimits
 from trackhouse.compat.registry_store import RegistryConfig
 from trackhouse.ingest import config as defaults
 from trackhouse.ingest.config import BatcherConfig, ConfigError, KafkaConfig, ReceiverConfig
@@ -195,6 +197,50 @@ SERVE_OPTIONS = (
         "model registry database, as SQLAlchemy URL: postgresql://..., mysql://... shared by every node"
         " (default sqlite:///<data-dir>/registry.db)",
     ),
+    # Network safety (issue 11): where artifacts may live, and the HTTP edge's bounds.
+    Option(
+        "--artifacts-allowed-roots",
+        "TRACKHOUSE_ARTIFACTS_ALLOWED_ROOTS",
+        str,
+        "",
+        "comma-separated roots besides --artifacts-destination that experiments may keep artifacts under"
+        " (e.g. s3://bucket/prefix); any other artifact_location is refused",
+    ),
+    Option(
+        "--max-body-bytes",
+        "TRACKHOUSE_MAX_BODY_BYTES",
+        int,
+        limits.DEFAULT_MAX_BODY_BYTES,
+        "largest HTTP request body (artifact uploads excepted); larger gets 413",
+    ),
+    Option(
+        "--max-upload-bytes",
+        "TRACKHOUSE_MAX_UPLOAD_BYTES",
+        int,
+        limits.DEFAULT_MAX_UPLOAD_BYTES,
+        "largest artifact upload; uploads stream, larger gets 413",
+    ),
+    Option(
+        "--http-header-timeout",
+        "TRACKHOUSE_HTTP_HEADER_TIMEOUT",
+        int,
+        limits.DEFAULT_HEADER_TIMEOUT_S,
+        "whole seconds a request's head (request line and headers) may take to arrive",
+    ),
+    Option(
+        "--http-keep-alive-timeout",
+        "TRACKHOUSE_HTTP_KEEP_ALIVE_TIMEOUT",
+        int,
+        limits.DEFAULT_KEEP_ALIVE_TIMEOUT_S,
+        "whole seconds an idle kept-alive HTTP connection stays open",
+    ),
+    Option(
+        "--http-max-connections",
+        "TRACKHOUSE_HTTP_MAX_CONNECTIONS",
+        int,
+        limits.DEFAULT_MAX_CONNECTIONS,
+        "open HTTP connections beyond this are refused with 503",
+    ),
 )
 
 
@@ -318,9 +364,18 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
     )
     artifacts = args.artifacts_destination or str((args.data_dir / "artifacts").resolve())
     _check_artifact_scheme(artifacts)
+    http_limits = HttpLimits(
+        max_body_bytes=args.max_body_bytes,
+        max_upload_bytes=args.max_upload_bytes,
+        header_timeout_s=args.http_header_timeout,
+        keep_alive_timeout_s=args.http_keep_alive_timeout,
+        max_connections=args.http_max_connections,
+    )
     return ServerConfig(
         store=store,
         artifacts_destination=artifacts,
+        artifacts_allowed_roots=tuple(r.strip() for r in args.artifacts_allowed_roots.split(",") if r.strip()),
+        http_limits=http_limits,
         grpc=grpc,
         http_host=args.host,
         http_port=args.http_port,

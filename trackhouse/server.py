@@ -17,9 +17,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from trackhouse.compat.app import create_app
+from trackhouse.compat.artifact_roots import ArtifactRoots
 from trackhouse.compat.artifacts import ArtifactsConfig
 from trackhouse.compat.backend import Backend, BackendConfig
 from trackhouse.compat.http_server import HttpServer
+from trackhouse.compat.limits import HttpLimits
 from trackhouse.compat.registry_store import RegistryConfig, RegistryStore
 from trackhouse.compat.security import SecurityConfig
 from trackhouse.ingest.auth import Authenticator
@@ -52,6 +54,10 @@ class ServerConfig:
     http_port: int = 5000
     #: Where proxied MLflow artifacts live (directory or URI); None serves no artifacts.
     artifacts_destination: str | None = None
+    #: Other roots an experiment's artifact_location may name (e.g. s3://bucket/prefix); nothing else is touched.
+    artifacts_allowed_roots: tuple[str, ...] = ()
+    #: Body caps, timeouts and the connection bound of the HTTP server.
+    http_limits: HttpLimits = field(default_factory=HttpLimits)
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
     receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
     #: all: gRPC in, storage out (through Kafka when configured). gateway: gRPC in, Kafka out.
@@ -88,6 +94,7 @@ class ServerConfig:
                 f"refusing to listen on {', '.join(sorted(exposed))} without authentication: pass --auth-file"
                 " (create it with `trackhouse auth add-user`), or --allow-unauthenticated-network to accept the risk"
             )
+        ArtifactRoots(self.artifacts_destination, self.artifacts_allowed_roots)  # fails fast on an ambiguous root
 
     @property
     def tls(self) -> bool:
@@ -164,14 +171,26 @@ class Server:
             self._grpc = GrpcReceiver(writer, grpc_config, self.telemetry, queue, authenticator)
             await self._grpc.start()
         backend = await self._start_backend(pipeline) if config.reads else None
-        artifacts = ArtifactsConfig(config.artifacts_destination) if config.artifacts_destination else None
+        artifacts = None
+        if config.artifacts_destination:
+            artifacts = ArtifactsConfig(
+                config.artifacts_destination, config.artifacts_allowed_roots, writable=config.stores
+            )
         security = SecurityConfig(authenticator, config.allowed_hosts, config.cors_allowed_origins)
         if backend is not None and config.registry_store is not None:
             self._registry = RegistryStore(config.registry_store, read_only=not config.stores)
         app = create_app(
-            self.telemetry.render, lambda: self._serving, backend, artifacts, security, registry=self._registry
+            self.telemetry.render,
+            lambda: self._serving,
+            backend,
+            artifacts,
+            security,
+            registry=self._registry,
+            limits=config.http_limits,
         )
-        self._http = HttpServer(app, config.http_host, config.http_port, config.tls_cert, config.tls_key)
+        self._http = HttpServer(
+            app, config.http_host, config.http_port, config.tls_cert, config.tls_key, config.http_limits
+        )
         await self._http.start()
         self._serving = True
 
