@@ -1,7 +1,8 @@
 """A stock `mlflow server` (SQLite) on a free port: the oracle for tests that claim "as stock".
 
-Start one per test module (it takes seconds, more on a busy machine), with `stock_server(tmp_path_factory)`
-in a module fixture. One worker: the tests send one request at a time, and four workers start slowly.
+Start one per test module where you can (it takes seconds, more on a busy machine), with
+`stock_server(tmp_path_factory.mktemp("stock"))` in a module fixture. One worker: the tests send one request at
+a time, and four workers start slowly.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-import pytest
 import requests
 
 from tests.tansu import free_port
@@ -22,9 +23,10 @@ from tests.tansu import free_port
 _START_TIMEOUT_S = 300
 
 
-def stock_server(factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Yield the base URL of a running stock server; stop it afterwards."""
-    workdir = factory.mktemp("stock-mlflow")
+def stock_server(workdir: Path, artifact_root: bool = True) -> Iterator[str]:
+    """Yield the base URL of a running stock server; stop it afterwards.
+
+    Without `artifact_root`, stock's default applies: artifacts proxied under `mlflow-artifacts:/`."""
     port = free_port()
     command = [
         sys.executable,
@@ -39,12 +41,12 @@ def stock_server(factory: pytest.TempPathFactory) -> Iterator[str]:
         "1",
         "--backend-store-uri",
         f"sqlite:///{workdir / 'mlflow.db'}",
-        "--default-artifact-root",
-        str(workdir / "artifacts"),
     ]
+    if artifact_root:
+        command += ["--default-artifact-root", str(workdir / "artifacts")]
     log_path = workdir / "mlflow.log"
     with log_path.open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url, process, log_path.read_text)

@@ -35,7 +35,7 @@ FILTERS = [
 
 @pytest.fixture(scope="module")
 def stock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    yield from stock_server(tmp_path_factory)
+    yield from stock_server(tmp_path_factory.mktemp("stock"))
 
 
 @pytest.fixture

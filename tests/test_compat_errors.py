@@ -117,7 +117,7 @@ CASES: dict[str, Case] = {
 
 @pytest.fixture(scope="module")
 def stock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    yield from stock_server(tmp_path_factory)
+    yield from stock_server(tmp_path_factory.mktemp("stock"))
 
 
 def prepared_run(url: str) -> str:

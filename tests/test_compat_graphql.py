@@ -43,7 +43,7 @@ def ui_query(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def stock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    yield from stock_server(tmp_path_factory)
+    yield from stock_server(tmp_path_factory.mktemp("stock"))
 
 
 def seed(url: str, experiment: str = "gql") -> dict[str, str]:

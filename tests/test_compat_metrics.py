@@ -4,9 +4,6 @@ the same calls through the real MLflow client and raw HTTP, compared answer for 
 from __future__ import annotations
 
 import math
-import os
-import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -16,36 +13,15 @@ import requests
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import RunningServer, wait_until
-from tests.tansu import free_port
+from tests.conftest import RunningServer
+from tests.stock import stock_server
 
 
 @pytest.fixture(scope="module")
 def stock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A stock `mlflow server` on SQLite, one worker (a busy machine's slow start-up then cannot trip
     uvicorn's worker health check)."""
-    workdir = tmp_path_factory.mktemp("stock")
-    port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    command += ["--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}"]
-    command += ["--default-artifact-root", str(workdir / "artifacts")]
-    with (workdir / "mlflow.log").open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _healthy(url) or process.poll() is not None, timeout=300, what="stock mlflow server")
-        assert process.poll() is None, (workdir / "mlflow.log").read_text()[-2000:]
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(60)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/health", timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
+    yield from stock_server(tmp_path_factory.mktemp("stock"))
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ registrations from several processes at once get versions 1..N with no gap and n
 
 from __future__ import annotations
 
+import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,8 +24,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from sklearn.linear_model import LinearRegression
 
-from tests.conftest import ROOT, RunningServer, ServerProcess, wait_until
-from tests.tansu import free_port
+from tests.conftest import ROOT, RunningServer, ServerProcess
+from tests.stock import stock_server
 from trackhouse.ingest import auth
 
 pytestmark = [
@@ -91,6 +91,22 @@ def test_register_alias_load_and_predict(client: MlflowClient) -> None:
     with pytest.raises(MlflowException) as missing:
         client.get_model_version_by_alias("forecaster", "champion")
     assert error_code(missing) == "INVALID_PARAMETER_VALUE"  # as stock's store answers
+
+
+def test_log_model_registers_through_a_logged_model(client: MlflowClient) -> None:
+    """MLflow 3's log_model(registered_model_name=...) creates a logged model, then a version whose source is it."""
+    mlflow.set_experiment("registry-log-model")
+    model = LinearRegression().fit(FEATURES, FEATURES[:, 0] * 4.0)
+    with mlflow.start_run() as run:
+        info = mlflow.sklearn.log_model(model, name="model", registered_model_name="logged-forecaster")
+    version = client.get_model_version("logged-forecaster", "1")
+    assert version.run_id == run.info.run_id
+    # No version.model_id: MLflow's SQLAlchemy registry store does not keep it, so stock answers none either.
+    assert version.source == f"models:/{info.model_id}"
+    linked = client.get_logged_model(info.model_id).tags["mlflow.modelVersions"]
+    assert {"name": "logged-forecaster", "version": 1} in json.loads(linked)
+    predicted = mlflow.pyfunc.load_model("models:/logged-forecaster/1").predict(FEATURES)
+    np.testing.assert_allclose(predicted, FEATURES[:, 0] * 4.0)
 
 
 def test_registered_model_lifecycle_search_and_tags(client: MlflowClient) -> None:
@@ -302,26 +318,7 @@ def comparable(value: Any, run_id: str) -> Any:
 @pytest.fixture
 def stock_mlflow(tmp_path: Path) -> Iterator[str]:
     """A stock `mlflow server` on SQLite and a free port (patient: its first start migrates a fresh database)."""
-    port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    command += ["--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
-    with (tmp_path / "mlflow.log").open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _healthy(url) or process.poll() is not None, timeout=600, what="mlflow server")
-        assert process.poll() is None, (tmp_path / "mlflow.log").read_text()[-2000:]
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(60)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/health", timeout=2).ok
-    except requests.RequestException:
-        return False
+    yield from stock_server(tmp_path, artifact_root=False)
 
 
 def test_answers_match_a_stock_mlflow_server(served: str, stock_mlflow: str) -> None:

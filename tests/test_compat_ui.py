@@ -8,6 +8,7 @@ $TRACKHOUSE_TEST_ARTIFACTS (default test-artifacts/).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 from mlflow.tracking import MlflowClient
-from playwright.sync_api import Page, Response, sync_playwright
+from playwright.sync_api import HttpCredentials, Page, Response, sync_playwright
 
 from tests.conftest import ROOT, RunningServer
 from trackhouse import Client
@@ -55,23 +56,33 @@ new MutationObserver(mutations => {
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (make test installs it)")
 
 
-@pytest.fixture
-def page(server: RunningServer) -> Iterator[tuple[Page, list[str]]]:
+@contextlib.contextmanager
+def watched_page(base_url: str, credentials: HttpCredentials | None = None) -> Iterator[tuple[Page, list[str]]]:
+    """A Chromium tab on `base_url` that records failed API calls (other than EXPECTED_404) and page errors."""
     problems: list[str] = []
 
     def on_response(response: Response) -> None:
-        path = response.url.removeprefix(server.http_url).split("?")[0]
+        path = response.url.removeprefix(base_url).split("?")[0]
         if response.status >= 400 and path not in EXPECTED_404:
             problems.append(f"{response.status} {response.request.method} {path}")
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        tab = browser.new_page(viewport={"width": 1600, "height": 1000})
+        context = browser.new_context(viewport={"width": 1600, "height": 1000}, http_credentials=credentials)
+        tab = context.new_page()
         tab.add_init_script(RECORD_TOASTS)
         tab.on("response", on_response)
         tab.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-        yield tab, problems
-        browser.close()
+        try:
+            yield tab, problems
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(server: RunningServer) -> Iterator[tuple[Page, list[str]]]:
+    with watched_page(server.http_url) as watched:
+        yield watched
 
 
 def seed(server: RunningServer) -> tuple[str, str]:
@@ -155,22 +166,8 @@ def test_ui_works_behind_basic_auth_for_a_reader(start_server: Callable[..., Run
     assert requests.post(f"{api}/runs/log-batch", json={"run_id": run_id, "metrics": metrics}, auth=writer).ok
     assert requests.get(running.http_url + "/", timeout=30).status_code == 401
 
-    problems: list[str] = []
-
-    def on_response(response: Response) -> None:
-        path = response.url.removeprefix(running.http_url).split("?")[0]
-        if response.status >= 400 and path not in EXPECTED_404:
-            problems.append(f"{response.status} {response.request.method} {path}")
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        context = browser.new_context(
-            viewport={"width": 1600, "height": 1000}, http_credentials={"username": "viewer", "password": "viewer-pw"}
-        )
-        tab = context.new_page()
-        tab.add_init_script(RECORD_TOASTS)
-        tab.on("response", on_response)
-        tab.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    credentials: HttpCredentials = {"username": "viewer", "password": "viewer-pw"}
+    with watched_page(running.http_url, credentials) as (tab, problems):
         tab.goto(f"{running.http_url}/", wait_until="commit")
         tab.get_by_text("behind-auth").first.wait_for(timeout=30_000)
         tab.goto(f"{running.http_url}/#/experiments/{experiment_id}/runs", wait_until="commit")
@@ -179,6 +176,5 @@ def test_ui_works_behind_basic_auth_for_a_reader(start_server: Callable[..., Run
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         tab.screenshot(path=ARTIFACTS / "ui-5-behind-basic-auth.png")
         no_error_notification(tab)
-        browser.close()
     # The browser's first request gets the challenge; every other answer is a success.
     assert [p for p in problems if p != "401 GET /"] == []

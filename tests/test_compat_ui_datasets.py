@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from mlflow.entities import Dataset, DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
-from playwright.sync_api import Page, Response, sync_playwright
+from playwright.sync_api import Page
 
 from tests.conftest import RunningServer
-from tests.test_compat_ui import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, EXPECTED_404, RECORD_TOASTS, no_error_notification
+from tests.test_compat_ui import ARTIFACTS, CHROMIUM, no_error_notification, watched_page
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (make test installs it)")
 
@@ -21,21 +21,8 @@ SCHEMA = {"mlflow_colspec": [{"type": "double", "name": "feature_a", "required":
 
 @pytest.fixture
 def page(server: RunningServer) -> Iterator[tuple[Page, list[str]]]:
-    problems: list[str] = []
-
-    def on_response(response: Response) -> None:
-        path = response.url.removeprefix(server.http_url).split("?")[0]
-        if response.status >= 400 and path not in EXPECTED_404:
-            problems.append(f"{response.status} {response.request.method} {path}")
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        tab = browser.new_page(viewport={"width": 1600, "height": 1000})
-        tab.add_init_script(RECORD_TOASTS)
-        tab.on("response", on_response)
-        tab.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-        yield tab, problems
-        browser.close()
+    with watched_page(server.http_url) as watched:
+        yield watched
 
 
 def seed(server: RunningServer) -> tuple[str, str]:

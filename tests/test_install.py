@@ -96,3 +96,8 @@ def test_the_wheel_without_extras_logs_to_a_server(start_server: Callable[..., R
     report = log_in_subprocess(python, server.target, client_install.clean_env(), tmp_path)
     assert not set(report["modules"]) & set(SERVER_MODULES)  # type: ignore[call-overload]
     check_stored(server, report["run_id"])
+    # The command is installed too; without the server's extra it names the extra instead of a traceback.
+    command = python.parent / "trackhouse"
+    refused = subprocess.run([str(command), "serve"], capture_output=True, text=True, env=client_install.clean_env())
+    assert refused.returncode == 1 and "pip install 'trackhouse[server]'" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
