@@ -75,14 +75,18 @@ def start_in_process(
     network: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> RunningServer:
-    """`network`: ServerConfig's auth, TLS, host and CORS fields (auth_file=..., tls_cert=..., ...)."""
+    """`network`: ServerConfig's auth, TLS, host and CORS fields (auth_file=..., tls_cert=..., ...).
+
+    `artifacts_destination` (default: `data_dir/artifacts`) may be any directory or URI, such as another
+    server's `.../api/2.0/mlflow-artifacts/artifacts`; the other overrides are BatcherConfig's.
+    """
     config = ServerConfig(
         store=StoreConfig.for_data_dir(data_dir),
         grpc=GrpcConfig(
             port=0, max_message_bytes=overrides.pop("max_message_bytes", ReceiverConfig().max_message_bytes)
         ),
         http_port=0,
-        artifacts_destination=str(data_dir / "artifacts"),
+        artifacts_destination=overrides.pop("artifacts_destination", str(data_dir / "artifacts")),
         batcher=replace(BatcherConfig(flush_interval_ms=50), **overrides),
         role=role,
         kafka=kafka,
@@ -99,7 +103,8 @@ def start_in_process(
 
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
-    """Factory: start_server(role=..., kafka=..., data_dir=..., **BatcherConfig overrides, max_message_bytes=...)."""
+    """Factory: start_server(role=..., kafka=..., data_dir=..., artifacts_destination=..., max_message_bytes=...,
+    **BatcherConfig overrides)."""
     started: list[RunningServer] = []
 
     def start(data_dir: Path | None = None, **overrides: Any) -> RunningServer:

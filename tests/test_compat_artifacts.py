@@ -1,36 +1,25 @@
-"""compat/artifacts.py behind real uvicorn, driven by MLflow's own client and by raw HTTP."""
+"""compat/artifacts.py in a real trackhouse server, driven by MLflow's own client and by raw HTTP."""
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import os
 import tempfile
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
-from mlflow.entities import FileInfo, Run, RunData, RunInfo
-from mlflow.protos.service_pb2 import GetRun
+from mlflow.entities import FileInfo
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
-from mlflow.utils.proto_json_utils import message_to_json
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
-from trackhouse.compat.artifacts import ArtifactsConfig, artifact_routes
-from trackhouse.compat.http_server import HttpServer
-from trackhouse.query.errors import NotFoundError
+from tests.conftest import RunningServer
 
-EXPERIMENT_ID = "7"
+EXPERIMENT_ID = "0"  # the Default experiment, whose artifacts live under mlflow-artifacts:/0
 
 
 class _Repository(Protocol):
@@ -53,24 +42,41 @@ class HttpResult:
 
 @dataclass
 class ArtifactServer:
-    url: str
-    port: int
+    """A real trackhouse server (tests/conftest.py) serving artifacts from `destination`."""
+
+    running: RunningServer
     destination: Path
-    runs: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return self.running.http_url
+
+    @property
+    def port(self) -> int:
+        return self.running.server.http_port
 
     def new_run(self) -> str:
-        run_id = uuid.uuid4().hex
-        self.runs[run_id] = f"mlflow-artifacts:/{EXPERIMENT_ID}/{run_id}/artifacts"
-        return run_id
+        """A real run (runs/create) in the Default experiment, whose artifacts the server proxies."""
+        run = self.client().create_run(EXPERIMENT_ID)
+        assert run.info.artifact_uri == f"mlflow-artifacts:/{EXPERIMENT_ID}/{run.info.run_id}/artifacts"
+        return str(run.info.run_id)
+
+    def artifact_uri(self, run_id: str) -> str:
+        """The run's artifact root as runs/get reports it."""
+        uri = self.client().get_run(run_id).info.artifact_uri
+        assert isinstance(uri, str)
+        return uri
 
     def stored(self, run_id: str, path: str) -> Path:
-        return self.destination / EXPERIMENT_ID / run_id / "artifacts" / path
+        """Where the run's artifact `path` lies in the destination: its mlflow-artifacts:/ path, under it."""
+        proxied = self.artifact_uri(run_id).removeprefix("mlflow-artifacts:/")
+        return self.destination / proxied / path
 
     def client(self) -> MlflowClient:
         return MlflowClient(tracking_uri=self.url)
 
     def repo(self, run_id: str) -> _Repository:
-        return get_artifact_repository(self.runs[run_id], tracking_uri=self.url)
+        return get_artifact_repository(self.artifact_uri(run_id), tracking_uri=self.url)
 
     def request(self, method: str, target: str, body: bytes | None = None) -> HttpResult:
         """Raw HTTP, so traversal paths reach the server exactly as written (no dot-segment normalisation)."""
@@ -83,58 +89,24 @@ class ArtifactServer:
             connection.close()
 
 
-def _test_app(destination: str, runs: dict[str, str]) -> Starlette:
-    async def run_artifact_uri(run_id: str) -> str:
-        if run_id not in runs:
-            raise NotFoundError(run_id)
-        return runs[run_id]
-
-    async def get_run(request: Request) -> Response:
-        # MlflowClient.log_artifact asks runs/get for the artifact root before it uploads.
-        run_id = request.query_params.get("run_id") or request.query_params.get("run_uuid") or ""
-        if run_id not in runs:
-            return JSONResponse({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": run_id}, status_code=404)
-        info = RunInfo(run_id, EXPERIMENT_ID, "tester", "RUNNING", 1, None, "active", runs[run_id], "run")
-        message = GetRun.Response(run=Run(info, RunData()).to_proto())
-        return Response(message_to_json(message), media_type="application/json")
-
-    async def search_logged_models(_: Request) -> Response:
-        # list_artifacts(run_id, path) also looks for a logged model named like the path's first part.
-        return JSONResponse({"models": []})
-
-    tracking = [
-        Route("/api/2.0/mlflow/runs/get", get_run),
-        Route("/api/2.0/mlflow/logged-models/search", search_logged_models, methods=["POST"]),
-    ]
-    return Starlette(routes=[*tracking, *artifact_routes(ArtifactsConfig(destination), run_artifact_uri)])
-
-
 @pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Callable[[str], ArtifactServer]]:
-    """Factory: start_server(destination) where destination may use `{tmp}` for tmp_path."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True, name="test-artifacts")
-    thread.start()
-    servers: list[HttpServer] = []
+def start_artifact_server(start_server: Callable[..., RunningServer], tmp_path: Path) -> Callable[..., ArtifactServer]:
+    """Factory: start_artifact_server(destination) where destination may use `{tmp}` for tmp_path.
+
+    chDB opens one data directory per process, so every server of a test shares `tmp/data`; the
+    artifacts destination is what differs.
+    """
 
     def start(destination: str) -> ArtifactServer:
-        runs: dict[str, str] = {}
-        server = HttpServer(_test_app(destination.format(tmp=tmp_path), runs), "127.0.0.1", 0)
-        asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
-        servers.append(server)
-        return ArtifactServer(f"http://127.0.0.1:{server.port}", server.port, tmp_path / "dest", runs)
+        running = start_server(data_dir=tmp_path / "data", artifacts_destination=destination.format(tmp=tmp_path))
+        return ArtifactServer(running, tmp_path / "dest")
 
-    yield start
-    for server in servers:
-        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
+    return start
 
 
 @pytest.fixture
-def server(start_server: Callable[[str], ArtifactServer]) -> ArtifactServer:
-    return start_server("{tmp}/dest")
+def server(start_artifact_server: Callable[[str], ArtifactServer]) -> ArtifactServer:
+    return start_artifact_server("{tmp}/dest")
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -147,10 +119,13 @@ def _write(path: Path, data: bytes) -> Path:
     "destination", ["{tmp}/dest", "file://{tmp}/dest", "dest"], ids=["plain-path", "file-uri", "relative-path"]
 )
 def test_client_uploads_lists_and_downloads(
-    start_server: Callable[[str], ArtifactServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, destination: str
+    start_artifact_server: Callable[[str], ArtifactServer],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    destination: str,
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    server = start_server(destination)
+    server = start_artifact_server(destination)
     # A relative destination was resolved at start-up; moving the working directory must not move it.
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
@@ -199,7 +174,7 @@ def test_run_artifacts_list_returns_root_uri_and_run_relative_paths(server: Arti
     root = server.request("GET", f"/api/2.0/mlflow/artifacts/list?run_id={run_id}")
     assert root.status == 200
     assert root.json() == {
-        "root_uri": server.runs[run_id],
+        "root_uri": f"mlflow-artifacts:/{EXPERIMENT_ID}/{run_id}/artifacts",
         "files": [{"path": "metrics.csv", "is_dir": False, "file_size": 3}, {"path": "model", "is_dir": True}],
     }
     sub = server.request("GET", f"/ajax-api/2.0/mlflow/artifacts/list?run_uuid={run_id}&path=model&page_token=x")
@@ -247,14 +222,14 @@ def test_non_ascii_file_name_gets_rfc5987_disposition(server: ArtifactServer) ->
 
 
 def test_remote_destination_spools_uploads_and_downloads(
-    start_server: Callable[[str], ArtifactServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    start_artifact_server: Callable[[str], ArtifactServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A destination with no local path and no stream upload (HttpArtifactRepository): here, another server."""
     spool = tmp_path / "spool"
     spool.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(spool))
-    storage = start_server("{tmp}/dest")
-    proxy = start_server(f"{storage.url}/api/2.0/mlflow-artifacts/artifacts")
+    storage = start_artifact_server("{tmp}/dest")
+    proxy = start_artifact_server(f"{storage.url}/api/2.0/mlflow-artifacts/artifacts")
     run_id = proxy.new_run()
     payload = os.urandom(2 * 1024 * 1024 + 3)
     proxy.client().log_artifact(run_id, str(_write(tmp_path / "src" / "data.json", payload)), artifact_path="d")
@@ -325,10 +300,12 @@ def test_unknown_run_is_resource_does_not_exist(server: ArtifactServer, target: 
     }
 
 
-@pytest.mark.parametrize("target", ["/api/2.0/mlflow/artifacts/list", "/get-artifact?path=a", "/get-artifact?run_id=r"])
+@pytest.mark.parametrize(
+    "target", ["/api/2.0/mlflow/artifacts/list", "/get-artifact?path=a", "/get-artifact?run_id={run}"]
+)
 def test_missing_parameters_are_invalid(server: ArtifactServer, target: str) -> None:
-    server.runs["r"] = "mlflow-artifacts:/1/r/artifacts"
-    response = server.request("GET", target)
+    run_id = server.new_run()  # a run that exists, so only the missing parameter is wrong
+    response = server.request("GET", target.format(run=run_id))
     assert (response.status, response.json()["error_code"]) == (400, "INVALID_PARAMETER_VALUE")
 
 
