@@ -159,7 +159,9 @@ class KafkaReceiver:
             return
         try:
             await self._consumer.commit(offsets)
+            advanced = sum(offset - self._committed.get(tp, offset) for tp, offset in offsets.items())
             self._committed.update(offsets)
+            self._telemetry.kafka_committed_messages.inc(max(0, advanced))
         except (CommitFailedError, KafkaError) as exc:  # a rebalance took them; the new owner redelivers
             log.warning("offset commit failed, messages will be redelivered: %r", exc)
 

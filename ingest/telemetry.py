@@ -48,6 +48,11 @@ class Telemetry:
             "Times the Kafka worker paused fetching because the batcher's queue was full",
             registry=r,
         )
+        self.kafka_committed_messages = Counter(
+            "trackhouse_kafka_committed_messages",
+            "Kafka messages the worker committed past: stored or dead-lettered, never redelivered after a crash",
+            registry=r,
+        )
         self.kafka_lag = Gauge(
             "trackhouse_kafka_lag",
             "Messages in the log not yet durably consumed, per partition",

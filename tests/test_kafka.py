@@ -228,7 +228,12 @@ def test_worker_sigkill_mid_stream_then_restart(kafka_broker: KafkaBroker, serve
     run_ids: list[str] = []
     writer = threading.Thread(target=lambda: run_ids.extend(log_runs(client, runs=8, steps=3_000)))
     writer.start()
-    wait_until(lambda: _inserted(http) > 40_000, what="inserts")
+    # Kill once part is committed: a crash before any commit redelivers everything, which is correct but would
+    # look exactly like a worker that replays its partitions from the start.
+    wait_until(
+        lambda: _inserted(http) > 40_000 and _metric(http, "trackhouse_kafka_committed_messages_total") > 0,
+        what="inserts and a first commit",
+    )
     inserted_before_kill = int(_inserted(http))
     server_process.kill()
     writer.join(120)
@@ -246,7 +251,11 @@ def test_worker_sigkill_mid_stream_then_restart(kafka_broker: KafkaBroker, serve
 
 
 def _inserted(http: str) -> float:
-    match = re.search(r"^trackhouse_inserted_points_total (\S+)$", scrape(http), re.M)
+    return _metric(http, "trackhouse_inserted_points_total")
+
+
+def _metric(http: str, name: str) -> float:
+    match = re.search(rf"^{name} (\S+)$", scrape(http), re.M)
     return float(match.group(1)) if match else 0.0
 
 
