@@ -25,7 +25,7 @@ from typing import Generic, TypeVar
 
 from trackhouse.ingest.batch import ACTIVE, Batch, ExperimentRow, RunRow, TagRow
 from trackhouse.ingest.errors import InvalidArgumentError, UnknownRunError
-from trackhouse.query import catalog
+from trackhouse.query import catalog, schema
 from trackhouse.query.connection import Client
 from trackhouse.query.runs import RUN_NAME_TAG
 
@@ -258,7 +258,7 @@ class ParamChangedError(InvalidArgumentError):
 def _run_row(stored: tuple[object, ...] | None) -> RunRow | None:
     if stored is None:
         return None
-    values = dict(zip(catalog.RUN_COLUMNS, stored, strict=True))
+    values = dict(zip(schema.RUN_COLUMNS, stored, strict=True))
     return RunRow(
         run_id=str(values["run_id"]),
         experiment_id=str(values["experiment_id"]),

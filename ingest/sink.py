@@ -156,17 +156,7 @@ class ClickHouseSink:
         if batch.runs:
             self._insert_rows(
                 schema.RUNS,
-                [
-                    "run_id",
-                    "experiment_id",
-                    "name",
-                    "status",
-                    "start_time",
-                    "end_time",
-                    "user",
-                    "lifecycle_stage",
-                    "version",
-                ],
+                list(schema.RUN_COLUMNS),
                 [
                     [
                         r.run_id,

@@ -90,26 +90,13 @@ def param_values(
     return {(run_id, key): value for run_id, key, value in rows}
 
 
-#: The columns of a stored run, in the order run_rows returns them.
-RUN_COLUMNS = (
-    "run_id",
-    "experiment_id",
-    "name",
-    "status",
-    "start_time",
-    "end_time",
-    "user",
-    "lifecycle_stage",
-    "version",
-)
-
-
 def run_rows(client: Client, database: str, run_ids: Collection[str]) -> dict[str, tuple[object, ...]]:
-    """The newest stored row of each of `run_ids`, as run_id -> values in RUN_COLUMNS order (end_time may be None)."""
+    """Each of `run_ids`' newest stored row, in schema.RUN_COLUMNS order (end_time may be None)."""
     if not run_ids:
         return {}
     rows = client.query(
-        f"SELECT {', '.join(RUN_COLUMNS)} FROM {database}.{schema.RUNS} FINAL WHERE run_id IN {{ids:Array(String)}}",
+        f"SELECT {', '.join(schema.RUN_COLUMNS)} FROM {database}.{schema.RUNS} FINAL"
+        " WHERE run_id IN {ids:Array(String)}",
         parameters={"ids": list(run_ids)},
     ).result_rows
     return {str(row[0]): tuple(row) for row in rows}

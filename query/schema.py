@@ -15,6 +15,18 @@ METRICS = "metrics"
 LATEST_METRICS = "metric_latest"
 EXPERIMENTS = "experiments"
 RUNS = "runs"
+#: The runs table's columns: the sink writes them in this order and catalog.run_rows reads them so.
+RUN_COLUMNS = (
+    "run_id",
+    "experiment_id",
+    "name",
+    "status",
+    "start_time",
+    "end_time",
+    "user",
+    "lifecycle_stage",
+    "version",
+)
 PARAMS = "params"
 TAGS = "tags"
 EXPERIMENT_TAGS = "experiment_tags"
