@@ -15,11 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -30,7 +26,7 @@ import requests
 
 from benchmarks.ingest import ServerUnderTest, save_results
 from benchmarks.reads import load
-from tests.tansu import free_port
+from benchmarks.systems import start_stock_mlflow, stop_stock_mlflow
 from trackhouse.ingest.batch import Batch, ExperimentRow, RunRow
 from trackhouse.ingest.sink import ClickHouseSink
 from trackhouse.query import schema
@@ -129,36 +125,8 @@ def measure_trackhouse(http: str, pid: int, args: argparse.Namespace) -> dict[st
     return results
 
 
-def start_stock(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """`mlflow server` on SQLite with one worker: on a busy machine, uvicorn's worker health check kills
-    a slowly starting worker of several (seen here); one request at a time needs one worker."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    command += ["--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}"]
-    command += ["--default-artifact-root", str(workdir / "artifacts")]
-    with (workdir / "mlflow.log").open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                return process, url
-        except requests.RequestException:
-            time.sleep(0.5)
-    stop_stock(process)
-    raise RuntimeError(f"mlflow server did not start:\n{(workdir / 'mlflow.log').read_text()[-2000:]}")
-
-
-def stop_stock(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(60)
-
-
 def measure_stock(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    process, endpoint = start_stock(workdir)
+    process, endpoint = start_stock_mlflow(workdir, workers=1, timeout_s=300)
     try:
         session = requests.Session()
         api = f"{endpoint}/api/2.0/mlflow"
@@ -176,7 +144,7 @@ def measure_stock(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
         check(body, args.stock_points)
         return {"unpaged": median_ms(samples), "unpaged_points_per_s": args.stock_points / statistics.median(samples)}
     finally:
-        stop_stock(process)
+        stop_stock_mlflow(process)
 
 
 def main() -> None:

@@ -160,38 +160,9 @@ class StockMlflow:
         self._db = Path()
 
     def start(self, workdir: Path) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
         self._db = workdir / "mlflow.db"
-        port = free_port()
-        command = [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ]  # otherwise MLflow's defaults: a fair baseline is the stock set-up
-        command += [
-            "--backend-store-uri",
-            f"sqlite:///{self._db}",
-            "--default-artifact-root",
-            str(workdir / "artifacts"),
-        ]
-        with (workdir / "mlflow.log").open("w") as log:
-            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.endpoint = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 600  # a stock server can take minutes to start on a loaded 2-core machine
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1):
-                    return
-            except OSError:
-                if self._process.poll() is not None:
-                    break
-                time.sleep(0.25)
-        raise RuntimeError(f"mlflow server did not start:\n{(workdir / 'mlflow.log').read_text()[-2000:]}")
+        # MLflow's default workers: a fair baseline is the stock set-up.
+        self._process, self.endpoint = start_stock_mlflow(workdir)
 
     def wait_stored(self, points: int) -> None:
         pass  # log_batch returns after the SQLite commit
@@ -200,13 +171,8 @@ class StockMlflow:
         return tree_cpu_seconds(self._process.pid) if self._process else 0.0
 
     def stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            os.killpg(self._process.pid, signal.SIGTERM)
-            try:
-                self._process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._process.pid, signal.SIGKILL)
-                self._process.wait(10)
+        if self._process is not None:
+            stop_stock_mlflow(self._process)
         self._process = None
 
     def stored_points(self, run_ids: Sequence[str]) -> tuple[int, int]:
@@ -215,6 +181,48 @@ class StockMlflow:
             marks = ",".join("?" * len(run_ids))
             row = db.execute(f"SELECT COUNT(*) FROM metrics WHERE run_uuid IN ({marks})", list(run_ids)).fetchone()
         return int(row[0]), int(row[0])
+
+
+def start_stock_mlflow(
+    workdir: Path, workers: int | None = None, artifact_root: bool = True, timeout_s: float = 600
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A stock `mlflow server` on SQLite and a free port, healthy: (process, base URL). It can take minutes to start
+    on a loaded 2-core machine. Without `artifact_root`, stock's default applies: artifacts proxied under
+    `mlflow-artifacts:/`. One worker suits callers that send one request at a time: on a busy machine uvicorn's
+    health check kills a slowly starting worker of several (seen here)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}"]
+    if workers is not None:
+        command += ["--workers", str(workers)]
+    if artifact_root:
+        command += ["--default-artifact-root", str(workdir / "artifacts")]
+    log_path = workdir / "mlflow.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return process, url
+        except OSError:
+            time.sleep(0.25)
+    stop_stock_mlflow(process)
+    raise RuntimeError(f"stock mlflow server did not start:\n{log_path.read_text()[-2000:]}")
+
+
+def stop_stock_mlflow(process: subprocess.Popen[bytes]) -> None:
+    """Stop the server and every process it started (it runs in its own session)."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
 
 
 def count_in_clickhouse(data_dir: Path, run_ids: Sequence[str]) -> tuple[int, int]:
