@@ -162,18 +162,7 @@ def test_poison_messages_go_to_the_dead_letter_topic_and_the_partition_keeps_mov
     assert worker.sql is not None
     assert [p[0] for p in th_stored.history(worker.sql, run_id, "loss")] == list(range(15))
 
-    async def dead_letters() -> list[tuple[bytes, str]]:
-        consumer = AIOKafkaConsumer(
-            config.dead_letters, bootstrap_servers=config.bootstrap, auto_offset_reset="earliest"
-        )
-        await consumer.start()
-        try:
-            records = await consumer.getmany(timeout_ms=5_000)
-            return [(r.value or b"", dict(r.headers)[ERROR_HEADER].decode()) for rs in records.values() for r in rs]
-        finally:
-            await consumer.stop()
-
-    letters = asyncio.run(dead_letters())
+    letters = asyncio.run(_dead_letters(config))
     assert [value for value, _ in letters] == poison
     reasons = [reason for _, reason in letters]
     assert "not a valid WriteRequest" in reasons[0]
@@ -248,6 +237,17 @@ def test_worker_sigkill_mid_stream_then_restart(kafka_broker: KafkaBroker, serve
         read_once(sql, logged(run_ids, 3_000), extra_rows=inserted_before_kill - 1)
     finally:
         sql.close()
+
+
+async def _dead_letters(config: KafkaConfig) -> list[tuple[bytes, str]]:
+    """Every message on the dead-letter topic: (value, the reason header)."""
+    consumer = AIOKafkaConsumer(config.dead_letters, bootstrap_servers=config.bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        records = await consumer.getmany(timeout_ms=5_000)
+        return [(r.value or b"", dict(r.headers)[ERROR_HEADER].decode()) for rs in records.values() for r in rs]
+    finally:
+        await consumer.stop()
 
 
 def _inserted(http: str) -> float:
@@ -362,17 +362,6 @@ def test_a_message_the_storage_rejects_is_dead_lettered_and_the_rest_stored(
     wait_until(lambda: caught_up(worker.http_url), timeout=120, what="the worker to move past the rejected message")
     read_once(worker.sql, {run_id: {"loss": np.concatenate([np.ones(10), np.full(10, 2.0)])}})
 
-    async def dead_letters() -> list[tuple[bytes, str]]:
-        consumer = AIOKafkaConsumer(
-            config.dead_letters, bootstrap_servers=config.bootstrap, auto_offset_reset="earliest"
-        )
-        await consumer.start()
-        try:
-            records = await consumer.getmany(timeout_ms=5_000)
-            return [(r.value or b"", dict(r.headers)[ERROR_HEADER].decode()) for rs in records.values() for r in rs]
-        finally:
-            await consumer.stop()
-
-    [(value, reason)] = asyncio.run(dead_letters())
+    [(value, reason)] = asyncio.run(_dead_letters(config))
     assert value == rejected
     assert "VIOLATED_CONSTRAINT" in reason or "469" in reason
