@@ -24,6 +24,9 @@ _EMPTY_F64: Float64Array = np.empty(0, np.float64)
 #: What MLflow 3 may attach to a point: (model_id, dataset_name, dataset_digest); empty strings when absent.
 Link = tuple[str, str, str]
 NO_LINK: Link = ("", "", "")
+#: Who logged a point: (rank, node, attempt). A process logs as one rank on one node under one attempt of its run.
+Source = tuple[int, str, int]
+NO_SOURCE: Source = (0, "", 0)
 _H = TypeVar("_H", bound=Hashable)
 
 
@@ -41,6 +44,9 @@ class Metrics:
     #: Point i is linked to links[link_index[i]]; both empty (the common case) when no point has a link.
     links: tuple[Link, ...] = ()
     link_index: Int32Array = field(default_factory=lambda: _EMPTY_I32)
+    #: Point i was logged by sources[source_index[i]]; both empty (a single process) when every point is NO_SOURCE.
+    sources: tuple[Source, ...] = ()
+    source_index: Int32Array = field(default_factory=lambda: _EMPTY_I32)
 
     def __len__(self) -> int:
         return len(self.value)
@@ -49,10 +55,20 @@ class Metrics:
     def linked(self) -> bool:
         return len(self.link_index) > 0
 
+    @property
+    def sourced(self) -> bool:
+        return len(self.source_index) > 0
+
     def _links_or_none(self) -> tuple[tuple[Link, ...], Int32Array]:
         if self.linked:
             return self.links, self.link_index
         return (NO_LINK,), np.zeros(len(self), np.int32)
+
+    def source_columns(self) -> tuple[tuple[Source, ...], Int32Array]:
+        """(sources, source_index) even when every point is NO_SOURCE."""
+        if self.sourced:
+            return self.sources, self.source_index
+        return (NO_SOURCE,), np.zeros(len(self), np.int32)
 
     @staticmethod
     def concat(parts: Sequence[Metrics]) -> Metrics:
@@ -66,6 +82,11 @@ class Metrics:
         if any(p.linked for p in parts):
             columns = [p._links_or_none() for p in parts]
             links, link_index = union_dictionaries([c[0] for c in columns], [c[1] for c in columns])
+        sources: tuple[Source, ...] = ()
+        source_index = _EMPTY_I32
+        if any(p.sourced for p in parts):
+            by_source = [p.source_columns() for p in parts]
+            sources, source_index = union_dictionaries([c[0] for c in by_source], [c[1] for c in by_source])
         return Metrics(
             run_ids=run_ids,
             keys=keys,
@@ -76,6 +97,8 @@ class Metrics:
             value=np.concatenate([p.value for p in parts]),
             links=links,
             link_index=link_index,
+            sources=sources,
+            source_index=source_index,
         )
 
 

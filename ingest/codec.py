@@ -8,6 +8,7 @@ natively on decode, and encoding goes through encode_view.proto.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +17,17 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from trackhouse.ingest import validation
-from trackhouse.ingest.batch import Batch, Int32Array, Metrics, ParamRow, RunRow, TagRow, union_dictionaries
+from trackhouse.ingest.batch import (
+    NO_SOURCE,
+    Batch,
+    Int32Array,
+    Metrics,
+    ParamRow,
+    RunRow,
+    Source,
+    TagRow,
+    union_dictionaries,
+)
 from trackhouse.ingest.errors import InvalidArgumentError
 from trackhouse.v1 import encode_view_pb2, ingest_pb2
 
@@ -129,8 +140,10 @@ def _decode_metrics(blocks: Sequence[ingest_pb2.MetricBlock]) -> Metrics:
     run_indices: list[Int32Array] = []
     key_indices: list[Int32Array] = []
     steps, timestamps, values = [], [], []
+    sources: list[Source] = []
     for block in blocks:
         validation.check_run_id(block.run_id)
+        validation.check_node(block.node)
         n = len(block.value)
         lengths = (len(block.key_index), len(block.step), n, len(block.timestamp_ms))
         if len(set(lengths)) != 1:
@@ -152,9 +165,10 @@ def _decode_metrics(blocks: Sequence[ingest_pb2.MetricBlock]) -> Metrics:
         steps.append(np.array(block.step, dtype=np.int64))
         values.append(np.array(block.value, dtype=np.float64))
         timestamps.append(np.array(block.timestamp_ms, dtype=np.int64))
+        sources.append((block.rank, block.node, block.attempt))
     run_ids, run_index = union_dictionaries(run_dicts, run_indices)
     keys_all, key_index_all = union_dictionaries(key_dicts, key_indices)
-    return Metrics(
+    metrics = Metrics(
         run_ids=run_ids,
         keys=keys_all,
         run_index=run_index,
@@ -163,6 +177,12 @@ def _decode_metrics(blocks: Sequence[ingest_pb2.MetricBlock]) -> Metrics:
         timestamp=np.concatenate(timestamps),
         value=np.concatenate(values),
     )
+    if all(source == NO_SOURCE for source in sources):
+        return metrics  # one undistributed process, the common case: no source columns at all
+    source_dict, source_index = union_dictionaries(
+        [(source,) for source in sources], [np.zeros(len(v), np.int32) for v in values]
+    )
+    return dataclasses.replace(metrics, sources=source_dict, source_index=source_index)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +195,21 @@ class BlockColumns:
     step: np.ndarray
     value: np.ndarray
     timestamp_ms: np.ndarray
+    rank: int = 0
+    node: str = ""
+    attempt: int = 0
+
+    def slice(self, start: int, end: int) -> BlockColumns:
+        """Points [start, end) of the block, from the same source."""
+        if start == 0 and end >= len(self.value):
+            return self
+        return dataclasses.replace(
+            self,
+            key_index=self.key_index[start:end],
+            step=self.step[start:end],
+            value=self.value[start:end],
+            timestamp_ms=self.timestamp_ms[start:end],
+        )
 
 
 def encode_request(head: ingest_pb2.WriteRequest, blocks: Sequence[BlockColumns]) -> bytes:
@@ -193,6 +228,9 @@ def encode_request(head: ingest_pb2.WriteRequest, blocks: Sequence[BlockColumns]
                 step=np.ascontiguousarray(b.step, dtype="<i8").tobytes(),
                 value=np.ascontiguousarray(b.value, dtype="<f8").tobytes(),
                 timestamp_ms=np.ascontiguousarray(b.timestamp_ms, dtype="<i8").tobytes(),
+                rank=b.rank,
+                node=b.node,
+                attempt=b.attempt,
             )
             for b in blocks
         ]
@@ -222,15 +260,34 @@ def split_by_run(request: DecodedRequest) -> list[tuple[str, bytes]]:
             for t in batch.tags
             if t.run_id == run_id
         )
-        blocks = []
-        m = batch.metrics
-        if run_id in m.run_ids:
-            mask = m.run_index == m.run_ids.index(run_id)
-            blocks.append(
-                BlockColumns(run_id, m.keys, m.key_index[mask], m.step[mask], m.value[mask], m.timestamp[mask])
-            )
-        parts.append((run_id, encode_request(head, blocks)))
+        parts.append((run_id, encode_request(head, _blocks_of(batch.metrics, run_id))))
     return parts
+
+
+def _blocks_of(m: Metrics, run_id: str) -> list[BlockColumns]:
+    """The run's points as one block per source (rank, node, attempt)."""
+    if run_id not in m.run_ids:
+        return []
+    in_run = m.run_index == m.run_ids.index(run_id)
+    sources, source_index = m.source_columns()
+    blocks = []
+    for position, (rank, node, attempt) in enumerate(sources):
+        mask = in_run & (source_index == position)
+        if mask.any():
+            blocks.append(
+                BlockColumns(
+                    run_id,
+                    m.keys,
+                    m.key_index[mask],
+                    m.step[mask],
+                    m.value[mask],
+                    m.timestamp[mask],
+                    rank=rank,
+                    node=node,
+                    attempt=attempt,
+                )
+            )
+    return blocks
 
 
 def _run_upsert(run: RunRow) -> ingest_pb2.RunUpsert:

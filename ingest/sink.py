@@ -78,6 +78,14 @@ def metrics_table(metrics: Metrics, dictionaries: _Dictionaries) -> pa.Table:
             values, inverse = np.unique([link[position] for link in metrics.links], return_inverse=True)
             index = inverse.astype(np.int32)[metrics.link_index]
             columns[name] = pa.DictionaryArray.from_arrays(index, pa.array(values.tolist(), pa.string()))
+    if metrics.sourced:  # otherwise rank 0, node '' and attempt 0 by default
+        ranks, nodes, attempts = zip(*metrics.sources, strict=True)
+        columns["rank"] = np.array(ranks, np.uint32)[metrics.source_index]
+        node_values, node_inverse = np.unique(nodes, return_inverse=True)
+        columns["node"] = pa.DictionaryArray.from_arrays(
+            node_inverse.astype(np.int32)[metrics.source_index], pa.array(node_values.tolist(), pa.string())
+        )
+        columns["attempt"] = np.array(attempts, np.uint32)[metrics.source_index]
     return pa.table(columns)
 
 

@@ -99,6 +99,18 @@ def fit_run_name(name: str) -> str:
     return fit_value("tag", "mlflow.runName", name, MAX_RUN_NAME_LENGTH)
 
 
+#: A node is a host name (at most 253 characters) or an operator's label.
+MAX_NODE_LENGTH = 253
+
+
+def check_node(node: str) -> None:
+    """A point's node names a machine: short, printable, no whitespace."""
+    if len(node) > MAX_NODE_LENGTH:
+        raise InvalidArgumentError(f"node is {len(node)} characters, over the limit of {MAX_NODE_LENGTH}")
+    if node and not (node.isprintable() and not any(c.isspace() for c in node)):
+        raise InvalidArgumentError(f"node {node!r} must be printable and hold no whitespace")
+
+
 def check_user(user: str) -> None:
     if len(user) > MAX_USER_LENGTH:
         raise InvalidArgumentError(f"run user is {len(user)} characters, over the limit of {MAX_USER_LENGTH}")

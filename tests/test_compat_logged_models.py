@@ -308,7 +308,9 @@ def test_migration_6_keeps_existing_points_and_links_new_ones(sql: Client, monke
     latest = schema.MIGRATIONS[-1][0]  # 6 and every migration after it
     assert schema.migrate(sql, database) == latest
     assert schema.migrate(sql, database) == latest  # idempotent
-    assert sql.query(f"SELECT * FROM {database}.metrics").result_rows == [("r", "loss", 1, 10, 0.5, "", "", "")]
+    assert sql.query(f"SELECT * FROM {database}.metrics").result_rows == [
+        ("r", "loss", 1, 10, 0.5, "", "", "", 0, "", 0)  # migration 9: rank 0, no node, attempt 0
+    ]
 
     sink = ClickHouseSink(sql, database)
     run = RunRow("r", "0", "run", "RUNNING", 1, 0, "u", 1)

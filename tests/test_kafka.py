@@ -85,11 +85,16 @@ def test_gateway_to_broker_to_worker_to_chdb(
         bulk = client.start_run(experiment="kafka")
         values = np.random.default_rng(0).random(100_000)
         bulk.log_series("loss", np.arange(100_000), values)
-    expected = 6 * 500 * 4 + 100_000
+        # Another rank of the same run: its rank and node travel through Kafka with its points.
+        client.attach_run(bulk.run_id, rank=3, node="gpu-b").log_series("rank3", np.arange(1_000), values[:1_000])
+    expected = 6 * 500 * 4 + 100_000 + 1_000
     wait_until(lambda: stored(worker, [*run_ids, bulk.run_id]) == expected, what="the worker to store every point")
     assert worker.scalar("SELECT count() FROM trackhouse.runs FINAL WHERE match(name, '^r[0-9]+$')") == 6
     wait_until(lambda: caught_up(worker.http_url), what="the worker to commit")
-    read_once(worker.sql, {**logged(run_ids, 500), bulk.run_id: {"loss": values}})
+    read_once(worker.sql, {**logged(run_ids, 500), bulk.run_id: {"loss": values, "rank3": values[:1_000]}})
+    by_source = "SELECT key, rank, node, count() FROM trackhouse.metrics WHERE run_id = {r:String} GROUP BY ALL"
+    by_source += " ORDER BY ALL"
+    assert worker.rows(by_source, r=bulk.run_id) == [("loss", 0, "", 100_000), ("rank3", 3, "gpu-b", 1_000)]
 
 
 def test_client_straight_to_kafka(kafka_broker: KafkaBroker, start_server: Callable[..., RunningServer]) -> None:

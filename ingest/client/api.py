@@ -28,6 +28,7 @@ import getpass
 import logging
 import os
 import random
+import socket
 import threading
 import time
 import uuid
@@ -42,6 +43,7 @@ import numpy as np
 import numpy.typing as npt
 
 from trackhouse.ingest import validation
+from trackhouse.ingest.batch import NO_SOURCE, Source
 from trackhouse.ingest.client.buffers import RunBuffer, by_run, shape
 from trackhouse.ingest.client.transport import (
     Credentials,
@@ -141,7 +143,7 @@ class Client:
         self.writer_id = uuid.uuid4().hex
         self._lock = threading.Condition()
         # Guarded by _lock:
-        self._runs: dict[str, RunBuffer] = {}
+        self._runs: dict[tuple[str, Source], RunBuffer] = {}
         self._head = ingest_pb2.WriteRequest()  # run upserts, params, tags waiting to be sent
         self._buffered = 0
         self._inflight: OrderedDict[int, Request] = OrderedDict()
@@ -181,8 +183,16 @@ class Client:
         params: Mapping[str, object] | None = None,
         tags: Mapping[str, object] | None = None,
         run_id: str | None = None,
+        *,
+        rank: int | None = None,
+        node: str | None = None,
     ) -> Run:
-        """Create a run (status RUNNING) in `experiment`, created if missing. Returns at once."""
+        """Create a run (status RUNNING) in `experiment`, created if missing. Returns at once.
+
+        In a distributed job, rank 0 starts the run and the other ranks `attach_run` to it. `rank` and
+        `node` label this process's points; by default they come from the launcher's variables (see
+        `launcher_source`).
+        """
         validation.check_experiment_name(experiment)
         run_id = run_id or uuid.uuid4().hex
         validation.check_run_id(run_id)
@@ -195,19 +205,21 @@ class Client:
             user=_user(),
             version=time.time_ns(),
         )
-        run = Run(self, run_id, upsert)
+        run = Run(self, run_id, upsert, launcher_source(rank, node))
         # MLflow keeps the run name as a tag too; its UI and clients read it there.
         run._add_meta(upsert, params or {}, {"mlflow.runName": upsert.name, **(tags or {})})
         return run
 
-    def attach_run(self, run_id: str) -> Run:
+    def attach_run(self, run_id: str, *, rank: int | None = None, node: str | None = None) -> Run:
         """Log into a run another process started (e.g. rank 0 of a distributed job).
 
         The run must be stored before its points arrive: have the starting
-        process call `flush()` before it hands out the run id.
+        process call `flush()` before it hands out the run id. `rank` and `node`
+        label this process's points; by default they come from the launcher's
+        variables (see `launcher_source`).
         """
         validation.check_run_id(run_id)
-        return Run(self, run_id, None)
+        return Run(self, run_id, None, launcher_source(rank, node))
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until everything logged before this call is acknowledged.
@@ -275,12 +287,14 @@ class Client:
 
     # ----- buffering (called by Run under no lock) -----
 
-    def _append_metrics(self, run_id: str, metrics: Mapping[str, float], step: int, timestamp_ms: int) -> None:
+    def _append_metrics(
+        self, run_id: str, source: Source, metrics: Mapping[str, float], step: int, timestamp_ms: int
+    ) -> None:
         n = len(metrics)
         with self._lock:
             if not self._reserve(n):
                 return
-            buffer = self._buffer_for(run_id)
+            buffer = self._buffer_for(run_id, source)
             key_index, values = buffer.key_index, buffer.values
             mark = len(values)
             try:
@@ -302,6 +316,7 @@ class Client:
     def _append_series(
         self,
         run_id: str,
+        source: Source,
         key: str,
         steps: npt.NDArray[np.int64],
         values: npt.NDArray[np.float64],
@@ -314,7 +329,7 @@ class Client:
             with self._lock:
                 if not self._reserve(len(values[start:end])):
                     continue
-                buffer = self._buffer_for(run_id)
+                buffer = self._buffer_for(run_id, source)
                 buffer.series.append((buffer.key_id(key), steps[start:end], values[start:end], timestamps[start:end]))
                 if self._buffered >= self._config.request_points:
                     self._request_send()
@@ -329,10 +344,10 @@ class Client:
             self._head.params.extend(params)
             self._head.tags.extend(tags)
 
-    def _buffer_for(self, run_id: str) -> RunBuffer:
-        buffer = self._runs.get(run_id)
+    def _buffer_for(self, run_id: str, source: Source) -> RunBuffer:
+        buffer = self._runs.get((run_id, source))
         if buffer is None:
-            buffer = self._runs[run_id] = RunBuffer(run_id)
+            buffer = self._runs[run_id, source] = RunBuffer(run_id, source)
         return buffer
 
     def _reserve(self, n: int, droppable: bool = True) -> bool:
@@ -500,8 +515,12 @@ class Client:
 class Run:
     """A handle for logging into one run. Thread-safe: many threads may log into the same run."""
 
-    def __init__(self, client: Client, run_id: str, upsert: ingest_pb2.RunUpsert | None) -> None:
+    def __init__(
+        self, client: Client, run_id: str, upsert: ingest_pb2.RunUpsert | None, source: Source = NO_SOURCE
+    ) -> None:
         self.run_id = run_id
+        #: (rank, node, attempt) that every point logged through this handle carries.
+        self.source = source
         self._client = client
         self._upsert = upsert
         self._params: dict[str, str] = {}
@@ -510,7 +529,7 @@ class Run:
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0, timestamp_ms: int | None = None) -> None:
         """Buffer one value per key at `step`. Returns at once (unless the buffer is full and the policy blocks)."""
         timestamp = time.time_ns() // 1_000_000 if timestamp_ms is None else int(timestamp_ms)
-        self._client._append_metrics(self.run_id, metrics, int(step), timestamp)
+        self._client._append_metrics(self.run_id, self.source, metrics, int(step), timestamp)
 
     def log_metric(self, key: str, value: float, step: int = 0, timestamp_ms: int | None = None) -> None:
         self.log_metrics({key: value}, step, timestamp_ms)
@@ -537,7 +556,12 @@ class Run:
                 f"metric {key!r}: steps, values and timestamps differ in length ({len(step_array)}, {n}, {len(ts)})"
             )
         self._client._append_series(
-            self.run_id, key, step_array.astype(np.int64, copy=True), value_array.astype(np.float64, copy=True), ts
+            self.run_id,
+            self.source,
+            key,
+            step_array.astype(np.int64, copy=True),
+            value_array.astype(np.float64, copy=True),
+            ts,
         )
 
     def log_params(self, params: Mapping[str, object]) -> None:
@@ -600,6 +624,52 @@ def _close_at_exit(ref: weakref.ref[Client]) -> Callable[[], None]:
                 log.error("trackhouse client at exit: %s", exc)
 
     return close
+
+
+#: Set by torchrun, torch.distributed.launch, Lightning, Accelerate, DeepSpeed and most MPI wrappers.
+_LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE")
+
+
+def launcher_source(rank: int | None = None, node: str | None = None) -> Source:
+    """The (rank, node, attempt) a process logs as: the arguments, else what the launcher says.
+
+    - rank: `RANK` (the global rank torchrun sets); else `NODE_RANK` or `GROUP_RANK` times
+      `LOCAL_WORLD_SIZE` plus `LOCAL_RANK`; else `LOCAL_RANK`; else 0.
+    - node: the host name when any launcher variable is set, else "" (not distributed).
+
+    Outside a launcher both stay unset, so a single process's points carry no source at all.
+    """
+    env = os.environ
+    if rank is None:
+        rank = _launcher_rank(env)
+    if node is None:
+        node = socket.gethostname() if any(v in env for v in _LAUNCHER_VARIABLES) else ""
+    if not 0 <= rank < 2**32:
+        raise InvalidArgumentError(f"rank {rank} is out of range: 0 to 2**32-1")
+    validation.check_node(node)
+    return (rank, node, 0)
+
+
+def _launcher_rank(env: Mapping[str, str]) -> int:
+    def number(name: str) -> int | None:
+        raw = env.get(name)
+        if raw is None:
+            return None
+        try:
+            return int(raw)
+        except ValueError:
+            raise InvalidArgumentError(f"{name}={raw!r} is not a rank number") from None
+
+    global_rank = number("RANK")
+    if global_rank is not None:
+        return global_rank
+    local_rank = number("LOCAL_RANK")
+    node_rank = number("NODE_RANK")
+    node_rank = number("GROUP_RANK") if node_rank is None else node_rank
+    local_world = number("LOCAL_WORLD_SIZE")
+    if local_rank is not None and node_rank is not None and local_world is not None:
+        return node_rank * local_world + local_rank
+    return local_rank or 0
 
 
 def _now_ms() -> int:

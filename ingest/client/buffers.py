@@ -9,6 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from trackhouse.ingest import validation
+from trackhouse.ingest.batch import NO_SOURCE, Source
 from trackhouse.ingest.codec import BlockColumns, encode_request
 from trackhouse.v1 import ingest_pb2
 
@@ -16,12 +17,25 @@ _COMPACT_KEYS_ABOVE = 1024  # a run with more keys than this sends only the keys
 
 
 class RunBuffer:
-    """One run's unsent points. log_metrics points share a step and timestamp per call, stored once."""
+    """One run's unsent points from one source (rank, node, attempt). log_metrics points share a step and
+    timestamp per call, stored once."""
 
-    __slots__ = ("counts", "key_index", "key_list", "keys", "run_id", "series", "steps", "timestamps", "values")
+    __slots__ = (
+        "counts",
+        "key_index",
+        "key_list",
+        "keys",
+        "run_id",
+        "series",
+        "source",
+        "steps",
+        "timestamps",
+        "values",
+    )
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, source: Source = NO_SOURCE) -> None:
         self.run_id = run_id
+        self.source = source
         self.keys: dict[str, int] = {}
         self.key_list: list[str] = []
         self._reset()
@@ -62,7 +76,10 @@ class RunBuffer:
         if len(keys) > _COMPACT_KEYS_ABOVE:
             used, columns[0] = np.unique(columns[0], return_inverse=True)
             keys = [keys[i] for i in used]
-        return BlockColumns(self.run_id, keys, columns[0], columns[1], columns[2], columns[3])
+        rank, node, attempt = self.source
+        return BlockColumns(
+            self.run_id, keys, columns[0], columns[1], columns[2], columns[3], rank=rank, node=node, attempt=attempt
+        )
 
 
 def by_run(
@@ -89,19 +106,6 @@ def only_run(head: ingest_pb2.WriteRequest, blocks: list[BlockColumns]) -> str:
     run_ids = {r.run_id for r in head.runs} | {p.run_id for p in head.params} | {t.run_id for t in head.tags}
     run_ids.update(b.run_id for b in blocks)
     return run_ids.pop() if len(run_ids) == 1 else ""
-
-
-def slice_block(block: BlockColumns, start: int, end: int) -> BlockColumns:
-    if start == 0 and end >= len(block.value):
-        return block
-    return BlockColumns(
-        block.run_id,
-        block.keys,
-        block.key_index[start:end],
-        block.step[start:end],
-        block.value[start:end],
-        block.timestamp_ms[start:end],
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +149,7 @@ def shape(
     current_points = 0
     for block in blocks:
         for start in range(0, len(block.value), max_points):
-            piece = slice_block(block, start, start + max_points)
+            piece = block.slice(start, start + max_points)
             if current_points + len(piece.value) > max_points:
                 emit(head, current)
                 head, current, current_points = ingest_pb2.WriteRequest(), [], 0
@@ -183,9 +187,9 @@ def _halve(head: ingest_pb2.WriteRequest, blocks: list[BlockColumns]) -> tuple[P
         n = len(block.value)
         cut = min(max(middle - seen, 0), n)
         if cut:
-            left.append(slice_block(block, 0, cut))
+            left.append(block.slice(0, cut))
         if cut < n:
-            right.append(slice_block(block, cut, n))
+            right.append(block.slice(cut, n))
         seen += n
     return (head, left), (ingest_pb2.WriteRequest(), right)
 

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftrackhouse/v1/encode_view.proto\x12\rtrackhouse.v1\"u\n\x0fMetricBlockView\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\x11\n\tkey_index\x18\x03 \x01(\x0c\x12\x0c\n\x04step\x18\x04 \x01(\x0c\x12\r\n\x05value\x18\x05 \x01(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x06 \x01(\x0c\"J\n\x17WriteRequestMetricsView\x12/\n\x07metrics\x18\x07 \x03(\x0b\x32\x1e.trackhouse.v1.MetricBlockViewb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftrackhouse/v1/encode_view.proto\x12\rtrackhouse.v1\"\xa2\x01\n\x0fMetricBlockView\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\x11\n\tkey_index\x18\x03 \x01(\x0c\x12\x0c\n\x04step\x18\x04 \x01(\x0c\x12\r\n\x05value\x18\x05 \x01(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x06 \x01(\x0c\x12\x0c\n\x04rank\x18\x07 \x01(\r\x12\x0c\n\x04node\x18\x08 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\t \x01(\r\"J\n\x17WriteRequestMetricsView\x12/\n\x07metrics\x18\x07 \x03(\x0b\x32\x1e.trackhouse.v1.MetricBlockViewb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'trackhouse.v1.encode_view_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_METRICBLOCKVIEW']._serialized_start=50
-  _globals['_METRICBLOCKVIEW']._serialized_end=167
-  _globals['_WRITEREQUESTMETRICSVIEW']._serialized_start=169
-  _globals['_WRITEREQUESTMETRICSVIEW']._serialized_end=243
+  _globals['_METRICBLOCKVIEW']._serialized_start=51
+  _globals['_METRICBLOCKVIEW']._serialized_end=213
+  _globals['_WRITEREQUESTMETRICSVIEW']._serialized_start=215
+  _globals['_WRITEREQUESTMETRICSVIEW']._serialized_end=289
 # @@protoc_insertion_point(module_scope)

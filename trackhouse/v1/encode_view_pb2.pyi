@@ -36,6 +36,9 @@ class MetricBlockView(_message.Message):
     STEP_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     TIMESTAMP_MS_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     key_index: _builtins.bytes
     """little-endian uint32[]"""
@@ -45,6 +48,9 @@ class MetricBlockView(_message.Message):
     """little-endian float64[]"""
     timestamp_ms: _builtins.bytes
     """little-endian int64[]"""
+    rank: _builtins.int
+    node: _builtins.str
+    attempt: _builtins.int
     @_builtins.property
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -56,10 +62,13 @@ class MetricBlockView(_message.Message):
         step: _builtins.bytes = ...,
         value: _builtins.bytes = ...,
         timestamp_ms: _builtins.bytes = ...,
+        rank: _builtins.int = ...,
+        node: _builtins.str = ...,
+        attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_index", b"key_index", "keys", b"keys", "run_id", b"run_id", "step", b"step", "timestamp_ms", b"timestamp_ms", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "key_index", b"key_index", "keys", b"keys", "node", b"node", "rank", b"rank", "run_id", b"run_id", "step", b"step", "timestamp_ms", b"timestamp_ms", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

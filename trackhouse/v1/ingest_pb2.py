@@ -24,31 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atrackhouse/v1/ingest.proto\x12\rtrackhouse.v1\"q\n\x0bMetricBlock\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\x11\n\tkey_index\x18\x03 \x03(\x07\x12\x0c\n\x04step\x18\x04 \x03(\x10\x12\r\n\x05value\x18\x05 \x03(\x01\x12\x14\n\x0ctimestamp_ms\x18\x06 \x03(\x10\"\xce\x01\n\tRunUpsert\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x15\n\rexperiment_id\x18\x02 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12(\n\x06status\x18\x05 \x01(\x0e\x32\x18.trackhouse.v1.RunStatus\x12\x15\n\rstart_time_ms\x18\x06 \x01(\x03\x12\x13\n\x0b\x65nd_time_ms\x18\x07 \x01(\x03\x12\x0c\n\x04user\x18\x08 \x01(\t\x12\x0f\n\x07version\x18\t \x01(\x04\"3\n\x05Param\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\"B\n\x03Tag\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x04\"\xe8\x01\n\x0cWriteRequest\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x11\n\twriter_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12&\n\x04runs\x18\x04 \x03(\x0b\x32\x18.trackhouse.v1.RunUpsert\x12$\n\x06params\x18\x05 \x03(\x0b\x32\x14.trackhouse.v1.Param\x12 \n\x04tags\x18\x06 \x03(\x0b\x32\x12.trackhouse.v1.Tag\x12+\n\x07metrics\x18\x07 \x03(\x0b\x32\x1a.trackhouse.v1.MetricBlock\"c\n\x08WriteAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\r\x12\x0e\n\x06points\x18\x05 \x01(\x04\"\x0f\n\rLimitsRequest\"o\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x18\n\x10max_queue_points\x18\x02 \x01(\x04\x12\x14\n\x0c\x66lush_points\x18\x03 \x01(\x04\x12\x1a\n\x12max_request_points\x18\x04 \x01(\x04*i\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07RUNNING\x10\x01\x12\r\n\tSCHEDULED\x10\x02\x12\x0c\n\x08\x46INISHED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\n\n\x06KILLED\x10\x05\x32\xd2\x01\n\x06Ingest\x12=\n\x05Write\x12\x1b.trackhouse.v1.WriteRequest\x1a\x17.trackhouse.v1.WriteAck\x12G\n\x0bWriteStream\x12\x1b.trackhouse.v1.WriteRequest\x1a\x17.trackhouse.v1.WriteAck(\x01\x30\x01\x12@\n\tGetLimits\x12\x1c.trackhouse.v1.LimitsRequest\x1a\x15.trackhouse.v1.Limitsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atrackhouse/v1/ingest.proto\x12\rtrackhouse.v1\"\x9e\x01\n\x0bMetricBlock\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\x11\n\tkey_index\x18\x03 \x03(\x07\x12\x0c\n\x04step\x18\x04 \x03(\x10\x12\r\n\x05value\x18\x05 \x03(\x01\x12\x14\n\x0ctimestamp_ms\x18\x06 \x03(\x10\x12\x0c\n\x04rank\x18\x07 \x01(\r\x12\x0c\n\x04node\x18\x08 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\t \x01(\r\"\xce\x01\n\tRunUpsert\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x15\n\rexperiment_id\x18\x02 \x01(\t\x12\x17\n\x0f\x65xperiment_name\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12(\n\x06status\x18\x05 \x01(\x0e\x32\x18.trackhouse.v1.RunStatus\x12\x15\n\rstart_time_ms\x18\x06 \x01(\x03\x12\x13\n\x0b\x65nd_time_ms\x18\x07 \x01(\x03\x12\x0c\n\x04user\x18\x08 \x01(\t\x12\x0f\n\x07version\x18\t \x01(\x04\"3\n\x05Param\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\"B\n\x03Tag\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x04\"\xe8\x01\n\x0cWriteRequest\x12\x16\n\x0eschema_version\x18\x01 \x01(\r\x12\x11\n\twriter_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12&\n\x04runs\x18\x04 \x03(\x0b\x32\x18.trackhouse.v1.RunUpsert\x12$\n\x06params\x18\x05 \x03(\x0b\x32\x14.trackhouse.v1.Param\x12 \n\x04tags\x18\x06 \x03(\x0b\x32\x12.trackhouse.v1.Tag\x12+\n\x07metrics\x18\x07 \x03(\x0b\x32\x1a.trackhouse.v1.MetricBlock\"c\n\x08WriteAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\r\x12\x0e\n\x06points\x18\x05 \x01(\x04\"\x0f\n\rLimitsRequest\"o\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x18\n\x10max_queue_points\x18\x02 \x01(\x04\x12\x14\n\x0c\x66lush_points\x18\x03 \x01(\x04\x12\x1a\n\x12max_request_points\x18\x04 \x01(\x04*i\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07RUNNING\x10\x01\x12\r\n\tSCHEDULED\x10\x02\x12\x0c\n\x08\x46INISHED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\n\n\x06KILLED\x10\x05\x32\xd2\x01\n\x06Ingest\x12=\n\x05Write\x12\x1b.trackhouse.v1.WriteRequest\x1a\x17.trackhouse.v1.WriteAck\x12G\n\x0bWriteStream\x12\x1b.trackhouse.v1.WriteRequest\x1a\x17.trackhouse.v1.WriteAck(\x01\x30\x01\x12@\n\tGetLimits\x12\x1c.trackhouse.v1.LimitsRequest\x1a\x15.trackhouse.v1.Limitsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'trackhouse.v1.ingest_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RUNSTATUS']._serialized_start=956
-  _globals['_RUNSTATUS']._serialized_end=1061
-  _globals['_METRICBLOCK']._serialized_start=45
-  _globals['_METRICBLOCK']._serialized_end=158
-  _globals['_RUNUPSERT']._serialized_start=161
-  _globals['_RUNUPSERT']._serialized_end=367
-  _globals['_PARAM']._serialized_start=369
-  _globals['_PARAM']._serialized_end=420
-  _globals['_TAG']._serialized_start=422
-  _globals['_TAG']._serialized_end=488
-  _globals['_WRITEREQUEST']._serialized_start=491
-  _globals['_WRITEREQUEST']._serialized_end=723
-  _globals['_WRITEACK']._serialized_start=725
-  _globals['_WRITEACK']._serialized_end=824
-  _globals['_LIMITSREQUEST']._serialized_start=826
-  _globals['_LIMITSREQUEST']._serialized_end=841
-  _globals['_LIMITS']._serialized_start=843
-  _globals['_LIMITS']._serialized_end=954
-  _globals['_INGEST']._serialized_start=1064
-  _globals['_INGEST']._serialized_end=1274
+  _globals['_RUNSTATUS']._serialized_start=1002
+  _globals['_RUNSTATUS']._serialized_end=1107
+  _globals['_METRICBLOCK']._serialized_start=46
+  _globals['_METRICBLOCK']._serialized_end=204
+  _globals['_RUNUPSERT']._serialized_start=207
+  _globals['_RUNUPSERT']._serialized_end=413
+  _globals['_PARAM']._serialized_start=415
+  _globals['_PARAM']._serialized_end=466
+  _globals['_TAG']._serialized_start=468
+  _globals['_TAG']._serialized_end=534
+  _globals['_WRITEREQUEST']._serialized_start=537
+  _globals['_WRITEREQUEST']._serialized_end=769
+  _globals['_WRITEACK']._serialized_start=771
+  _globals['_WRITEACK']._serialized_end=870
+  _globals['_LIMITSREQUEST']._serialized_start=872
+  _globals['_LIMITSREQUEST']._serialized_end=887
+  _globals['_LIMITS']._serialized_start=889
+  _globals['_LIMITS']._serialized_end=1000
+  _globals['_INGEST']._serialized_start=1110
+  _globals['_INGEST']._serialized_end=1320
 # @@protoc_insertion_point(module_scope)

@@ -62,7 +62,21 @@ class MetricBlock(_message.Message):
     STEP_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     TIMESTAMP_MS_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
+    rank: _builtins.int
+    """Where every point of the block comes from: the process's rank in a
+    distributed job and the machine it runs on. One process logs as one rank,
+    so these are per block, not per point. 0 and "" when not distributed.
+    """
+    node: _builtins.str
+    attempt: _builtins.int
+    """The run attempt the points were logged under (0: the first). A resumed
+    run logs under a new attempt, and reads let a later attempt's points
+    supersede an earlier attempt's at the same steps.
+    """
     @_builtins.property
     def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -82,10 +96,13 @@ class MetricBlock(_message.Message):
         step: _abc.Iterable[_builtins.int] | None = ...,
         value: _abc.Iterable[_builtins.float] | None = ...,
         timestamp_ms: _abc.Iterable[_builtins.int] | None = ...,
+        rank: _builtins.int = ...,
+        node: _builtins.str = ...,
+        attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_index", b"key_index", "keys", b"keys", "run_id", b"run_id", "step", b"step", "timestamp_ms", b"timestamp_ms", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "key_index", b"key_index", "keys", b"keys", "node", b"node", "rank", b"rank", "run_id", b"run_id", "step", b"step", "timestamp_ms", b"timestamp_ms", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
