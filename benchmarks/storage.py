@@ -93,8 +93,9 @@ def measure(data_dir: Path, batches: list[Metrics], migrations: int | None) -> d
             f"SELECT name, data_compressed_bytes FROM system.columns WHERE database = '{DB}' AND table = 'metrics'"
         ).result_rows
     )
+    # system.parts, not system.columns: the latter leaves out tables whose columns' sizes are not loaded.
     (total,) = client.query(
-        f"SELECT sum(data_compressed_bytes) FROM system.columns WHERE database = '{DB}'"
+        f"SELECT sum(data_compressed_bytes) FROM system.parts WHERE database = '{DB}' AND active"
     ).result_rows[0]
     client.close()
     return {
