@@ -12,11 +12,19 @@ from urllib.parse import urlsplit
 
 import clickhouse_connect
 
+from trackhouse.query.cluster_ddl import NAME
 from trackhouse.query.redaction import redact_url
 
 DEFAULT_DATABASE = "trackhouse"
 
 Client = Any  # clickhouse_connect's client classes ship without type information
+
+#: Every query on a cluster's Distributed tables:
+#: - an insert returns once every shard holds its rows, so an acknowledgement means stored, and the
+#:   insert's deduplication token reaches the replicated tables (queued background sends would not retry under it);
+#: - an IN or JOIN over a second Distributed table is computed once and sent to the shards (GLOBAL), which is
+#:   right whatever the second table is sharded by (ClickHouse refuses such queries by default).
+CLUSTER_SETTINGS = {"insert_distributed_sync": 1, "distributed_product_mode": "global"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,14 +33,20 @@ class StoreConfig:
     url: str
     #: The database holding trackhouse's tables. For server URLs, a path in the URL overrides it.
     database: str = DEFAULT_DATABASE
+    #: A ClickHouse cluster (remote_servers) to create the schema on: Replicated and Distributed tables.
+    cluster: str = ""
 
     def __post_init__(self) -> None:
         scheme = urlsplit(self.url).scheme
         if scheme not in ("chdb", "http", "https"):
             raise ValueError(f"storage URL {redact_url(self.url)!r} must start with chdb://, http:// or https://")
+        if self.cluster and not NAME.fullmatch(self.cluster):
+            raise ValueError(f"cluster name {self.cluster!r} must be letters, digits and _, not starting with a digit")
+        if self.cluster and scheme == "chdb":
+            raise ValueError("--cluster needs a ClickHouse server (--clickhouse-url http://...), not embedded chDB")
 
     def __repr__(self) -> str:  # a logged config never shows the password
-        return f"StoreConfig(url={self.display_url!r}, database={self.database!r})"
+        return f"StoreConfig(url={self.display_url!r}, database={self.database!r}, cluster={self.cluster!r})"
 
     @property
     def display_url(self) -> str:
@@ -68,6 +82,7 @@ def connect(config: StoreConfig) -> Client:
     # The database may not exist yet; the schema creates it, then statements qualify table names.
     parts = urlsplit(config.url)
     return clickhouse_connect.get_client(
+        settings=CLUSTER_SETTINGS if config.cluster else None,
         host=parts.hostname or "localhost",
         port=parts.port or (8443 if parts.scheme == "https" else 8123),
         username=parts.username or "default",

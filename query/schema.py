@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+from trackhouse.query.cluster_ddl import ClusterRenderer
 from trackhouse.query.connection import Client
 
 METRICS = "metrics"
@@ -59,11 +60,40 @@ LOGGED_MODEL_TAGS = "logged_model_tags"
 LOGGED_MODEL_PARAMS = "logged_model_params"
 RUN_MODELS = "run_models"
 
+#: Every table the sink inserts into; migration 12 makes each drop a repeated insert (see DEDUPLICATION_WINDOW).
+DEDUPLICATED_TABLES = (
+    EXPERIMENTS,
+    RUNS,
+    PARAMS,
+    TAGS,
+    EXPERIMENT_TAGS,
+    DATASETS,
+    DATASET_INPUTS,
+    LOGGED_MODELS,
+    LOGGED_MODEL_TAGS,
+    LOGGED_MODEL_PARAMS,
+    RUN_MODELS,
+    METRICS,
+    LATEST_METRICS,
+    METRIC_BUCKETS,
+)
+#: Inserts per table whose tokens a table that is not replicated remembers: minutes of flushes at the busiest
+#: (metrics), far longer for the small tables; a retry comes within the batcher's backoff, seconds.
+DEDUPLICATION_WINDOW = 1000
+
 DEFAULT_EXPERIMENT_ID = "0"
 DEFAULT_EXPERIMENT_NAME = "Default"
 
 # Each entry is (version, statements); {db} is the database name. Never edit a
 # shipped entry: add a new one.
+#
+# Every statement also has a cluster form (`--cluster`), rendered by query.cluster_ddl without per-migration
+# code: T becomes a Replicated T_local per shard plus a Distributed T over it, sharded by run, so queries keep
+# their names. To stay renderable, a statement is one of: CREATE TABLE IF NOT EXISTS {db}.T (...) ENGINE =
+# <...>MergeTree ... (or AS {db}.other); ALTER TABLE {db}.T ... (column actions reach the Distributed table too);
+# DROP TABLE/VIEW IF EXISTS; CREATE [MATERIALIZED] VIEW IF NOT EXISTS; INSERT INTO {db}.T ... SELECT/VALUES
+# (a backfill: it runs once, through the Distributed tables, so target only tables where a repeat is harmless:
+# ReplacingMergeTree, min/max aggregates). tests/test_cluster_ddl.py parses every rendered statement.
 MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (
         1,
@@ -369,6 +399,17 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                 rank, node, attempt)""",
         ),
     ),
+    (
+        12,
+        # Inserts carry deduplication tokens (ingest.sink.flush_token); a table that is not replicated keeps the
+        # last DEDUPLICATION_WINDOW of them, so a retried insert already stored is dropped by ClickHouse itself
+        # (replicated tables keep theirs in Keeper, by replicated_deduplication_window). A table created after
+        # this migration declares `SETTINGS non_replicated_deduplication_window = ...` itself.
+        tuple(
+            f"ALTER TABLE {{db}}.{table} MODIFY SETTING non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}"
+            for table in DEDUPLICATED_TABLES
+        ),
+    ),
 )
 
 _ROLLUP_SELECT = (
@@ -492,33 +533,62 @@ def extremes_select(width: int) -> str:
     )
 
 
-def migrate(client: Client, database: str) -> int:
-    """Create or upgrade the schema. Safe to run concurrently and repeatedly. Returns the schema version."""
-    client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
-    client.command(
-        f"CREATE TABLE IF NOT EXISTS {database}.{MIGRATIONS_TABLE} (version UInt32, applied_at DateTime64(3))"
-        " ENGINE = ReplacingMergeTree ORDER BY version"
-    )
-    applied = {row[0] for row in client.query(f"SELECT version FROM {database}.{MIGRATIONS_TABLE}").result_rows}
-    now = int(time.time() * 1000)
+def _format_arguments(database: str, now: int) -> dict[str, object]:
+    return {
+        "db": database,
+        "now": now,
+        "default_id": DEFAULT_EXPERIMENT_ID,
+        "default_name": DEFAULT_EXPERIMENT_NAME,
+        "rollup_select": _ROLLUP_SELECT,
+        "coarse_select": _COARSE_SELECT,
+        "latest_select": latest_select(),
+        "extremes_select_fine": extremes_select(FINE_WIDTH),
+        "extremes_select_coarse": extremes_select(COARSE_WIDTH),
+        "buckets_select_fine": buckets_select(FINE_WIDTH),
+        "buckets_select_coarse": buckets_select(COARSE_WIDTH),
+    }
+
+
+def schema_statements(database: str, cluster: str = "", now: int | None = None) -> list[tuple[int, list[str]]]:
+    """Every statement that builds the schema, as (version, statements) in order; version 0 creates the database
+    and the table of applied migrations. With `cluster`, their cluster form (see query.cluster_ddl)."""
+    arguments = _format_arguments(database, int(time.time() * 1000) if now is None else now)
+    preamble = [
+        "CREATE DATABASE IF NOT EXISTS {db}",
+        f"CREATE TABLE IF NOT EXISTS {{db}}.{MIGRATIONS_TABLE} (version UInt32, applied_at DateTime64(3))"
+        " ENGINE = ReplacingMergeTree ORDER BY version",
+    ]
+    renderer = ClusterRenderer(cluster) if cluster else None
+    if renderer is not None:
+        preamble = renderer.preamble(MIGRATIONS_TABLE)
+    rendered = [(0, preamble)]
     for version, statements in MIGRATIONS:
+        templates = list(statements)
+        if renderer is not None:
+            templates = [out for i, s in enumerate(statements) for out in renderer.render(s, version, i)]
+        rendered.append((version, templates))
+    return [(version, [t.format(**arguments) for t in templates]) for version, templates in rendered]
+
+
+def record_sql(database: str, version: int) -> str:
+    """The statement that marks migration `version` applied."""
+    return f"INSERT INTO {database}.{MIGRATIONS_TABLE} VALUES ({version}, now64(3))"
+
+
+def migrate(client: Client, database: str, cluster: str = "") -> int:
+    """Create or upgrade the schema. Safe to run concurrently and repeatedly. Returns the schema version.
+
+    On a cluster the table of applied migrations is replicated to every server, so a migration another node
+    applied is skipped here once replication has delivered its row; until then it is applied again, harmlessly,
+    as every statement is idempotent (see query.cluster_ddl for backfills)."""
+    (_, preamble), *migrations = schema_statements(database, cluster)
+    for statement in preamble:
+        client.command(statement)
+    applied = {row[0] for row in client.query(f"SELECT version FROM {database}.{MIGRATIONS_TABLE}").result_rows}
+    for version, statements in migrations:
         if version in applied:
             continue
         for statement in statements:
-            client.command(
-                statement.format(
-                    db=database,
-                    now=now,
-                    default_id=DEFAULT_EXPERIMENT_ID,
-                    default_name=DEFAULT_EXPERIMENT_NAME,
-                    rollup_select=_ROLLUP_SELECT,
-                    coarse_select=_COARSE_SELECT,
-                    latest_select=latest_select(),
-                    extremes_select_fine=extremes_select(FINE_WIDTH),
-                    extremes_select_coarse=extremes_select(COARSE_WIDTH),
-                    buckets_select_fine=buckets_select(FINE_WIDTH),
-                    buckets_select_coarse=buckets_select(COARSE_WIDTH),
-                )
-            )
-        client.command(f"INSERT INTO {database}.{MIGRATIONS_TABLE} VALUES ({version}, now64(3))")
+            client.command(statement)
+        client.command(record_sql(database, version))
     return MIGRATIONS[-1][0]

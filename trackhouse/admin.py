@@ -7,12 +7,14 @@ import argparse
 import getpass
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
 from trackhouse.ingest import auth
-from trackhouse.query import integrity
-from trackhouse.query.connection import StoreConfig, connect
+from trackhouse.query import integrity, schema
+from trackhouse.query.cluster_ddl import NAME, ClusterDdlError
+from trackhouse.query.connection import DEFAULT_DATABASE, StoreConfig, connect
 from trackhouse.query.redaction import Redactor, url_secrets
 
 AUTH_FILE_ENV = "TRACKHOUSE_AUTH_FILE"
@@ -52,6 +54,7 @@ def add_admin_commands(commands: Any) -> None:
     check.add_argument(
         "--deep", action="store_true", help="also read every part back against its checksums (reads all the data)"
     )
+    _add_schema_command(commands)
 
 
 def run_admin_command(args: argparse.Namespace) -> int:
@@ -60,6 +63,8 @@ def run_admin_command(args: argparse.Namespace) -> int:
             return _auth(args)
         if args.command == "check":
             return _check(args)
+        if args.command == "schema":
+            return _schema(args)
     except auth.AuthFileError as exc:
         print(f"trackhouse: {exc}", file=sys.stderr)
         return 2
@@ -114,6 +119,41 @@ def _check(args: argparse.Namespace) -> int:
         return 1
     print(f"{where}: healthy; {summary}")
     return 0
+
+
+def _add_schema_command(commands: Any) -> None:
+    printer = commands.add_parser(
+        "schema", help="print the schema's DDL, every table and migration, for review before applying it (no server)"
+    )
+    printer.add_argument(
+        "--cluster",
+        default=os.environ.get("TRACKHOUSE_CLUSTER", ""),
+        help="render it ON CLUSTER NAME, with Replicated and Distributed tables [env TRACKHOUSE_CLUSTER]",
+    )
+    printer.add_argument("--database", default=DEFAULT_DATABASE, help=f"database name (default {DEFAULT_DATABASE})")
+
+
+def _schema(args: argparse.Namespace) -> int:
+    """Every statement `serve` would run on a fresh store, in order, each migration followed by the row that records
+    it, so that applying the output by hand leaves the store as `serve` would."""
+    try:
+        if not NAME.fullmatch(args.database):
+            raise ClusterDdlError(f"database name {args.database!r} must be letters, digits and _")
+        migrations = schema.schema_statements(args.database, args.cluster)
+    except ClusterDdlError as exc:
+        print(f"trackhouse: {exc}", file=sys.stderr)
+        return 2
+    for version, statements in migrations:
+        print(f"-- {'database and migrations table' if version == 0 else f'migration {version}'}")
+        for statement in [*statements, *([schema.record_sql(args.database, version)] if version else [])]:
+            print(f"{_tidy(statement)};\n")
+    return 0
+
+
+def _tidy(statement: str) -> str:
+    """A statement as written in schema.py, without the source's indentation."""
+    first, _, rest = statement.strip().partition("\n")
+    return first + ("\n" + textwrap.indent(textwrap.dedent(rest), "    ") if rest else "")
 
 
 def _summary(client: Any, database: str) -> str:

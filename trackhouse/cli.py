@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from traceback import format_exception
 from typing import Any, NoReturn
@@ -77,6 +77,13 @@ SERVE_OPTIONS = (
         str,
         None,
         "chdb:///dir or http(s)://user:pass@host:8123/db; overrides --data-dir",
+    ),
+    Option(
+        "--cluster",
+        "TRACKHOUSE_CLUSTER",
+        str,
+        "",
+        "ClickHouse cluster (remote_servers) to create the schema ON CLUSTER: Replicated tables, Distributed by run",
     ),
     Option("--host", "TRACKHOUSE_HOST", str, "127.0.0.1", "interface for gRPC and HTTP"),
     Option("--grpc-port", "TRACKHOUSE_GRPC_PORT", port, 50051, "gRPC ingest port (0: any free port)"),
@@ -334,6 +341,8 @@ def _missing(module: str) -> bool:
 
 def build_config(args: argparse.Namespace) -> ServerConfig:
     store = StoreConfig(args.clickhouse_url) if args.clickhouse_url else StoreConfig.for_data_dir(args.data_dir)
+    if args.cluster:
+        store = replace(store, cluster=args.cluster)
     batcher = BatcherConfig(
         flush_points=args.flush_points, flush_interval_ms=args.flush_interval_ms, max_queue_points=args.max_queue_points
     )

@@ -225,7 +225,7 @@ class Server:
             integrity.verify(await asyncio.to_thread(integrity.inspect_directory, store.directory), where)
         client = await self._connect()
         integrity.verify(await asyncio.to_thread(integrity.inspect_store, client, database), where)
-        await asyncio.to_thread(schema.migrate, client, database)
+        await asyncio.to_thread(schema.migrate, client, database, store.cluster)
         return client
 
     async def stop(self) -> None:

@@ -1,0 +1,164 @@
+"""Cluster DDL (`--cluster`): every statement of the schema, in both forms, parsed by ClickHouse's own parser
+(chDB's formatQuery), and the single-node form unchanged. No cluster runs here: these tests read the DDL, they do
+not apply it (see README "Scaling out")."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from trackhouse.cli import main
+from trackhouse.query import schema
+from trackhouse.query.cluster_ddl import ClusterDdlError, ClusterRenderer
+from trackhouse.query.connection import Client, StoreConfig, connect
+
+DB = "trackhouse"
+CLUSTER = "prod"
+#: sha256 of every statement `migrate` ran for versions 0 to 8 before cluster mode existed (now=0), each migration
+#: followed by its record: the single-node DDL must stay exactly this.
+SINGLE_NODE_DDL_1_TO_8 = "974fa682ef4cb217f07811797c572a5a631f21c3e68f26952c9a712a0e0be388"
+
+
+@pytest.fixture(scope="module")
+def parser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
+    client = connect(StoreConfig.for_data_dir(Path(tmp_path_factory.mktemp("ddl")) / "data"))
+    yield client
+    client.close()
+
+
+def parse(client: Client, statement: str) -> str:
+    """ClickHouse's canonical form of `statement`; raises on a syntax error."""
+    return str(client.query("SELECT formatQuery({q:String})", parameters={"q": statement}).result_rows[0][0])
+
+
+def now(sql: str) -> str:
+    return re.sub(r"\b\d{13}\b", "NOW", sql)  # the default experiment's creation time
+
+
+def statements(cluster: str) -> list[tuple[int, str]]:
+    return [(version, s) for version, group in schema.schema_statements(DB, cluster, now=0) for s in group]
+
+
+@pytest.mark.parametrize("cluster", ["", CLUSTER])
+def test_every_statement_parses(parser: Client, cluster: str) -> None:
+    for version, statement in statements(cluster):
+        formatted = parse(parser, statement)
+        assert formatted, f"migration {version}: {statement}"
+        if cluster and not formatted.startswith("INSERT"):
+            assert f"ON CLUSTER {CLUSTER}" in formatted, formatted
+        if not cluster:
+            assert "ON CLUSTER" not in formatted and "Replicated" not in formatted
+
+
+def test_single_node_ddl_is_unchanged() -> None:
+    migrations = [(v, s) for v, s in schema.schema_statements(DB, now=0) if v <= 8]
+    ran = [s for v, group in migrations for s in [*group, *([schema.record_sql(DB, v)] if v else [])]]
+    assert hashlib.sha256("\n;\n".join(ran).encode()).hexdigest() == SINGLE_NODE_DDL_1_TO_8
+    # and every later migration is its template, as written
+    later = {v: group for v, group in schema.schema_statements(DB, now=0) if v > 8}
+    for version, templates in schema.MIGRATIONS:
+        if version > 8:
+            assert later[version] == [t.format(**schema._format_arguments(DB, 0)) for t in templates]
+
+
+def test_each_table_is_replicated_storage_under_a_distributed_table(parser: Client) -> None:
+    formatted = [parse(parser, s) for _, s in statements(CLUSTER)]
+    locals_ = {m.group(1) for f in formatted if (m := re.match(rf"CREATE TABLE IF NOT EXISTS {DB}\.(\w+)_local ", f))}
+    distributed = {
+        m.group(1): m.group(2)
+        for f in formatted
+        if (m := re.search(rf"CREATE TABLE IF NOT EXISTS {DB}\.(\w+) ON CLUSTER .*Distributed\((.*)\)", f, re.S))
+    }
+    assert set(distributed) == locals_ and {schema.METRICS, schema.RUNS, schema.METRIC_BUCKETS} <= locals_
+    assert distributed[schema.METRICS] == f"'{CLUSTER}', '{DB}', 'metrics_local', cityHash64(run_id)"
+    # A run's summaries sit with its points (their sort key starts with width), and every version of an
+    # experiment on one shard, so FINAL and the aggregate merges are right shard by shard.
+    assert distributed[schema.METRIC_BUCKETS].endswith("cityHash64(run_id)")
+    assert distributed[schema.EXPERIMENTS].endswith("cityHash64(experiment_id)")
+    metrics = next(f for f in formatted if f.startswith(f"CREATE TABLE IF NOT EXISTS {DB}.metrics_local"))
+    assert f"ReplicatedReplacingMergeTree('/clickhouse/tables/{{shard}}/{DB}/metrics_local', '{{replica}}')" in metrics
+    runs = next(f for f in formatted if f.startswith(f"CREATE TABLE IF NOT EXISTS {DB}.runs_local"))
+    assert f"'/clickhouse/tables/{{shard}}/{DB}/runs_local', '{{replica}}', version)" in runs
+    migrations_table = parse(parser, schema.schema_statements(DB, CLUSTER)[0][1][1])
+    assert "{shard}" not in migrations_table and "ReplicatedReplacingMergeTree" in migrations_table  # on every node
+
+
+def test_a_new_column_reaches_storage_and_the_distributed_table() -> None:
+    """A migration as the other helpers write them: ALTER TABLE with column and other actions, a new table, a
+    backfill. No per-migration code renders them."""
+    renderer = ClusterRenderer(CLUSTER)
+    for version, group in schema.MIGRATIONS:
+        for index, statement in enumerate(group):
+            renderer.render(statement, version, index)
+    alter = renderer.render(
+        """ALTER TABLE {db}.metrics ADD COLUMN IF NOT EXISTS rank UInt32 DEFAULT 0,
+        ADD COLUMN IF NOT EXISTS node LowCardinality(String) DEFAULT '', MODIFY ORDER BY (run_id, key, step, rank)""",
+        99,
+        0,
+    )
+    assert [s.split(" ADD")[0] for s in alter] == [
+        f"ALTER TABLE {{db}}.metrics_local ON CLUSTER {CLUSTER}",
+        f"ALTER TABLE {{db}}.metrics ON CLUSTER {CLUSTER}",
+    ]
+    assert "MODIFY ORDER BY" in alter[0] and "MODIFY ORDER BY" not in alter[1] and "node LowCardinality" in alter[1]
+    index_only = renderer.render("ALTER TABLE {db}.metrics ADD INDEX IF NOT EXISTS i rank TYPE minmax", 99, 1)
+    assert len(index_only) == 1  # not a column: storage only
+    backfill = renderer.render("INSERT INTO {db}.metric_buckets SELECT * FROM {db}.metrics", 99, 2)
+    assert backfill == [
+        "INSERT INTO {db}.metric_buckets SETTINGS insert_distributed_sync = 1,"
+        " insert_deduplication_token = 'trackhouse-migration-99-2' SELECT * FROM {db}.metrics"
+    ]
+    with pytest.raises(ClusterDdlError, match="no cluster form"):
+        renderer.render("OPTIMIZE TABLE {db}.metrics FINAL", 99, 3)
+    with pytest.raises(ClusterDdlError, match="not created by an earlier migration"):
+        renderer.render("ALTER TABLE {db}.nowhere ADD COLUMN x UInt8", 99, 4)
+
+
+def test_dropped_tables_drop_both_and_views_read_local_tables() -> None:
+    rendered = dict(schema.schema_statements(DB, CLUSTER, now=0))
+    view = next(s for s in rendered[1] if "MATERIALIZED VIEW" in s)
+    assert f"TO {DB}.latest_metrics_local" in view and f"FROM {DB}.metrics_local" in view
+    assert f"DROP TABLE IF EXISTS {DB}.latest_metrics ON CLUSTER {CLUSTER}" in rendered[5]
+    assert f"DROP TABLE IF EXISTS {DB}.latest_metrics_local ON CLUSTER {CLUSTER} SYNC" in rendered[5]
+
+
+@pytest.mark.parametrize("name", ["a b", "1st", "x;DROP", ""])
+def test_a_bad_cluster_name_is_refused(name: str) -> None:
+    with pytest.raises(ClusterDdlError):
+        ClusterRenderer(name)
+    with pytest.raises(ValueError, match="cluster"):
+        StoreConfig("http://ch:8123", cluster=name or "-")
+
+
+def test_cluster_mode_needs_a_server() -> None:
+    with pytest.raises(ValueError, match="needs a ClickHouse server"):
+        StoreConfig("chdb:///tmp/x", cluster=CLUSTER)
+
+
+@pytest.mark.parametrize("cluster", ["", CLUSTER])
+def test_trackhouse_schema_prints_what_migrate_runs(
+    parser: Client, cluster: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["schema", "--database", "th", *(["--cluster", cluster] if cluster else [])])
+    assert exited.value.code == 0
+    printed = [s.strip() for s in capsys.readouterr().out.split(";\n") if s.strip()]
+    expected = [
+        s
+        for v, group in schema.schema_statements("th", cluster)
+        for s in [*group, *([schema.record_sql("th", v)] if v else [])]
+    ]
+    assert len(printed) == len(expected)
+    for text, statement in zip(printed, expected, strict=True):
+        body = "\n".join(line for line in text.splitlines() if not line.startswith("-- "))
+        assert now(parse(parser, body)) == now(parse(parser, statement))  # the same statement, tidied for reading
+
+
+def test_trackhouse_schema_refuses_a_bad_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["schema", "--database", "th; DROP"])
+    assert exited.value.code == 2 and "database name" in capsys.readouterr().err
