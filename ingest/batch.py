@@ -263,6 +263,8 @@ class Batch:
     logged_model_tags: tuple[LoggedModelTagRow, ...] = ()
     logged_model_params: tuple[LoggedModelParamRow, ...] = ()
     run_models: tuple[RunModelRow, ...] = ()
+    #: The requests this batch was made of (see ingest.pipeline.origin): the sink's deduplication tokens name them.
+    origins: tuple[str, ...] = ()
 
     @property
     def points(self) -> int:
@@ -300,4 +302,5 @@ class Batch:
             logged_model_tags=tuple(r for b in batches for r in b.logged_model_tags),
             logged_model_params=tuple(r for b in batches for r in b.logged_model_params),
             run_models=tuple(r for b in batches for r in b.run_models),
+            origins=tuple(o for b in batches for o in b.origins),
         )

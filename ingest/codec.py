@@ -52,6 +52,8 @@ class DecodedRequest:
     batch: Batch
     #: The bytes it was decoded from, so a gateway can forward them unchanged.
     raw: bytes = b""
+    #: Where it came from when the transport names it better than writer_id and sequence (a Kafka offset).
+    origin: str = ""
 
 
 def decode_request(raw: bytes, max_bytes: int) -> DecodedRequest:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable
+from dataclasses import replace
 from typing import Protocol
 
 from trackhouse.ingest.batcher import Batcher
@@ -32,9 +34,24 @@ class WritePipeline:
         return self._catalog
 
     async def accept(self, request: DecodedRequest, flush_within_ms: int | None = None) -> Awaitable[None]:
-        batch = await self._catalog.resolve(request.batch)
+        batch = replace(await self._catalog.resolve(request.batch), origins=(origin(request),))
         # No await from here to `remember`: the catalog learns new names before any other task runs.
         durable = self._batcher.submit(batch, flush_within_ms)
         self._catalog.remember(batch)
         self._telemetry.received_points.inc(batch.points)
         return durable
+
+
+def origin(request: DecodedRequest) -> str:
+    """What names `request` across retries, for the sink's deduplication tokens (ingest.sink.flush_token):
+    - its Kafka topic, partition, offset and timestamp, which a redelivery repeats (the timestamp tells a
+      recreated topic's offsets from the old ones);
+    - else its writer and sequence number, which a client's retry repeats, to any node;
+    - else (REST, a writer without sequence numbers) nothing repeats: a name of its own, so a retry of the same
+      flush still shares one token, while a client's retry is a new request, deduplicated by reads and merges.
+    """
+    if request.origin:
+        return request.origin
+    if request.writer_id and request.sequence > 0:
+        return f"grpc:{request.writer_id}:{request.sequence}"
+    return f"once:{uuid.uuid4().hex}"

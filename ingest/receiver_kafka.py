@@ -2,7 +2,8 @@
 
 - At-least-once: auto-commit is off. A partition's offset is committed only up
   to the last message whose insert has returned, with no gaps. Redelivered
-  points are harmless, because every read deduplicates (see DESIGN.md).
+  points are harmless, because every read deduplicates (see DESIGN.md); a
+  redelivery batched as before is dropped at insert (its offsets name the token).
 - Back-pressure: while the batcher is full, fetching pauses and the message is
   retried. Kafka keeps the backlog, and memory stays bounded by the fetch sizes.
 - Poison messages (undecodable bytes, a wrong schema version, invalid keys, an
@@ -19,7 +20,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
@@ -106,7 +107,7 @@ class KafkaReceiver:
     async def _take(self, tp: TopicPartition, message: ConsumerRecord[bytes, bytes]) -> bool:
         """Hand one message to the pipeline. False when the server is shutting down."""
         try:
-            request = decode_request(message.value or b"", self._max_message_bytes)
+            request = replace(decode_request(message.value or b"", self._max_message_bytes), origin=origin(message))
             durable = await self._accept_when_room(request)
         except PermanentError as exc:  # undecodable, invalid, or refused by the catalog: poison
             await self._dead_letter(message, exc)
@@ -207,6 +208,11 @@ class KafkaReceiver:
     async def _assigned(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._committed[tp] = await self._consumer.committed(tp) or 0
+
+
+def origin(message: ConsumerRecord[bytes, bytes]) -> str:
+    """A message's place in the log, which every redelivery repeats: its deduplication origin (ingest.pipeline)."""
+    return f"kafka:{message.topic}:{message.partition}:{message.offset}:{message.timestamp}"
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka ships no types: Any base

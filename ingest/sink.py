@@ -5,11 +5,20 @@ so ClickHouse receives LowCardinality data without a Python object per point.
 Their summaries (ingest.summaries: latest points, chart buckets) are computed
 here and inserted after the points, before the batch is acknowledged, so a
 retried batch rewrites both and no summary is ever missing its points.
+
+Every insert carries a deduplication token, so that ClickHouse itself drops an insert it already stored (a
+retry after a timeout whose insert had in fact succeeded, or a batch retried after only some of its tables were
+written). The token names what the batch holds, never its content (see `flush_token`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+import uuid
+from collections import Counter
+from collections.abc import Iterable
 from typing import Protocol
 
 import numpy as np
@@ -32,6 +41,35 @@ _CODE_RE = re.compile(r"Code: (\d+)")
 # Reads deduplicate, so ClickHouse need not collapse duplicates inside each inserted block. (Its effect on insert
 # speed was last measured when a materialized view existed, so no figure is given here.)
 INSERT_SETTINGS = {"optimize_on_insert": 0}
+
+
+def flush_token(origins: Iterable[str]) -> str:
+    """The deduplication token of a batch made of the requests named by `origins` (Batch.origins).
+
+    The set of origins decides it, not their order or repeats, so the same flush retried gets the same token, and
+    so does a Kafka redelivery or a gRPC retry that happens to be batched with exactly the same requests. Batched
+    differently (a request retried alone, or with other requests), it gets another token and is stored again:
+    then the duplicate rows are identical to the first ones, and every read and every merge is insensitive to
+    them (DESIGN.md, "Duplicates"). So the token makes the common retries free, and correctness never rests on it.
+    """
+    canonical = json.dumps(sorted(set(origins)), separators=(",", ":"))  # no two sets share one text
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+class _Tokens:
+    """Each insert's settings for one batch: one token per table, with a part number per insert into that table
+    (a token marks one insert; two inserts into one table under one token would drop the second)."""
+
+    def __init__(self, origins: tuple[str, ...]) -> None:
+        # A batch from no request (tests, tools) is never deduplicated: a token of its own, as ClickHouse would
+        # otherwise deduplicate it by content (and which setting turns that off differs between versions).
+        self._flush = flush_token(origins) if origins else uuid.uuid4().hex
+        self._parts: Counter[str] = Counter()
+
+    def settings(self, table: str) -> dict[str, object]:
+        part = self._parts[table]
+        self._parts[table] += 1
+        return {"insert_deduplication_token": f"{self._flush}-{table}-{part}"}
 
 
 class Sink(Protocol):
@@ -127,8 +165,10 @@ class ClickHouseSink:
     def __init__(self, client: Client, database: str) -> None:
         self._client = client
         self._database = database
+        self._tokens = _Tokens(())  # the batch being written's; one write runs at a time
 
     def write(self, batch: Batch) -> None:
+        self._tokens = _Tokens(batch.origins)
         try:
             self._write(batch)
         except (ch_errors.ClickHouseError, OSError) as exc:
@@ -292,10 +332,12 @@ class ClickHouseSink:
             )
 
     def _insert_arrow(self, table: str, data: pa.Table) -> None:
-        self._client.insert_arrow(table, data, database=self._database, settings=INSERT_SETTINGS)
+        settings = {**INSERT_SETTINGS, **self._tokens.settings(table)}
+        self._client.insert_arrow(table, data, database=self._database, settings=settings)
 
     def _insert_rows(self, table: str, columns: list[str], rows: list[list[object]]) -> None:
-        self._client.insert(table, rows, column_names=columns, database=self._database)
+        settings = self._tokens.settings(table)
+        self._client.insert(table, rows, column_names=columns, database=self._database, settings=settings)
 
     def close(self) -> None:
         self._client.close()
