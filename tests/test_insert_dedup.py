@@ -13,13 +13,17 @@ import numpy as np
 import pytest
 from aiokafka.structs import ConsumerRecord
 
+from tests import stored as stored_rows
+from tests.conftest import RunningServer, start_in_process
+from tests.test_ingest_grpc import points, raw_write, run_upsert
 from trackhouse.ingest import pipeline, receiver_kafka
 from trackhouse.ingest.batch import Batch, ExperimentRow, Metrics, ParamRow, RunRow, TagRow
-from trackhouse.ingest.codec import DecodedRequest
+from trackhouse.ingest.codec import DecodedRequest, encode_request
 from trackhouse.ingest.errors import RetryableError
 from trackhouse.ingest.sink import ClickHouseSink, flush_token
 from trackhouse.query import schema
-from trackhouse.query.connection import Client, StoreConfig, connect
+from trackhouse.query.connection import Client
+from trackhouse.v1 import ingest_pb2
 
 DB = "trackhouse"
 TABLES = (schema.EXPERIMENTS, schema.RUNS, schema.PARAMS, schema.TAGS)
@@ -27,13 +31,21 @@ SUMMARIES = (schema.METRICS, schema.LATEST_METRICS, schema.METRIC_BUCKETS)
 
 
 @pytest.fixture(scope="module")
-def sql(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
-    client = connect(StoreConfig.for_data_dir(Path(tmp_path_factory.mktemp("dedup")) / "data"))
-    schema.migrate(client, DB)
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """One server for the file (chDB opens one directory per process); the sink tests write beside it."""
+    running = start_in_process(Path(tmp_path_factory.mktemp("dedup")) / "data")
+    assert running.sql is not None
     for table in TABLES + SUMMARIES:
-        client.command(f"SYSTEM STOP MERGES {DB}.{table}")
-    yield client
-    client.close()
+        running.sql.command(f"SYSTEM STOP MERGES {DB}.{table}")
+    yield running
+    running.stop()
+    running.sql.close()
+
+
+@pytest.fixture
+def sql(server: RunningServer) -> Client:
+    assert server.sql is not None
+    return server.sql
 
 
 def batch(run: str, origins: tuple[str, ...], points: int = 1000) -> Batch:
@@ -170,3 +182,22 @@ def test_origins_name_what_retries_repeat() -> None:
     assert pipeline.origin(rest).startswith("once:") and pipeline.origin(rest) != pipeline.origin(rest)
     merged = Batch.merge([Batch(origins=("a",)), Batch(origins=("b",))])
     assert merged.origins == ("a", "b")
+
+
+def test_a_client_retry_of_a_request_is_dropped_at_insert(server: RunningServer) -> None:
+    """Through a real server: the same request (writer, sequence) sent three times, each acknowledged before the
+    next, is stored once, not three times left for merges to fold (merges are stopped)."""
+    assert server.sql is not None
+    write = raw_write(server.target)
+    rid = "d3" * 16
+    request = encode_request(
+        ingest_pb2.WriteRequest(runs=[run_upsert(rid)], writer_id="w" * 32, sequence=1), [points(rid, 1000)]
+    )
+    for _ in range(3):
+        write(request)
+    assert stored_rows.raw_rows(server.sql, rid) == 1000
+    other = encode_request(
+        ingest_pb2.WriteRequest(runs=[run_upsert(rid)], writer_id="w" * 32, sequence=2), [points(rid, 1000)]
+    )
+    write(other)  # the same points in another request: stored, and left to reads and merges
+    assert stored_rows.raw_rows(server.sql, rid) == 2000
