@@ -47,10 +47,15 @@ class Finding:
         return f"{self.damage}\n    to recover: {self.remedy}"
 
 
+#: Folders of a MergeTree table folder that are not parts: parts it set aside, and the insert deduplication log
+#: (non_replicated_deduplication_window, schema migration 12).
+NOT_PARTS = frozenset({"detached", "deduplication_logs"})
+
+
 def _has_parts(folder: Path) -> bool:
-    """A MergeTree table folder holding at least one part (a folder other than `detached`)."""
+    """A MergeTree table folder holding at least one part (a folder other than NOT_PARTS)."""
     try:
-        return any(entry.is_dir() and entry.name != "detached" for entry in folder.iterdir())
+        return any(entry.is_dir() and entry.name not in NOT_PARTS for entry in folder.iterdir())
     except OSError:
         return False
 

@@ -13,6 +13,7 @@ from typing import Any
 import requests
 
 from tests.conftest import ROOT, ServerProcess
+from trackhouse.query import integrity
 
 API = "/api/2.0/mlflow"
 
@@ -56,7 +57,7 @@ def check(data_dir: Path) -> subprocess.CompletedProcess[str]:
 
 def metrics_parts(data_dir: Path) -> list[Path]:
     table = data_dir / "data" / "trackhouse" / "metrics"
-    return sorted(p for p in table.iterdir() if p.is_dir() and p.name != "detached")
+    return sorted(p for p in table.iterdir() if p.is_dir() and p.name not in integrity.NOT_PARTS)
 
 
 def test_a_broken_part_is_refused_until_the_operator_decides(server_process: ServerProcess) -> None:
