@@ -6,6 +6,7 @@ hide a duplicate."""
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -174,8 +175,10 @@ def test_origins_name_what_retries_repeat() -> None:
         headers=(),
     )
     assert receiver_kafka.origin(record) == "kafka:writes:3:41:1700000000123"
-    grpc = DecodedRequest(writer_id="w", sequence=5, batch=Batch())
-    assert pipeline.origin(grpc) == "grpc:w:5"
+    grpc = DecodedRequest(writer_id="w", sequence=5, batch=Batch(), raw=b"bytes")
+    assert pipeline.origin(grpc) == f"grpc:w:5:{zlib.crc32(b'bytes'):08x}"
+    reused = DecodedRequest(writer_id="w", sequence=5, batch=Batch(), raw=b"other bytes")
+    assert pipeline.origin(reused) != pipeline.origin(grpc)  # a reused sequence number never drops data
     kafka = DecodedRequest(writer_id="w", sequence=5, batch=Batch(), origin="kafka:writes:3:41:1")
     assert pipeline.origin(kafka) == "kafka:writes:3:41:1"  # the offset, which a redelivery repeats
     rest = DecodedRequest(writer_id="rest", sequence=0, batch=Batch())
@@ -201,3 +204,8 @@ def test_a_client_retry_of_a_request_is_dropped_at_insert(server: RunningServer)
     )
     write(other)  # the same points in another request: stored, and left to reads and merges
     assert stored_rows.raw_rows(server.sql, rid) == 2000
+    reused = encode_request(
+        ingest_pb2.WriteRequest(runs=[run_upsert(rid)], writer_id="w" * 32, sequence=1), [points(rid, 1000, start=5000)]
+    )
+    write(reused)  # a writer reusing a sequence number for other points loses nothing
+    assert stored_rows.raw_rows(server.sql, rid) == 3000
