@@ -1,6 +1,6 @@
 """Cluster DDL (`--cluster`): every statement of the schema, in both forms, parsed by ClickHouse's own parser
-(chDB's formatQuery), and the single-node form unchanged. No cluster runs here: these tests read the DDL, they do
-not apply it (see README "Scaling out")."""
+(chDB's formatQuery), the single-node form unchanged, and the cluster form run on one server standing in for a
+cluster. No cluster runs here (see README "ClickHouse cluster")."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from trackhouse.cli import main
-from trackhouse.query import schema
+from trackhouse.ingest.batch import Batch, Metrics
+from trackhouse.ingest.sink import ClickHouseSink
+from trackhouse.query import metrics, schema
 from trackhouse.query.cluster_ddl import ClusterDdlError, ClusterRenderer
 from trackhouse.query.connection import Client, StoreConfig, connect
 
@@ -162,3 +165,63 @@ def test_trackhouse_schema_refuses_a_bad_name(capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit) as exited:
         main(["schema", "--database", "th; DROP"])
     assert exited.value.code == 2 and "database name" in capsys.readouterr().err
+
+
+def single_server_stand_in(statement: str) -> str:
+    """A cluster statement as one server can run it: no ON CLUSTER, plain engines for the Replicated ones, and a
+    Buffer table (which, like a Distributed one, stores nothing itself and takes ALTERs of its columns) for each
+    Distributed table."""
+    statement = statement.replace(f" ON CLUSTER {CLUSTER}", "")
+    statement = re.sub(r"Replicated(\w+)\('[^']*', '[^']*'(?:, )?", r"\1(", statement)
+    return re.sub(
+        r"Distributed\('\w+', '(\w+)', '(\w+)', [^\n]*\)$", r"Buffer('\1', '\2', 1, 0, 0, 0, 0, 0, 0)", statement
+    )
+
+
+def columns(client: Client, database: str) -> dict[str, list[tuple[str, str]]]:
+    rows = client.query(
+        "SELECT table, name, type FROM system.columns WHERE database = {db:String} ORDER BY table, position",
+        parameters={"db": database},
+    ).result_rows
+    found: dict[str, list[tuple[str, str]]] = {}
+    for table, name, column_type in rows:
+        found.setdefault(table, []).append((name, column_type))
+    return found
+
+
+def test_the_cluster_schema_run_on_one_server_is_the_single_node_schema(parser: Client) -> None:
+    """Every migration's cluster form, run in order (with one server standing in for the cluster): each storage
+    table ends with the single-node table's columns, each Distributed stand-in with the same columns as its
+    storage (so ALTERs reached both), and the sink's writes and the reads go through the usual names."""
+    schema.migrate(parser, "single")
+    for _, group in schema.schema_statements("clustered", CLUSTER):
+        for statement in group:
+            parser.command(single_server_stand_in(statement))
+    single, clustered = columns(parser, "single"), columns(parser, "clustered")
+    tables = set(single) - {schema.MIGRATIONS_TABLE}
+    assert {t for t in clustered if t.endswith("_local")} == {f"{t}_local" for t in tables}
+    for table in tables:
+        assert clustered[f"{table}_local"] == single[table], table
+        assert clustered[table] == single[table], table
+    keys = "SELECT name, sorting_key FROM system.tables WHERE database = {db:String} AND sorting_key != ''"
+    single_keys = dict(parser.query(keys, parameters={"db": "single"}).result_rows)
+    clustered_keys = dict(parser.query(keys, parameters={"db": "clustered"}).result_rows)
+    assert {f"{t}_local": k for t, k in single_keys.items() if t in tables} == {
+        t: k for t, k in clustered_keys.items() if t != schema.MIGRATIONS_TABLE
+    }
+    # The sink and the reads use the usual names, which on a cluster are the Distributed tables.
+    ClickHouseSink(parser, "clustered").write(
+        Batch(
+            metrics=Metrics(
+                run_ids=("r",),
+                keys=("loss",),
+                run_index=np.zeros(300, np.int32),
+                key_index=np.zeros(300, np.int32),
+                step=np.arange(300, dtype=np.int64),
+                timestamp=np.full(300, 5, np.int64),
+                value=np.linspace(1, 0, 300),
+            )
+        )
+    )
+    assert metrics.latest(parser, "clustered", ["r"]) == {"r": {"loss": (299, 5, 0.0)}}
+    assert len(metrics.sampled(parser, "clustered", ["r"], "loss", max_points=320)["r"]) == 300
