@@ -225,3 +225,10 @@ def test_the_cluster_schema_run_on_one_server_is_the_single_node_schema(parser: 
     )
     assert metrics.latest(parser, "clustered", ["r"]) == {"r": {"loss": (299, 5, 0.0)}}
     assert len(metrics.sampled(parser, "clustered", ["r"], "loss", max_points=320)["r"]) == 300
+
+
+def test_migrations_are_in_version_order() -> None:
+    """migrate and the cluster renderer apply them in tuple order: a migration merged out of place would run
+    before the ones it follows (migration 12 must come after the tables of 10 and 11)."""
+    versions = [version for version, _ in schema.MIGRATIONS]
+    assert versions == sorted(set(versions))
