@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trackhouse.cli import main
+from trackhouse.cli import _parser, build_config, main
 from trackhouse.ingest.batch import Batch, Metrics
 from trackhouse.ingest.sink import ClickHouseSink
 from trackhouse.query import metrics, schema
@@ -232,3 +232,12 @@ def test_migrations_are_in_version_order() -> None:
     before the ones it follows (migration 12 must come after the tables of 10 and 11)."""
     versions = [version for version, _ in schema.MIGRATIONS]
     assert versions == sorted(set(versions))
+
+
+def test_serve_takes_the_cluster_into_its_store(tmp_path: Path) -> None:
+    url = "http://ch:8123/th"
+    config = build_config(_parser().parse_args(["serve", "--clickhouse-url", url, "--cluster", CLUSTER]))
+    assert config.store.cluster == CLUSTER and config.store.url == url
+    embedded = _parser().parse_args(["serve", "--cluster", CLUSTER, "--data-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="needs a ClickHouse server"):
+        build_config(embedded)
