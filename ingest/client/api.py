@@ -11,8 +11,17 @@ unacknowledged request in order, with its original sequence number.
 
 Memory is bounded: buffered plus unacknowledged points never exceed
 `max_buffer_points`. When full, `full_policy="block"` (the default) makes the
-logging call wait for acknowledgements, and `full_policy="drop"` discards the
-new points and counts them in `stats().dropped_points`.
+logging call wait for acknowledgements, `full_policy="raise"` raises
+BufferFullError, and `full_policy="drop"` discards the new points and counts
+them in `stats().dropped_points`.
+
+With a spool (`spool_dir=` or TRACKHOUSE_SPOOL_DIR; see spool.py), requests the
+server cannot take (it is unreachable, restarting, or answers RESOURCE_EXHAUSTED)
+move from memory to disk on the sender thread, fsynced per batch, so the logging
+call keeps running at memory speed until the spool's `spool_max_bytes` are used
+too; only then does `full_policy` apply. Spooled requests are resent in order
+when the server is back, and a client that starts on the same directory replays
+what a dead one left there.
 
 A request the server refuses for good (invalid, too large) is never resent:
 its points count in `stats().failed_points`, and the next flush() raises
@@ -36,6 +45,7 @@ import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
@@ -45,6 +55,7 @@ import numpy.typing as npt
 from trackhouse.ingest import validation
 from trackhouse.ingest.batch import NO_SOURCE, Source
 from trackhouse.ingest.client.buffers import RunBuffer, by_run, shape
+from trackhouse.ingest.client.spool import SPOOL_DIR_ENV, Spool, SpoolDepth
 from trackhouse.ingest.client.transport import (
     Credentials,
     GrpcSession,
@@ -62,19 +73,23 @@ from trackhouse.v1 import ingest_pb2
 
 log = logging.getLogger(__name__)
 
-FullPolicy = Literal["block", "drop"]
+FullPolicy = Literal["block", "raise", "drop"]
 _LATENCY_SAMPLES = 100_000
 
 
 class BufferFullError(IngestError):
-    """full_policy="block" waited `block_timeout_s` without room being freed."""
+    """No room for the points logged: full_policy="raise", or "block" waited `block_timeout_s`.
+
+    The call's points were not taken (all or nothing); everything logged before it still is.
+    """
 
 
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
     #: Bound on points buffered plus sent-but-unacknowledged (about 28 bytes each).
     max_buffer_points: int = 2_000_000
-    #: What a logging call does when the bound is reached: "block" until room frees, or "drop" and count.
+    #: What a logging call does when the bound (and the spool's cap, with a spool) is reached: "block" until room
+    #: frees, "raise" BufferFullError, or "drop" the points and count them in stats().dropped_points.
     full_policy: FullPolicy = "block"
     #: With "block": raise BufferFullError after waiting this long. None waits indefinitely.
     block_timeout_s: float | None = None
@@ -86,10 +101,14 @@ class ClientConfig:
     max_backoff_s: float = 5.0
     #: How long close() (and so the context manager and atexit) waits for acknowledgements.
     close_timeout_s: float = 120.0
+    #: With a spool: the most bytes it holds on disk (segments of up to 64 MiB). Then full_policy applies.
+    spool_max_bytes: int = 1024 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        if self.full_policy not in ("block", "drop"):
-            raise ValueError(f"full_policy must be 'block' or 'drop', not {self.full_policy!r}")
+        if self.full_policy not in ("block", "raise", "drop"):
+            raise ValueError(f"full_policy must be 'block', 'raise' or 'drop', not {self.full_policy!r}")
+        if self.spool_max_bytes <= 0:
+            raise ValueError("spool_max_bytes must be positive")
         if not 0 < self.request_points <= self.max_buffer_points:
             raise ValueError("request_points must be positive and at most max_buffer_points")
 
@@ -104,6 +123,12 @@ class ClientStats:
     reconnects: int
     #: Points (and run, param, tag rows) the server refused for good; flush() and close() report them.
     failed_points: int = 0
+    #: On disk in the spool, waiting for the server (points count run, param and tag rows too).
+    spooled_bytes: int = 0
+    spooled_requests: int = 0
+    spooled_points: int = 0
+    #: Seconds since the oldest request still spooled was written; 0 when the spool is empty.
+    spool_oldest_age_s: float = 0.0
 
 
 class Client:
@@ -117,6 +142,7 @@ class Client:
         password: str | None = None,
         tls: bool | None = None,
         ca_bundle: str | os.PathLike[str] | None = None,
+        spool_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         """Log to `target`: host:port, grpcs://host:port (TLS), or kafka://host:port[,host:port]/topic.
 
@@ -125,6 +151,9 @@ class Client:
         MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD.
         `tls=True` (or grpcs://) verifies the server against `ca_bundle` (PEM), else
         MLFLOW_TRACKING_SERVER_CERT_PATH, else the system's roots.
+
+        `spool_dir` (else TRACKHOUSE_SPOOL_DIR) keeps what the server cannot take yet on disk, and replays what
+        an earlier client left there. Kafka targets need none: the broker is the durable buffer.
         """
         self._target = target
         self._config = config or ClientConfig()
@@ -166,6 +195,16 @@ class Client:
         # Learned from the server on each connection; until then nothing is encoded, so nothing is too large.
         # Kafka has no handshake: its producer's own limits apply from the start.
         self._limits: Limits | None = KafkaSession.LIMITS if self._kafka else None
+        self._spool = self._open_spool(spool_dir)
+        self._spooled = 0  # points (and rows) in requests whose bytes are on disk, not in memory
+        self._spool_full = False
+        self._spooling_since: float | None = None
+        self._spooled_total = 0  # points (and rows) that went through the spool since it was last empty
+        self._connected = False  # the current connection's handshake succeeded, and nothing failed since
+        self._room_wanted = 0  # logging calls waiting for room under the bound
+        self._retry_reason = ""
+        if self._spool is not None:
+            self._recover()
         self._loop = asyncio.new_event_loop()
         self._wake = asyncio.Event()
         self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),), daemon=True)
@@ -246,16 +285,34 @@ class Client:
         try:
             if not self._stopped:
                 self.flush(timeout)
+        except TimeoutError:
+            if self._spool is None:
+                raise
+            # Not lost: the sender spools whatever is left as it stops, and a later client replays it.
         finally:
             with self._lock:
                 self._closing = True
                 self._request_send()
-            self._thread.join(timeout=5)
+            # With a spool, the sender writes what memory holds (at most max_buffer_points) before it stops.
+            self._thread.join(timeout=5 if self._spool is None else 120)
             with self._lock:
                 lost = self._buffered + self._inflight_size
+                kept = self._spooled
                 failure = self._failure
             if not self._thread.is_alive():
                 self._loop.close()
+                if self._spool is not None:
+                    where = ", ".join(str(d) for d in self._spool.directories())
+                    self._spool.close()
+                    if kept:
+                        log.warning(
+                            "trackhouse client: closed with %d points kept in the spool (%s); a client started on"
+                            " %s, or `trackhouse replay %s`, delivers them",
+                            kept,
+                            where,
+                            self._spool.root,
+                            self._spool.root,
+                        )
             if lost:
                 why = f": {failure}" if failure else ""
                 raise IngestError(f"closed with {lost} points not acknowledged by {self._target}{why}")
@@ -266,6 +323,7 @@ class Client:
             return list(self._ack_latencies)
 
     def stats(self) -> ClientStats:
+        depth = self._spool.depth() if self._spool is not None else SpoolDepth(0, 0, 0, 0.0)
         with self._lock:
             return ClientStats(
                 buffered_points=self._buffered,
@@ -275,6 +333,10 @@ class Client:
                 rejected_requests=self._rejected_total,
                 reconnects=self._reconnects,
                 failed_points=self._failed_points,
+                spooled_bytes=depth.bytes,
+                spooled_requests=depth.requests,
+                spooled_points=depth.points,
+                spool_oldest_age_s=depth.oldest_age_s,
             )
 
     def __enter__(self) -> Client:
@@ -356,23 +418,43 @@ class Client:
             raise IngestError("client is closed")
         self._raise_failure()
         limit = self._config.max_buffer_points
-        if self._buffered + self._inflight_size + n > limit:
-            if droppable and self._config.full_policy == "drop":
-                self._dropped += n
-                return False
+        policy = "block" if not droppable and self._config.full_policy == "drop" else self._config.full_policy
+
+        def room() -> bool:
+            used = self._buffered + self._inflight_size
+            # Anything is admitted into an empty buffer, so an oversized call cannot wait forever.
+            return used + n <= limit or used == 0
+
+        if not room():
+            # With a spool that has room, the sender moves requests to disk: wait for that, whatever the policy.
+            self._room_wanted += 1
             self._request_send()
-
-            def room() -> bool:
-                used = self._buffered + self._inflight_size
-                # Anything is admitted into an empty buffer, so an oversized call cannot wait forever.
-                return used + n <= limit or used == 0 or self._stopped
-
-            if not self._lock.wait_for(room, self._config.block_timeout_s):
-                raise BufferFullError(f"buffer full ({limit} points) for {self._config.block_timeout_s}s")
+            try:
+                gave_up = self._spool is None or self._spool_full
+                if not (policy != "block" and gave_up):
+                    waited = self._lock.wait_for(
+                        lambda: room() or self._stopped or (policy != "block" and self._spool_full),
+                        self._config.block_timeout_s,
+                    )
+                    if not waited:
+                        raise BufferFullError(f"{self._full()} for {self._config.block_timeout_s}s")
+            finally:
+                self._room_wanted -= 1
             if self._stopped:
                 raise IngestError("client is closed")
+            if not room():
+                if policy == "drop":
+                    self._dropped += n
+                    return False
+                raise BufferFullError(f"{self._full()}: these {n} points were not logged")
         self._buffered += n
         return True
+
+    def _full(self) -> str:
+        memory = f"buffer full ({self._config.max_buffer_points} points in memory"
+        if self._spool is None:
+            return memory + ")"
+        return f"{memory}, and the spool's {self._spool.max_bytes} bytes under {self._spool.root})"
 
     def _request_send(self) -> None:
         if not self._wake_requested and not self._loop.is_closed():
@@ -407,7 +489,10 @@ class Client:
         Points move from buffered to in flight in one locked step, so the bound
         holds throughout, and flush() never sees a drain before its requests exist.
         """
-        if self._limits is None:
+        limits = self._limits
+        if limits is None and self._spool is not None:
+            limits = Limits()  # never connected yet, so the defaults: a request the server finds too large fails
+        if limits is None:
             return  # not yet connected: the requests' size depends on the server's limits
         with self._lock:
             self._drains_started += 1
@@ -416,7 +501,7 @@ class Client:
             head, self._head = self._head, ingest_pb2.WriteRequest()
             blocks = [b for b in (buf.take() for buf in self._runs.values()) if b is not None]
             size = len(head.runs) + len(head.params) + len(head.tags) + sum(len(b.value) for b in blocks)
-        requests = self._encode(head, blocks, self._limits) if size else []
+        requests = self._encode(head, blocks, limits) if size else []
         assert sum(r.size for r in requests) == size
         with self._lock:
             for request in requests:
@@ -446,6 +531,8 @@ class Client:
                     await self._transport.run(self)
                     return
                 except RetryLater as exc:
+                    self._connected = False
+                    self._retry_reason = str(exc)
                     if self._closing:  # close() has already waited as long as it was allowed to
                         return
                     with self._lock:
@@ -464,6 +551,12 @@ class Client:
             log.exception("trackhouse client: sender stopped unexpectedly")
             self._failure = exc
         finally:
+            if self._spool is not None and self._closing and self._failure is None:
+                try:
+                    self._drain()
+                    self._spool_inflight()
+                except Exception:
+                    log.exception("trackhouse client: could not spool what was left at close")
             with self._lock:
                 self._stopped = True
                 self._lock.notify_all()
@@ -482,6 +575,8 @@ class Client:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
         self._drain()
+        if self._spool is not None and (not self._connected or self._room_wanted):
+            self._spool_inflight()
 
     def unsent_after(self, sent: int) -> list[tuple[int, Request]] | None:
         """In-flight requests after sequence `sent`, in order; None once close() has begun."""
@@ -493,13 +588,17 @@ class Client:
     def use_limits(self, limits: Limits) -> None:
         log.debug("trackhouse client: server limits %s", limits)
         self._limits = limits
+        self._connected = True
 
     def settle(self, sequence: int, code: int, message: str) -> None:
         with self._lock:
             request = self._inflight.pop(sequence, None)
             if request is None:
                 return  # an ack for a resent request that was already acknowledged
-            self._inflight_size -= request.size
+            if request.record is None:
+                self._inflight_size -= request.size
+            else:
+                self._unspool(request)
             if code == 0:
                 self._acked += request.size
                 self._ack_latencies.append(time.monotonic() - request.sent_at)
@@ -510,6 +609,89 @@ class Client:
                 self._failed_points += request.size
                 log.error("trackhouse refused a write request of %d points for good: %s", request.size, message)
             self._lock.notify_all()
+
+    # ----- the spool (on the sender thread, except while the client is built) -----
+
+    def _open_spool(self, spool_dir: str | os.PathLike[str] | None) -> Spool | None:
+        path = spool_dir if spool_dir is not None else os.environ.get(SPOOL_DIR_ENV) or None
+        if path is None:
+            return None
+        if self._kafka:
+            if spool_dir is not None:
+                raise ValueError("kafka:// targets need no spool: the broker is the durable buffer")
+            log.info("trackhouse client: %s is ignored for kafka:// targets (the broker is the buffer)", SPOOL_DIR_ENV)
+            return None
+        return Spool(Path(path), self._config.spool_max_bytes)
+
+    def _recover(self) -> None:
+        """Queue, ahead of anything new, what dead clients left in the spool, under this client's sequences."""
+        assert self._spool is not None
+        records, live = self._spool.adopt()
+        for record in records:
+            sequence = self._next_sequence
+            self._next_sequence += 1
+            self._inflight[sequence] = Request(b"", record.size, record=record, suffix=_sequence_field(sequence))
+            self._spooled += record.size
+        if records:
+            self._spooling_since = time.monotonic()
+            self._spooled_total = self._spooled
+            depth = self._spool.depth()
+            log.warning(
+                "trackhouse client: replaying %d requests (%d points, %d bytes, oldest %.0fs old) that an earlier"
+                " client left in %s",
+                depth.requests,
+                depth.points,
+                depth.bytes,
+                depth.oldest_age_s,
+                self._spool.root,
+            )
+        if live:
+            log.info("trackhouse client: %d spool directories under %s belong to live clients", live, self._spool.root)
+
+    def _spool_inflight(self) -> None:
+        """Move the requests memory holds to disk, in order, as far as the cap allows; fsynced before memory frees."""
+        assert self._spool is not None
+        with self._lock:
+            pending = [(q, r) for q, r in self._inflight.items() if r.record is None]
+        if not pending:
+            return
+        records = self._spool.append([(r.raw, r.size) for _, r in pending])
+        with self._lock:
+            if records and self._spooling_since is None:
+                self._spooling_since = time.monotonic()
+                log.warning(
+                    "trackhouse client: %s cannot take points (%s); spooling to %s (cap %d bytes)",
+                    self._target,
+                    self._retry_reason or "memory bound reached",
+                    self._spool.root,
+                    self._spool.max_bytes,
+                )
+            for (sequence, request), record in zip(pending, records, strict=False):
+                if self._inflight.get(sequence) is request:
+                    request.record, request.raw = record, b""
+                    self._inflight_size -= request.size
+                    self._spooled += request.size
+                    self._spooled_total += request.size
+                else:
+                    self._spool.release(record)  # settled while it was being written
+            self._spool_full = len(records) < len(pending)
+            self._lock.notify_all()
+
+    def _unspool(self, request: Request) -> None:
+        """A spooled request is settled (lock held): free its record, and say so when the spool is empty again."""
+        assert self._spool is not None and request.record is not None
+        self._spooled -= request.size
+        self._spool.release(request.record)
+        self._spool_full = False
+        if self._spooled == 0 and self._spooling_since is not None:
+            log.warning(
+                "trackhouse client: spool empty again: %d points replayed to %s, %.1fs after spooling began",
+                self._spooled_total,
+                self._target,
+                time.monotonic() - self._spooling_since,
+            )
+            self._spooling_since = None
+            self._spooled_total = 0
 
 
 class Run:
@@ -670,6 +852,16 @@ def _launcher_rank(env: Mapping[str, str]) -> int:
     if local_rank is not None and node_rank is not None and local_world is not None:
         return node_rank * local_world + local_rank
     return local_rank or 0
+
+
+def _sequence_field(sequence: int) -> bytes:
+    """WriteRequest.sequence (field 3, varint) as bytes to append: protobuf keeps a scalar field's last value."""
+    out = bytearray(b"\x18")
+    while True:
+        byte, sequence = sequence & 0x7F, sequence >> 7
+        out.append(byte | (0x80 if sequence else 0))
+        if not sequence:
+            return bytes(out)
 
 
 def _now_ms() -> int:

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import grpc
 
+from trackhouse.ingest.client.spool import Record
 from trackhouse.ingest.config import DEFAULT_KAFKA_TOPIC, DEFAULT_MAX_MESSAGE_BYTES
 from trackhouse.v1 import ingest_pb2
 
@@ -102,6 +103,13 @@ class Request:
     run_id: str = ""
     #: When it was first sent (monotonic seconds), for the acknowledgement latency.
     sent_at: float = 0.0
+    #: Where the bytes are while spooled (then `raw` is empty and memory is free).
+    record: Record | None = None
+    #: Appended to the spooled bytes: a recovered request's new sequence (a later scalar field wins in protobuf).
+    suffix: bytes = b""
+
+    def payload(self) -> bytes:
+        return self.record.read() + self.suffix if self.record is not None else self.raw
 
 
 class Outbox(Protocol):
@@ -270,9 +278,10 @@ class GrpcSession:
             for sequence, request in unsent:
                 if stream.refusal is not None:
                     break  # refused: send nothing new until every answer is in
-                stream.unanswered[sequence] = len(request.raw)
+                payload = request.payload()
+                stream.unanswered[sequence] = len(payload)
                 request.sent_at = request.sent_at or time.monotonic()
-                await call.write(request.raw)
+                await call.write(payload)
                 stream.sent = sequence
             await outbox.linger_then_drain(self.linger_s)
         if not stream.unanswered:  # a graceful end; otherwise close() gave up and the stream is cut
