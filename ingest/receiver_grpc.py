@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from trackhouse.ingest.auth import Authenticator
@@ -187,7 +188,9 @@ class GrpcReceiver:
                 except IngestError as exc:
                     if isinstance(exc, RetryableError):
                         refusal = exc
-                    acks.put_nowait(self._error_ack(sequence, exc))
+                    # A request that parses but fails validation is answered under its own sequence, or the
+                    # client (and a replayed spool) would wait for an answer that never names it.
+                    acks.put_nowait(self._error_ack(sequence or _sequence_of(raw), exc))
                     continue
                 task = asyncio.create_task(self._ack_when_durable(sequence, request.batch.points, durable, acks))
                 waiting.add(task)
@@ -219,3 +222,11 @@ class GrpcReceiver:
         code, retry_after_ms = status_of(exc)
         self._telemetry.rejected_requests.labels(reason=code.name.lower()).inc()
         return code, retry_after_ms
+
+
+def _sequence_of(raw: bytes) -> int:
+    """The sequence of a request that failed validation; 0 when it does not even parse."""
+    try:
+        return ingest_pb2.WriteRequest.FromString(raw).sequence
+    except DecodeError:
+        return 0

@@ -16,6 +16,7 @@ from trackhouse.query import integrity, schema
 from trackhouse.query.cluster_ddl import NAME, ClusterDdlError
 from trackhouse.query.connection import DEFAULT_DATABASE, StoreConfig, connect
 from trackhouse.query.redaction import Redactor, url_secrets
+from trackhouse.replay import add_replay_command, run_replay
 
 AUTH_FILE_ENV = "TRACKHOUSE_AUTH_FILE"
 
@@ -55,6 +56,7 @@ def add_admin_commands(commands: Any) -> None:
         "--deep", action="store_true", help="also read every part back against its checksums (reads all the data)"
     )
     _add_schema_command(commands)
+    add_replay_command(commands)
 
 
 def run_admin_command(args: argparse.Namespace) -> int:
@@ -65,6 +67,8 @@ def run_admin_command(args: argparse.Namespace) -> int:
             return _check(args)
         if args.command == "schema":
             return _schema(args)
+        if args.command == "replay":
+            return run_replay(args)
     except auth.AuthFileError as exc:
         print(f"trackhouse: {exc}", file=sys.stderr)
         return 2

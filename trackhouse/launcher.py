@@ -7,6 +7,10 @@ import sys
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["replay"]:  # the client's own command: runs without the server's modules
+        from trackhouse.replay import main as replay
+
+        sys.exit(replay(sys.argv[2:]))
     try:
         from trackhouse.cli import main as cli_main
     except ModuleNotFoundError as exc:
