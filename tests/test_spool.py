@@ -7,8 +7,10 @@ test starts it when it needs it and stops it to read the store (chDB allows one 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -242,6 +244,7 @@ def test_a_killed_training_process_is_replayed_by_the_next_client_and_by_the_com
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
+        env={**os.environ, "RANK": "3"},  # rank and node travel inside the spooled bytes, untouched
     ) as child:
         try:
             assert child.stdout is not None
@@ -279,6 +282,10 @@ def test_a_killed_training_process_is_replayed_by_the_next_client_and_by_the_com
         assert loss == [(s, 1_000 + s, 1 / (s + 1)) for s in range(steps)]
         assert [p[2] for p in stored.history(sql, run_id, "acc")] == [s / steps for s in range(steps)]
         assert stored.raw_rows(sql, run_id, "loss") == 2 * steps  # stored twice, read once
+        assert sql.query(
+            "SELECT DISTINCT rank, node, attempt FROM trackhouse.metrics WHERE run_id = {r:String}",
+            parameters={"r": run_id},
+        ).result_rows == [(3, socket.gethostname(), 0)]
         assert sql.query(
             "SELECT DISTINCT key, value FROM trackhouse.params WHERE run_id = {r:String}", parameters={"r": run_id}
         ).result_rows == [("seed", "7")]

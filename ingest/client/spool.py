@@ -289,12 +289,6 @@ class Spool:
             age = 0.0 if oldest is None or not self._records else max(0.0, time.time() - oldest / 1000)
             return SpoolDepth(self._bytes if self._records else 0, self._records, self._points, age)
 
-    @property
-    def full(self) -> bool:
-        """Whether the cap leaves no room for another segment's worth of small records."""
-        with self._lock:
-            return self._bytes >= self.max_bytes
-
     def close(self) -> None:
         """Let go of every directory: emptied ones are deleted, the rest stay for a later client to replay."""
         for directory in [d for d in (self._own, *self._adopted) if d is not None]:
