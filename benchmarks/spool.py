@@ -53,8 +53,13 @@ def call_cost(latencies: np.ndarray) -> dict[str, float]:
 
 
 def server_up(target: str, steps: int) -> dict[str, float]:
+    """The baseline: the same calls with the server up; points/s is from the first call until all are acknowledged."""
     with Client(target, CONFIG) as client:
-        return call_cost(log_steps(client, steps))
+        start = time.perf_counter()
+        result = call_cost(log_steps(client, steps))
+        client.flush()
+        result["points_per_s"] = steps * len(KEYS) / (time.perf_counter() - start)
+    return result
 
 
 def server_down(spool: Path, steps: int) -> dict[str, float]:
@@ -75,8 +80,14 @@ def replay(target: str, spool: Path) -> dict[str, float]:
     points = client.stats().spooled_points
     client.flush()
     seconds = time.perf_counter() - start
+    reconnects = client.stats().reconnects
     client.close()
-    return {"replayed_points": points, "replay_seconds": seconds, "replay_points_per_s": points / seconds}
+    return {
+        "replayed_points": points,
+        "replay_seconds": seconds,
+        "replay_points_per_s": points / seconds,
+        "replay_reconnects": reconnects,
+    }
 
 
 def main() -> None:
@@ -102,7 +113,8 @@ def main() -> None:
                     f"repeat {i + 1}/{args.repeats}: log_metrics p50/p99 up {sample['up_call_us_p50']:.1f}/"
                     f"{sample['up_call_us_p99']:.1f} us, down+spool {sample['down_call_us_p50']:.1f}/"
                     f"{sample['down_call_us_p99']:.1f} us; {sample['down_bytes_per_point']:.1f} B/point;"
-                    f" replay {sample['replay_points_per_s']:,.0f} points/s",
+                    f" replay {sample['replay_points_per_s']:,.0f} points/s ({sample['replay_reconnects']} reconnects),"
+                    f" live {sample['up_points_per_s']:,.0f} points/s",
                     flush=True,
                 )
         finally:
@@ -122,6 +134,9 @@ def main() -> None:
     print(f"| spool on disk | {m['down_bytes_per_point']:.1f} bytes per point |")
     replays = [s["replay_points_per_s"] for s in samples]
     print(f"| replay into a live server | {spread_of(replays)} points/s (min-max) |")
+    print(
+        f"| the same points logged live (server up) | {spread_of([s['up_points_per_s'] for s in samples])} points/s |"
+    )
     print(f"\nresults: {out.relative_to(out.parents[2])}")
 
 
