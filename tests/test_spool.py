@@ -27,7 +27,7 @@ from tests.tansu import free_port
 from tests.test_install import SERVER_MODULES
 from trackhouse import BufferFullError, Client, ClientConfig, IngestError, InvalidArgumentError
 from trackhouse.ingest.client import api
-from trackhouse.ingest.client.spool import Spool
+from trackhouse.ingest.client.spool import Spool, SpoolDepth
 from trackhouse.query.connection import Client as SqlClient
 from trackhouse.v1 import ingest_pb2
 
@@ -127,6 +127,18 @@ def test_a_torn_tail_is_ignored_with_a_log_line(tmp_path: Path, caplog: pytest.L
     assert "torn or corrupt record" in caplog.text and segment.name in caplog.text
 
 
+def test_a_segment_goes_only_once_every_record_in_it_is_settled(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 1 << 20)
+    first, second, third = spool.append([(b"x" * 10, 1), (b"y" * 10, 2), (b"z" * 10, 3)])
+    spool.release(first)
+    spool.release(third)
+    assert first.segment.path.exists() and spool.depth().points == 2
+    spool.release(second)
+    assert not first.segment.path.exists() and spool.depth() == SpoolDepth(0, 0, 0, 0.0)
+    spool.close()
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_corrupt_record_ends_the_segment_there(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     writer = Spool(tmp_path, 1 << 20)
     records = writer.append([(b"a" * 50, 1), (b"b" * 50, 1), (b"c" * 50, 1)])
@@ -184,7 +196,8 @@ def test_a_full_spool_blocks_the_logging_call_until_the_server_returns(server: S
 
 
 def test_a_permanently_refused_spooled_request_is_reported_not_retried(server: ServerProcess, tmp_path: Path) -> None:
-    bad = ingest_pb2.WriteRequest(schema_version=99, writer_id="w", sequence=1)
+    # Sequence 41 in its bytes: the client answers for it only if it resends it under its own sequence.
+    bad = ingest_pb2.WriteRequest(schema_version=99, writer_id="w", sequence=41)
     writer = Spool(tmp_path / "spool", 1 << 20)
     writer.append([(bad.SerializeToString(), 5)])
     writer._own.release()  # type: ignore[union-attr]
@@ -192,7 +205,7 @@ def test_a_permanently_refused_spooled_request_is_reported_not_retried(server: S
         server.start()
     client = Client(server.target, spool_dir=tmp_path / "spool")
     with pytest.raises(InvalidArgumentError, match="schema_version 99"):
-        client.flush()
+        client.flush(timeout=60)
     assert client.stats().failed_points == 5 and client.stats().spooled_requests == 0
     client.close()
     assert not any((tmp_path / "spool").iterdir())

@@ -85,7 +85,7 @@ class _Directory:
     @classmethod
     def create(cls, root: Path) -> _Directory:
         """A new directory for this client, locked before its name appears, so no one adopts it half made."""
-        name = f"{time.time_ns():020d}-{os.getpid()}"
+        name = f"{time.time_ns():020d}-{os.getpid()}-{os.urandom(4).hex()}"  # sorts by creation time
         hidden = root / f".{name}"
         hidden.mkdir(mode=0o700)
         directory = cls._lock(hidden, os.O_CREAT)
