@@ -464,7 +464,8 @@ class Client:
     def _wait(self, predicate: Callable[[], bool], deadline: float | None) -> None:
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         if not self._lock.wait_for(predicate, remaining):
-            raise TimeoutError(f"{self._buffered + self._inflight_size} points still unacknowledged by {self._target}")
+            left = self._buffered + self._inflight_size + self._spooled
+            raise TimeoutError(f"{left} points still unacknowledged by {self._target}")
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
