@@ -552,7 +552,8 @@ class Client:
             log.exception("trackhouse client: sender stopped unexpectedly")
             self._failure = exc
         finally:
-            if self._spool is not None and self._closing and self._failure is None:
+            # Closing, or refused for good (credentials, say): what memory holds is kept for a later replay.
+            if self._spool is not None and (self._closing or isinstance(self._failure, Refused)):
                 try:
                     self._drain()
                     self._spool_inflight()
