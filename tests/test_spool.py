@@ -294,7 +294,8 @@ def test_a_killed_training_process_is_replayed_by_the_next_client_and_by_the_com
         loss = stored.history(sql, run_id, "loss")
         assert loss == [(s, 1_000 + s, 1 / (s + 1)) for s in range(steps)]
         assert [p[2] for p in stored.history(sql, run_id, "acc")] == [s / steps for s in range(steps)]
-        assert stored.raw_rows(sql, run_id, "loss") == 2 * steps  # stored twice, read once
+        # Stored twice, unless insert deduplication recognised the second copy; read once either way.
+        assert steps <= stored.raw_rows(sql, run_id, "loss") <= 2 * steps
         assert sql.query(
             "SELECT DISTINCT rank, node, attempt FROM trackhouse.metrics WHERE run_id = {r:String}",
             parameters={"r": run_id},
