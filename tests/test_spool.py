@@ -6,6 +6,7 @@ test starts it when it needs it and stops it to read the store (chDB allows one 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -110,6 +111,38 @@ def test_a_full_spool_with_policy_raise_refuses_the_call_clearly(tmp_path: Path)
         client.close(timeout=0)
     kept, _ = Spool(tmp_path / "spool", 1 << 30).adopt()
     assert sum(r.size for r in kept) >= spooled.spooled_points > 0
+
+
+def test_a_server_that_never_answers_the_handshake_does_not_stall_the_loop(tmp_path: Path) -> None:
+    """A host that takes the connection and says nothing: the first handshake hangs for its 10 s timeout."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def hold() -> None:
+        with contextlib.suppress(OSError):  # the listener closed
+            while True:
+                held.append(listener.accept()[0])
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    config = ClientConfig(max_buffer_points=10_000, request_points=2_000)
+    client = Client(f"127.0.0.1:{listener.getsockname()[1]}", config, spool_dir=tmp_path / "spool")
+    try:
+        run = client.start_run(experiment="silent")
+        for start in range(0, 100_000, 1_000):  # ten times the memory bound
+            run.log_series("loss", np.arange(start, start + 1_000), np.ones(1_000))
+        stats = client.stats()
+        # Logged while the first handshake is still waiting: the spool took what memory could not.
+        assert stats.reconnects == 0 and stats.spooled_points > 0
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        holder.join(10)
+        for connection in held:
+            connection.close()
+    client.close(timeout=0)
+    kept, _ = Spool(tmp_path / "spool", 1 << 30).adopt()
+    assert sum(r.size for r in kept) == 100_000 + 2  # the run and its name tag
 
 
 def test_a_torn_tail_is_ignored_with_a_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

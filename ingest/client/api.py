@@ -75,6 +75,8 @@ log = logging.getLogger(__name__)
 
 FullPolicy = Literal["block", "raise", "drop"]
 _LATENCY_SAMPLES = 100_000
+#: With a spool: how long a first connection may take before points go to disk meanwhile.
+_AWAY_GRACE_S = 1.0
 
 
 class BufferFullError(IngestError):
@@ -201,6 +203,7 @@ class Client:
         self._spooling_since: float | None = None
         self._spooled_total = 0  # points (and rows) that went through the spool since it was last empty
         self._connected = False  # the current connection's handshake succeeded, and nothing failed since
+        self._away_since: float | None = time.monotonic()  # not connected since (monotonic seconds)
         self._room_wanted = 0  # logging calls waiting for room under the bound
         self._retry_reason = ""
         if self._spool is not None:
@@ -525,6 +528,9 @@ class Client:
         return requests
 
     async def _run(self) -> None:
+        # A connection attempt can hang for the handshake's timeout (a host that is down answers nothing); the
+        # spool keeps taking points meanwhile, so the logging call never waits on the network.
+        keeper = asyncio.create_task(self._spool_while_away()) if self._spool is not None else None
         try:
             attempt = 0
             while True:
@@ -533,6 +539,7 @@ class Client:
                     return
                 except RetryLater as exc:
                     self._connected = False
+                    self._away_since = self._away_since or time.monotonic()
                     self._retry_reason = str(exc)
                     if self._closing:  # close() has already waited as long as it was allowed to
                         return
@@ -552,6 +559,9 @@ class Client:
             log.exception("trackhouse client: sender stopped unexpectedly")
             self._failure = exc
         finally:
+            if keeper is not None:
+                keeper.cancel()
+                await asyncio.gather(keeper, return_exceptions=True)
             # Closing, or refused for good (credentials, say): what memory holds is kept for a later replay.
             if self._spool is not None and (self._closing or isinstance(self._failure, Refused)):
                 try:
@@ -562,6 +572,15 @@ class Client:
             with self._lock:
                 self._stopped = True
                 self._lock.notify_all()
+
+    async def _spool_while_away(self) -> None:
+        linger = self._config.linger_ms / 1000
+        while True:
+            away = self._away_since
+            if away is None or self._closing or time.monotonic() - away < _AWAY_GRACE_S:
+                await asyncio.sleep(linger)
+            else:
+                await self.linger_then_drain(linger)
 
     async def _sleep_draining(self, delay: float) -> None:
         """Back off, still turning logged points into requests so that flush() can account for them."""
@@ -591,6 +610,7 @@ class Client:
         log.debug("trackhouse client: server limits %s", limits)
         self._limits = limits
         self._connected = True
+        self._away_since = None
 
     def settle(self, sequence: int, code: int, message: str) -> None:
         with self._lock:
