@@ -12,6 +12,15 @@
 Answers are cached in bounded LRUs, so a steady stream of points costs no
 storage lookup. The lookups use a client of their own, so they never wait
 behind an insert.
+
+On several nodes (one store, many writers), each cache is either safe or bounded in staleness:
+
+- Param values: only winners are cached, and a winner is final. A param no node has logged
+  before is a claim: it is stored, then read back (`confirm`), and the request fails if another
+  node's claim won (schema.PARAM_VALUE decides, the same everywhere).
+- Which runs and experiments exist and are live, and which experiment a name denotes: another
+  node's delete, restore or rename changes them, so entries expire after `cache_seconds`.
+- The newest run row this node accepted: always merged with the stored row by version.
 """
 
 from __future__ import annotations
@@ -20,10 +29,11 @@ import asyncio
 import dataclasses
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Generic, TypeVar
 
-from trackhouse.ingest.batch import ACTIVE, Batch, ExperimentRow, RunRow, TagRow
+from trackhouse.ingest.batch import ACTIVE, Batch, ExperimentRow, ParamRow, RunRow, TagRow
+from trackhouse.ingest.config import DEFAULT_CATALOG_CACHE_SECONDS
 from trackhouse.ingest.errors import InvalidArgumentError, UnknownRunError
 from trackhouse.query import catalog, schema
 from trackhouse.query.connection import Client
@@ -34,12 +44,19 @@ V = TypeVar("V")
 
 
 class _Lru(Generic[K, V]):
-    def __init__(self, capacity: int) -> None:
+    """Bounded in entries; with `ttl_s`, also in age, for answers another node's write can change."""
+
+    def __init__(self, capacity: int, ttl_s: float | None = None) -> None:
         self._capacity = capacity
+        self._ttl_s = ttl_s
         self._items: OrderedDict[K, V] = OrderedDict()
+        self._expiry: dict[K, float] = {}
 
     def get(self, key: K) -> V | None:
         value = self._items.get(key)
+        if value is not None and self._ttl_s is not None and self._expiry[key] < time.monotonic():
+            self.discard(key)
+            return None
         if value is not None:
             self._items.move_to_end(key)
         return value
@@ -49,31 +66,40 @@ class _Lru(Generic[K, V]):
 
     def discard(self, key: K) -> None:
         self._items.pop(key, None)
+        self._expiry.pop(key, None)
 
     def discard_value(self, value: V) -> None:
         """Drop every key mapping to `value`. Linear, so only for rare changes such as renames."""
         for key in [k for k, v in self._items.items() if v == value]:
-            del self._items[key]
+            self.discard(key)
 
     def put(self, key: K, value: V) -> None:
         self._items[key] = value
         self._items.move_to_end(key)
+        if self._ttl_s is not None:
+            self._expiry[key] = time.monotonic() + self._ttl_s
         if len(self._items) > self._capacity:
-            self._items.popitem(last=False)
+            oldest, _ = self._items.popitem(last=False)
+            self._expiry.pop(oldest, None)
 
 
 class Catalog:
-    def __init__(self, client: Client, database: str, cache_entries: int) -> None:
+    def __init__(
+        self, client: Client, database: str, cache_entries: int, cache_seconds: float = DEFAULT_CATALOG_CACHE_SECONDS
+    ) -> None:
         self._client = client
         self._database = database
         #: Held by whoever checks that an experiment name is free and then takes it: the REST API's create,
         #: rename and restore (until the write is durable), and `resolve` when it creates experiments by name.
         #: One node never lets two live experiments share a name (multi-node: see the README).
         self.names_lock = asyncio.Lock()
-        self._experiment_ids = _Lru[str, str](cache_entries)  # name -> id
-        self._known_experiments = _Lru[str, bool](cache_entries)
-        self._known_runs = _Lru[str, bool](cache_entries)
+        self._experiment_ids = _Lru[str, str](cache_entries, cache_seconds)  # name -> id
+        self._known_experiments = _Lru[str, bool](cache_entries, cache_seconds)
+        self._known_runs = _Lru[str, bool](cache_entries, cache_seconds)
+        #: Winning values only (see `confirm`): final, so they never expire.
         self._params = _Lru[tuple[str, str], str](cache_entries)
+        #: Claims this node has accepted and not yet confirmed: (run_id, key) -> [value, requests holding it].
+        self._claims: dict[tuple[str, str], list[Any]] = {}
         #: The newest run row this node accepted, for renames of runs whose row is still queued.
         self._run_rows = _Lru[str, RunRow](cache_entries)
 
@@ -122,8 +148,36 @@ class Catalog:
                 self._known_experiments.put(experiment.experiment_id, True)
             else:
                 self._known_experiments.discard(experiment.experiment_id)
-        for param in batch.params:
-            self._params.put((param.run_id, param.key), param.value)
+        for param in self.claims(batch):
+            claim = self._claims.setdefault((param.run_id, param.key), [param.value, 0])
+            claim[1] += 1
+
+    def claims(self, batch: Batch) -> list[ParamRow]:
+        """The params of `batch` that are not known winners: they must be confirmed once stored."""
+        return [p for p in batch.params if (p.run_id, p.key) not in self._params]
+
+    async def confirm(self, durable: Awaitable[None], claims: list[ParamRow]) -> None:
+        """Wait until the batch holding `claims` is stored, then read back each claim's winner; raise
+        ParamChangedError if another node's claim won. Every claim is stored, and every reader picks
+        the same winner (schema.PARAM_VALUE), so exactly one of the racing writers is told it succeeded."""
+        try:
+            await durable
+            runs, keys = {p.run_id for p in claims}, {p.key for p in claims}
+            winners = await asyncio.to_thread(catalog.param_values, self._client, self._database, runs, keys)
+        finally:
+            for param in claims:
+                claim = self._claims[(param.run_id, param.key)]
+                claim[1] -= 1
+                if not claim[1]:
+                    del self._claims[(param.run_id, param.key)]
+        changes: dict[str, list[tuple[str, str, str]]] = {}
+        for param in claims:
+            winner = winners.get((param.run_id, param.key), param.value)  # stored: `durable` completed
+            self._params.put((param.run_id, param.key), winner)
+            if winner != param.value:
+                changes.setdefault(param.run_id, []).append((param.key, winner, param.value))
+        for run_id in sorted(changes):
+            raise ParamChangedError(run_id, changes[run_id])
 
     async def _resolve_experiments(
         self, runs: tuple[RunRow, ...]
@@ -217,7 +271,8 @@ class Catalog:
         )
         changes: dict[str, list[tuple[str, str, str]]] = {}
         for (run_id, key), value in seen.items():
-            stored = self._params.get((run_id, key))
+            claim = self._claims.get((run_id, key))  # this node's own race is refused before storing
+            stored = self._params.get((run_id, key)) or (claim[0] if claim else None)
             if stored is not None and stored != value:
                 changes.setdefault(run_id, []).append((key, stored, value))
         for run_id in sorted(changes):

@@ -38,6 +38,11 @@ class BatcherConfig:
             )
 
 
+#: How long a storing node trusts what it learnt of runs' and experiments' existence and names: the bound on how
+#: long another node's delete, restore or rename can go unnoticed by this node's writes.
+DEFAULT_CATALOG_CACHE_SECONDS = 2
+
+
 @dataclass(frozen=True, slots=True)
 class ReceiverConfig:
     #: Largest WriteRequest accepted, in bytes. gRPC itself is allowed twice this, so that a request
@@ -45,10 +50,15 @@ class ReceiverConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     #: Run ids and params remembered to skip a storage lookup per request.
     catalog_cache_entries: int = 100_000
+    #: Seconds a node trusts what it learnt of runs' and experiments' existence and names (other nodes may
+    #: delete, restore or rename them); param winners are final and kept regardless.
+    catalog_cache_seconds: float = DEFAULT_CATALOG_CACHE_SECONDS
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1024:
             raise ConfigError("max_message_bytes must be at least 1024")
+        if self.catalog_cache_seconds < 0:
+            raise ConfigError("catalog_cache_seconds must not be negative")
 
 
 DEFAULT_KAFKA_TOPIC = "trackhouse.writes"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 import zlib
 from collections.abc import Awaitable
@@ -36,10 +37,13 @@ class WritePipeline:
 
     async def accept(self, request: DecodedRequest, flush_within_ms: int | None = None) -> Awaitable[None]:
         batch = replace(await self._catalog.resolve(request.batch), origins=(origin(request),))
-        # No await from here to `remember`: the catalog learns new names before any other task runs.
+        # No await from here to `remember`: the catalog learns new names and claims before any other task runs.
+        claims = self._catalog.claims(batch)
         durable = self._batcher.submit(batch, flush_within_ms)
         self._catalog.remember(batch)
         self._telemetry.received_points.inc(batch.points)
+        if claims:  # params no node is known to have logged: stored, then checked against other nodes' claims
+            return asyncio.ensure_future(self._catalog.confirm(durable, claims))
         return durable
 
 

@@ -79,11 +79,11 @@ def _active(client: Client, table: str, id_column: str, ids: Collection[str]) ->
 def param_values(
     client: Client, database: str, run_ids: Collection[str], keys: Collection[str]
 ) -> dict[tuple[str, str], str]:
-    """Stored params of `run_ids` restricted to `keys`, as (run_id, key) -> value."""
+    """Stored params of `run_ids` restricted to `keys`, as (run_id, key) -> the winning value."""
     if not run_ids or not keys:
         return {}
     rows = client.query(
-        f"SELECT run_id, key, any(value) FROM {database}.{schema.PARAMS}"
+        f"SELECT run_id, key, {schema.PARAM_VALUE} FROM {database}.{schema.PARAMS}"
         " WHERE run_id IN {ids:Array(String)} AND key IN {keys:Array(String)} GROUP BY run_id, key",
         parameters={"ids": list(run_ids), "keys": list(keys)},
     ).result_rows

@@ -79,7 +79,7 @@ def runs(client: Client, database: str, run_ids: Sequence[str]) -> list[Run]:
 def params_of(client: Client, database: str, run_ids: Sequence[str]) -> dict[str, dict[str, str]]:
     return _by_run(
         client,
-        f"SELECT run_id, key, any(value) FROM {database}.{schema.PARAMS}"
+        f"SELECT run_id, key, {schema.PARAM_VALUE} FROM {database}.{schema.PARAMS}"
         " WHERE run_id IN {ids:Array(String)} GROUP BY run_id, key ORDER BY key",
         run_ids,
     )

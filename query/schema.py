@@ -29,6 +29,9 @@ RUN_COLUMNS = (
     "version",
 )
 PARAMS = "params"
+#: A (run, key)'s param value: the earliest claim's (migration 13). Params are immutable; when nodes log different
+#: values at once, every claim is stored and this picks the same winner on every node (ties: the smaller value).
+PARAM_VALUE = "argMin(value, (claimed_at, value))"
 TAGS = "tags"
 EXPERIMENT_TAGS = "experiment_tags"
 #: Datasets logged as run inputs, one per (experiment, name, digest), and each run's dataset inputs (migration 7).
@@ -408,6 +411,18 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
         tuple(
             f"ALTER TABLE {{db}}.{table} MODIFY SETTING non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}"
             for table in DEDUPLICATED_TABLES
+        ),
+    ),
+    (
+        13,
+        (
+            # The cross-node arbiter of param immutability: each insert is stamped by ClickHouse's clock, and
+            # claimed_at joins the sorting key, so merges keep every claim instead of the last one inserted (which
+            # may be the loser). ClickHouse forbids a default on a column added to the sorting key, so the default
+            # comes in a second step. Rows stored before this have no conflicting claims; they read as now.
+            "ALTER TABLE {db}.params ADD COLUMN IF NOT EXISTS claimed_at DateTime64(9),"
+            " MODIFY ORDER BY (run_id, key, claimed_at)",
+            "ALTER TABLE {db}.params MODIFY COLUMN claimed_at DateTime64(9) DEFAULT now64(9)",
         ),
     ),
 )

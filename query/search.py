@@ -239,8 +239,11 @@ class _RunQuery:
         """FROM and WHERE of the rows holding `key` for the runs that have it."""
         bound = self.params.bind(key, "String")
         if key_type == "parameter":
-            # Params are immutable: every copy of a (run, key) row holds the value.
-            return f"{self.database}.{schema.PARAMS} WHERE key = {bound}"
+            # Each run's winning value (schema.PARAM_VALUE): a losing claim of another node never matches.
+            return (
+                f"(SELECT run_id, {schema.PARAM_VALUE} AS value FROM {self.database}.{schema.PARAMS}"
+                f" WHERE key = {bound} GROUP BY run_id) WHERE 1"
+            )
         # FINAL first, then the filter: the newest version of a tag decides, and a tombstone hides it.
         return f"{self.database}.{schema.TAGS} FINAL WHERE key = {bound} AND deleted = 0"
 

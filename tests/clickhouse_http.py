@@ -46,7 +46,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import chdb
-import lz4.frame
+import lz4.frame  # type: ignore[import-untyped]
 
 try:
     from backports import zstd
@@ -81,7 +81,9 @@ TRANSPORT_PARAMETERS = frozenset(
     }
 )
 _SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_INSERT_WITH_DATA = re.compile(r"^\s*INSERT\s+INTO\s+(?P<target>.+?)\s+FORMAT\s+(?P<format>\w+)[ \t]*\r?\n?", re.I | re.S)
+_INSERT_WITH_DATA = re.compile(
+    r"^\s*INSERT\s+INTO\s+(?P<target>.+?)\s+FORMAT\s+(?P<format>\w+)[ \t]*\r?\n?", re.I | re.S
+)
 _TRAILING_FORMAT = re.compile(r"\bFORMAT\s+(\w+)\s*;?\s*$", re.I)
 _CODE = re.compile(r"Code: (\d+)")
 _RESULT_STATEMENT = re.compile(r"^\s*(\(|SELECT|WITH|SHOW|DESC|DESCRIBE|EXISTS|EXPLAIN|CHECK)\b", re.I)
@@ -147,7 +149,7 @@ class Engine:
     def __init__(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self._path = str(data_dir)
-        self._anchor = chdb.connect(self._path)  # keeps the engine open between requests
+        self._anchor = _connect(self._path)  # keeps the engine open between requests
         self.version = self._anchor.query("SELECT version()", "TabSeparated").bytes().decode().strip()
         self.timezone = self._anchor.query("SELECT timezone()", "TabSeparated").bytes().decode().strip()
         self._sessions: OrderedDict[str, _Handle] = OrderedDict()
@@ -156,7 +158,7 @@ class Engine:
 
     def execute(self, request: _Request, session_id: str) -> tuple[bytes, str | None, dict[str, str]]:
         """Run one request; return the body, its format (None for a statement without result) and its summary."""
-        handle = self._session(session_id) if session_id else _Handle(chdb.connect(self._path))
+        handle = self._session(session_id) if session_id else _Handle(_connect(self._path))
         if not handle.lock.acquire(blocking=False):
             raise QueryError(373, f"Session {session_id} is locked by a concurrent client. (SESSION_IS_LOCKED)")
         try:
@@ -172,7 +174,7 @@ class Engine:
         with self._sessions_lock:
             handle = self._sessions.get(session_id)
             if handle is None:
-                handle = self._sessions[session_id] = _Handle(chdb.connect(self._path))
+                handle = self._sessions[session_id] = _Handle(_connect(self._path))
                 self._evict()
             self._sessions.move_to_end(session_id)
             return handle
@@ -244,6 +246,11 @@ class Engine:
         self._anchor.close()
 
 
+def _connect(path: str) -> Any:
+    """A new chDB connection on the process's one engine (chDB allows one data directory per process)."""
+    return chdb.connect(path)  # type: ignore[no-untyped-call]
+
+
 def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
@@ -300,22 +307,22 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: clickhouse-connect pools connections
     server: _Server
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:  # http.server's naming
         parts = urlsplit(self.path)
         if parts.path.rstrip("/") == "/ping" or (parts.path == "/" and "query" not in parts.query):
             self._reply(200, b"Ok.\n", {"Content-Type": "text/plain; charset=UTF-8"})
             return
         self._query(b"")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._query(self._read_body())
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet: one line per request is noise
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: a line per request is noise
         return
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks = []
+            chunks: list[bytes] = []
             while True:
                 size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
                 if size == 0:
@@ -393,7 +400,8 @@ class ClickHouseHttp:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60) -> None:
-        args = [sys.executable, "-m", "tests.clickhouse_http", "--port", str(self.port), "--data-dir", str(self.data_dir)]
+        args = [sys.executable, "-m", "tests.clickhouse_http", "--port", str(self.port)]
+        args += ["--data-dir", str(self.data_dir)]
         if not self.compress:
             args.append("--no-compression")
         root = Path(__file__).resolve().parent.parent

@@ -164,6 +164,15 @@ SERVE_OPTIONS = (
     Option("--kafka-ssl-cafile", "TRACKHOUSE_KAFKA_SSL_CAFILE", str, "", "CA bundle for SSL"),
     Option("--kafka-ssl-certfile", "TRACKHOUSE_KAFKA_SSL_CERTFILE", str, "", "client certificate for SSL"),
     Option("--kafka-ssl-keyfile", "TRACKHOUSE_KAFKA_SSL_KEYFILE", str, "", "client key for SSL"),
+    # topology: several nodes over one store.
+    Option(
+        "--catalog-cache-seconds",
+        "TRACKHOUSE_CATALOG_CACHE_SECONDS",
+        int,
+        defaults.DEFAULT_CATALOG_CACHE_SECONDS,
+        "whole seconds a storing node trusts what it learnt of runs' and experiments' existence and names"
+        " (another node's delete, restore or rename takes effect on this node's writes within this)",
+    ),
     # net-auth: authentication, TLS and the browser-facing checks.
     Option(
         "--auth-file",
@@ -346,7 +355,9 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
     batcher = BatcherConfig(
         flush_points=args.flush_points, flush_interval_ms=args.flush_interval_ms, max_queue_points=args.max_queue_points
     )
-    receiver = ReceiverConfig(max_message_bytes=args.max_message_bytes)
+    receiver = ReceiverConfig(
+        max_message_bytes=args.max_message_bytes, catalog_cache_seconds=args.catalog_cache_seconds
+    )
     grpc = GrpcConfig(host=args.host, port=args.grpc_port, max_message_bytes=args.max_message_bytes)
     kafka = None
     if args.kafka_bootstrap:

@@ -206,7 +206,8 @@ class Server:
         catalog_client = await self._connect()
         self._batcher = Batcher(ClickHouseSink(sink_client, database), self._config.batcher, self.telemetry)
         await self._batcher.start()
-        catalog = Catalog(catalog_client, database, self._config.receiver.catalog_cache_entries)
+        receiver = self._config.receiver
+        catalog = Catalog(catalog_client, database, receiver.catalog_cache_entries, receiver.catalog_cache_seconds)
         return WritePipeline(catalog, self._batcher, self.telemetry)
 
     async def _start_backend(self, pipeline: WritePipeline | None) -> Backend:
