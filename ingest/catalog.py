@@ -30,11 +30,13 @@ import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
+
+from clickhouse_connect.driver import exceptions as ch_errors
 
 from trackhouse.ingest.batch import ACTIVE, Batch, ExperimentRow, ParamRow, RunRow, TagRow
 from trackhouse.ingest.config import DEFAULT_CATALOG_CACHE_SECONDS
-from trackhouse.ingest.errors import InvalidArgumentError, UnknownRunError
+from trackhouse.ingest.errors import InvalidArgumentError, RetryableError, UnknownRunError
 from trackhouse.query import catalog, schema
 from trackhouse.query.connection import Client
 from trackhouse.query.runs import RUN_NAME_TAG
@@ -83,6 +85,14 @@ class _Lru(Generic[K, V]):
             self._expiry.pop(oldest, None)
 
 
+@dataclasses.dataclass(slots=True)
+class _Claim:
+    """A param value this node has queued but not yet confirmed, and how many accepted requests carry it."""
+
+    value: str
+    holders: int = 0
+
+
 class Catalog:
     def __init__(
         self, client: Client, database: str, cache_entries: int, cache_seconds: float = DEFAULT_CATALOG_CACHE_SECONDS
@@ -98,8 +108,8 @@ class Catalog:
         self._known_runs = _Lru[str, bool](cache_entries, cache_seconds)
         #: Winning values only (see `confirm`): final, so they never expire.
         self._params = _Lru[tuple[str, str], str](cache_entries)
-        #: Claims this node has accepted and not yet confirmed: (run_id, key) -> [value, requests holding it].
-        self._claims: dict[tuple[str, str], list[Any]] = {}
+        #: Claims this node has accepted and not yet confirmed.
+        self._claims: dict[tuple[str, str], _Claim] = {}
         #: The newest run row this node accepted, for renames of runs whose row is still queued.
         self._run_rows = _Lru[str, RunRow](cache_entries)
 
@@ -149,8 +159,7 @@ class Catalog:
             else:
                 self._known_experiments.discard(experiment.experiment_id)
         for param in self.claims(batch):
-            claim = self._claims.setdefault((param.run_id, param.key), [param.value, 0])
-            claim[1] += 1
+            self._claims.setdefault((param.run_id, param.key), _Claim(param.value)).holders += 1
 
     def claims(self, batch: Batch) -> list[ParamRow]:
         """The params of `batch` that are not known winners: they must be confirmed once stored."""
@@ -164,11 +173,13 @@ class Catalog:
             await durable
             runs, keys = {p.run_id for p in claims}, {p.key for p in claims}
             winners = await asyncio.to_thread(catalog.param_values, self._client, self._database, runs, keys)
+        except (ch_errors.ClickHouseError, OSError) as exc:  # stored, not confirmed: a retry is idempotent
+            raise RetryableError(f"params stored but not confirmed against other nodes: {exc}") from exc
         finally:
             for param in claims:
                 claim = self._claims[(param.run_id, param.key)]
-                claim[1] -= 1
-                if not claim[1]:
+                claim.holders -= 1
+                if not claim.holders:
                     del self._claims[(param.run_id, param.key)]
         changes: dict[str, list[tuple[str, str, str]]] = {}
         for param in claims:
@@ -271,8 +282,10 @@ class Catalog:
         )
         changes: dict[str, list[tuple[str, str, str]]] = {}
         for (run_id, key), value in seen.items():
-            claim = self._claims.get((run_id, key))  # this node's own race is refused before storing
-            stored = self._params.get((run_id, key)) or (claim[0] if claim else None)
+            stored = self._params.get((run_id, key))
+            claim = self._claims.get((run_id, key))
+            if stored is None and claim is not None:  # this node's own race is refused before storing
+                stored = claim.value
             if stored is not None and stored != value:
                 changes.setdefault(run_id, []).append((key, stored, value))
         for run_id in sorted(changes):

@@ -220,6 +220,27 @@ def test_a_param_changed_from_two_nodes_at_once_is_refused(topology: Topology) -
             loser.log_param(run_id, key, "0.3")
 
 
+def test_a_run_deleted_on_one_node_is_refused_by_another_nodes_writes_within_the_cache_bound(
+    topology: Topology,
+) -> None:
+    """The writer has the run cached as live; the worker deletes it. The writer's cache entry expires after
+    --catalog-cache-seconds, so its writes are refused from then on (without expiry they would be taken forever)."""
+    writer, worker = topology.mlflow(topology.writer), topology.mlflow(topology.worker)
+    run_id = writer.create_run(writer.create_experiment("topology-delete")).info.run_id
+    writer.log_metric(run_id, "loss", 1.0, step=0)  # the writer now knows the run is live
+    worker.delete_run(run_id)
+
+    def refused() -> bool:
+        try:
+            writer.log_metric(run_id, "loss", 2.0, step=1)
+        except MlflowException as exc:
+            assert exc.error_code == "INVALID_PARAMETER_VALUE" and "must be in the 'active' state" in exc.message
+            return True
+        return False
+
+    wait_until(refused, timeout=30, what="the writer to notice the other node's delete")
+
+
 def _at_once(calls: dict[str, Callable[[], object]]) -> dict[str, str]:
     """Run the calls at the same moment, one thread each: name -> "ok" or the MLflow error code."""
     outcomes: dict[str, str] = {}
