@@ -44,6 +44,8 @@ from trackhouse.query.runs import RUN_NAME_TAG
 K = TypeVar("K")
 V = TypeVar("V")
 
+_FOREVER = float("inf")
+
 
 class _Lru(Generic[K, V]):
     """Bounded in entries; with `ttl_s`, also in age, for answers another node's write can change."""
@@ -56,7 +58,7 @@ class _Lru(Generic[K, V]):
 
     def get(self, key: K) -> V | None:
         value = self._items.get(key)
-        if value is not None and self._ttl_s is not None and self._expiry[key] < time.monotonic():
+        if value is not None and self._expiry.get(key, _FOREVER) < time.monotonic():
             self.discard(key)
             return None
         if value is not None:
@@ -70,16 +72,23 @@ class _Lru(Generic[K, V]):
         self._items.pop(key, None)
         self._expiry.pop(key, None)
 
+    def unpin(self, key: K) -> None:
+        """Start `key`'s time to live now, if it is held."""
+        if key in self._items and self._ttl_s is not None:
+            self._expiry[key] = time.monotonic() + self._ttl_s
+
     def discard_value(self, value: V) -> None:
         """Drop every key mapping to `value`. Linear, so only for rare changes such as renames."""
         for key in [k for k, v in self._items.items() if v == value]:
             self.discard(key)
 
-    def put(self, key: K, value: V) -> None:
+    def put(self, key: K, value: V, pinned: bool = False) -> None:
+        """`pinned`: never expires until `unpin`, for what this node has accepted but not yet stored (the
+        store cannot confirm it yet)."""
         self._items[key] = value
         self._items.move_to_end(key)
         if self._ttl_s is not None:
-            self._expiry[key] = time.monotonic() + self._ttl_s
+            self._expiry[key] = _FOREVER if pinned else time.monotonic() + self._ttl_s
         if len(self._items) > self._capacity:
             oldest, _ = self._items.popitem(last=False)
             self._expiry.pop(oldest, None)
@@ -140,26 +149,35 @@ class Catalog:
     def remember(self, batch: Batch) -> None:
         """Record what an accepted batch creates, renames or deletes, so later requests need no lookup.
 
-        Only this node's cache learns of a delete: another node may accept points
-        for a deleted run until its entry ages out (the REST layer checks first).
+        What it creates stays known until the batch is stored (`stored`), however long it waits in the
+        queue: until then the store cannot confirm it. Only this node's cache learns of a delete at once;
+        another node learns of it when its entry expires.
         """
         for run in batch.runs:
             newest = self._run_rows.get(run.run_id)
             if newest is None or newest.version <= run.version:
                 self._run_rows.put(run.run_id, run)
             if run.lifecycle_stage == ACTIVE:
-                self._known_runs.put(run.run_id, True)
+                self._known_runs.put(run.run_id, True, pinned=True)
             else:
                 self._known_runs.discard(run.run_id)
         for experiment in batch.experiments:
             self._experiment_ids.discard_value(experiment.experiment_id)  # a rename frees the old name
             if experiment.lifecycle_stage == ACTIVE:
-                self._experiment_ids.put(experiment.name, experiment.experiment_id)
-                self._known_experiments.put(experiment.experiment_id, True)
+                self._experiment_ids.put(experiment.name, experiment.experiment_id, pinned=True)
+                self._known_experiments.put(experiment.experiment_id, True, pinned=True)
             else:
                 self._known_experiments.discard(experiment.experiment_id)
         for param in self.claims(batch):
             self._claims.setdefault((param.run_id, param.key), _Claim(param.value)).holders += 1
+
+    def stored(self, batch: Batch) -> None:
+        """`batch` is stored (or failed): what `remember` pinned for it now expires as any lookup does."""
+        for run in batch.runs:
+            self._known_runs.unpin(run.run_id)
+        for experiment in batch.experiments:
+            self._experiment_ids.unpin(experiment.name)
+            self._known_experiments.unpin(experiment.experiment_id)
 
     def claims(self, batch: Batch) -> list[ParamRow]:
         """The params of `batch` that are not known winners: they must be confirmed once stored."""
@@ -194,25 +212,26 @@ class Catalog:
         self, runs: tuple[RunRow, ...]
     ) -> tuple[tuple[RunRow, ...], tuple[ExperimentRow, ...]]:
         names = {r.experiment_name for r in runs if r.experiment_name}
-        await self._lookup(
+        found_ids = await self._lookup(
             (n for n in names if n not in self._experiment_ids),
             lambda missing: catalog.experiment_ids_by_name(self._client, self._database, missing),
             self._experiment_ids.put,
         )
         ids = {r.experiment_id for r in runs if r.experiment_id}
-        await self._lookup(
+        found_experiments = await self._lookup(
             (i for i in ids if i not in self._known_experiments),
             lambda missing: {i: True for i in catalog.existing_experiments(self._client, self._database, missing)},
             self._known_experiments.put,
         )
         for experiment_id in ids:
-            if experiment_id not in self._known_experiments:
+            if experiment_id not in found_experiments and experiment_id not in self._known_experiments:
                 raise InvalidArgumentError(f"experiment {experiment_id!r} does not exist")
         created: dict[str, ExperimentRow] = {}
         resolved = []
         for run in runs:
             if run.experiment_name:
-                experiment_id = self._experiment_ids.get(run.experiment_name) or ""
+                name = run.experiment_name
+                experiment_id = found_ids.get(name) or self._experiment_ids.get(name) or ""
                 if not experiment_id and run.experiment_name not in created:
                     experiment_id = await asyncio.to_thread(
                         catalog.allocate_experiment_id, self._client, self._database, run.experiment_name
@@ -224,13 +243,13 @@ class Catalog:
         return tuple(resolved), tuple(created.values())
 
     async def _check_runs(self, run_ids: set[str]) -> None:
-        await self._lookup(
+        found = await self._lookup(
             (r for r in run_ids if r not in self._known_runs),
             lambda missing: {r: True for r in catalog.active_runs(self._client, self._database, missing)},
             self._known_runs.put,
         )
         for run_id in sorted(run_ids):
-            if run_id not in self._known_runs:
+            if run_id not in found and run_id not in self._known_runs:
                 raise UnknownRunError(
                     f"run {run_id!r} does not exist or is deleted;"
                     " send its run upsert first (in this or an earlier request)",
@@ -293,13 +312,16 @@ class Catalog:
 
     async def _lookup(
         self, keys: Iterable[K], fetch: Callable[[list[K]], dict[K, V]], store: Callable[[K, V], None]
-    ) -> None:
+    ) -> dict[K, V]:
+        """Fetch the keys missing from a cache and store them; return what was found, which the caller uses
+        for this request even if the entries have expired meanwhile (a slow lookup, a short time to live)."""
         missing = list(dict.fromkeys(keys))
         if not missing:
-            return
+            return {}
         found = await asyncio.to_thread(fetch, missing)
         for key, value in found.items():
             store(key, value)
+        return found
 
 
 class ParamChangedError(InvalidArgumentError):

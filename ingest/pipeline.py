@@ -41,6 +41,7 @@ class WritePipeline:
         claims = self._catalog.claims(batch)
         durable = self._batcher.submit(batch, flush_within_ms)
         self._catalog.remember(batch)
+        durable.add_done_callback(lambda _: self._catalog.stored(batch))
         self._telemetry.received_points.inc(batch.points)
         if claims:  # params no node is known to have logged: stored, then checked against other nodes' claims
             return asyncio.ensure_future(self._catalog.confirm(durable, claims))

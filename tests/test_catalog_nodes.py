@@ -1,0 +1,101 @@
+"""The write path's catalog when several nodes share one store: two Catalogs on one embedded chDB store stand for
+two nodes (each keeps its own caches), with the real sink writing for them. Deterministic orderings of the races
+that tests/test_topology.py runs as separate processes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+
+import pytest
+
+from trackhouse.ingest.batch import Batch, ParamRow, RunRow
+from trackhouse.ingest.catalog import Catalog, ParamChangedError
+from trackhouse.ingest.errors import UnknownRunError
+from trackhouse.ingest.sink import ClickHouseSink
+from trackhouse.query.connection import Client
+
+DB = "trackhouse"
+
+
+def _run(run_id: str, version: int = 1, stage: str = "active") -> RunRow:
+    return RunRow(run_id, "0", run_id, "RUNNING", 1, 0, "u", version, lifecycle_stage=stage)
+
+
+def _params(run_id: str, **values: str) -> Batch:
+    return Batch(params=tuple(ParamRow(run_id, key, value) for key, value in values.items()))
+
+
+async def _stored(sink: ClickHouseSink, batch: Batch) -> None:
+    sink.write(batch)
+
+
+def _accept(catalog: Catalog, batch: Batch) -> list[ParamRow]:
+    """What the pipeline does up to the queue: resolve, then remember; returns the batch's claims."""
+    resolved = asyncio.run(catalog.resolve(batch))
+    claims = catalog.claims(resolved)
+    catalog.remember(resolved)
+    return claims
+
+
+def _confirm(catalog: Catalog, durable: Awaitable[None], claims: list[ParamRow]) -> str:
+    try:
+        asyncio.run(catalog.confirm(durable, claims))
+    except ParamChangedError as exc:
+        return f"refused: {exc.changes}"
+    return "ok"
+
+
+def test_two_nodes_claim_one_param_the_earlier_insert_wins_and_both_agree(sql: Client) -> None:
+    sink = ClickHouseSink(sql, DB)
+    sink.write(Batch(runs=(_run("r"),)))
+    a, b = Catalog(sql, DB, 100), Catalog(sql, DB, 100)
+    # Both nodes check before either has stored: neither sees the other.
+    claims_a = _accept(a, _params("r", lr="0.1", seed="1"))
+    claims_b = _accept(b, _params("r", lr="0.2", seed="1"))
+    assert {p.key for p in claims_a} == {p.key for p in claims_b} == {"lr", "seed"}
+    # b's insert reaches ClickHouse first; a's is read back after both are stored.
+    first = _confirm(b, _stored(sink, _params("r", lr="0.2", seed="1")), claims_b)
+    second = _confirm(a, _stored(sink, _params("r", lr="0.1", seed="1")), claims_a)
+    assert first == "ok"
+    assert second == "refused: [('lr', '0.2', '0.1')]"  # seed: same value on both, no conflict
+    # Both nodes now hold the winner: the same value is fine on either, the other is refused at once.
+    for node in (a, b):
+        asyncio.run(node.resolve(_params("r", lr="0.2")))
+        with pytest.raises(ParamChangedError):
+            asyncio.run(node.resolve(_params("r", lr="0.1")))
+
+
+def test_a_node_refuses_its_own_concurrent_change_before_storing_it(sql: Client) -> None:
+    ClickHouseSink(sql, DB).write(Batch(runs=(_run("r"),)))
+    node = Catalog(sql, DB, 100)
+    _accept(node, _params("r", lr=""))  # queued, not stored; an empty value is a value
+    with pytest.raises(ParamChangedError):
+        asyncio.run(node.resolve(_params("r", lr="0.1")))
+
+
+def test_a_run_this_node_accepted_stays_known_until_stored_then_expires(sql: Client) -> None:
+    """With no time to live at all: a run whose upsert waits in the queue must not be refused as unknown (the
+    store cannot confirm it yet); once stored, the store answers, and another node's delete is seen."""
+    sink = ClickHouseSink(sql, DB)
+    node = Catalog(sql, DB, 100, cache_seconds=0)
+    upsert = Batch(runs=(_run("queued"),))
+    _accept(node, upsert)
+    asyncio.run(node.resolve(_params("queued", lr="1")))  # known though not stored
+    sink.write(upsert)
+    node.stored(upsert)
+    asyncio.run(node.resolve(_params("queued", lr="1")))  # the store knows it now
+    sink.write(Batch(runs=(_run("queued", version=2, stage="deleted"),)))  # another node deletes it
+    with pytest.raises(UnknownRunError):
+        asyncio.run(node.resolve(_params("queued", lr="1")))
+
+
+def test_a_cached_run_is_trusted_until_its_entry_expires(sql: Client) -> None:
+    sink = ClickHouseSink(sql, DB)
+    sink.write(Batch(runs=(_run("r"),)))
+    node = Catalog(sql, DB, 100, cache_seconds=3600)
+    asyncio.run(node.resolve(_params("r", lr="1")))  # looked up and cached
+    sink.write(Batch(runs=(_run("r", version=2, stage="deleted"),)))
+    asyncio.run(node.resolve(_params("r", lr="1")))  # within the bound, the cached answer stands
+    with pytest.raises(UnknownRunError):  # a node without the entry sees the delete
+        asyncio.run(Catalog(sql, DB, 100).resolve(_params("r", lr="1")))
