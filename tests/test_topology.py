@@ -231,6 +231,20 @@ def test_a_run_deleted_on_one_node_is_refused_by_another_nodes_writes_within_the
     wait_until(refused, timeout=30, what="the writer to notice the other node's delete")
 
 
+def test_one_experiment_name_created_on_two_nodes_at_once_is_one_experiment(topology: Topology) -> None:
+    """Ids derive from the name, so both nodes write the same experiment: one live experiment, one id for all."""
+    worker, writer = topology.mlflow(topology.worker), topology.mlflow(topology.writer)
+    ids: dict[str, str] = {}
+
+    def create(node: str, client: MlflowClient) -> None:
+        ids[node] = client.create_experiment("topology-same-name")
+
+    outcomes = _at_once({"worker": partial(create, "worker", worker), "writer": partial(create, "writer", writer)})
+    assert "ok" in outcomes.values() and set(outcomes.values()) <= {"ok", "RESOURCE_ALREADY_EXISTS"}, outcomes
+    live = topology.mlflow(topology.reader).search_experiments(filter_string="name = 'topology-same-name'")
+    assert [e.experiment_id for e in live] == sorted(set(ids.values()))
+
+
 def _at_once(calls: dict[str, Callable[[], object]]) -> dict[str, str]:
     """Run the calls at the same moment, one thread each: name -> "ok" or the MLflow error code."""
     outcomes: dict[str, str] = {}
