@@ -13,6 +13,7 @@ from trackhouse.ingest.batch import Batch, ParamRow, RunRow
 from trackhouse.ingest.catalog import Catalog, ParamChangedError
 from trackhouse.ingest.errors import UnknownRunError
 from trackhouse.ingest.sink import ClickHouseSink
+from trackhouse.query import catalog, schema
 from trackhouse.query.connection import Client
 
 DB = "trackhouse"
@@ -99,3 +100,24 @@ def test_a_cached_run_is_trusted_until_its_entry_expires(sql: Client) -> None:
     asyncio.run(node.resolve(_params("r", lr="1")))  # within the bound, the cached answer stands
     with pytest.raises(UnknownRunError):  # a node without the entry sees the delete
         asyncio.run(Catalog(sql, DB, 100).resolve(_params("r", lr="1")))
+
+
+def test_params_stored_before_migration_13_keep_their_value_and_stay_immutable(sql: Client) -> None:
+    """An upgraded store: a params table as migration 1 made it, with a row, then migration 13 (twice: re-runs are
+    harmless). The old value is read, and a different value is refused before it is stored."""
+    schema.migrate(sql, "legacy")
+    ClickHouseSink(sql, "legacy").write(Batch(runs=(_run("r"),)))
+    sql.command("DROP TABLE legacy.params")  # back to migration 1's params
+    sql.command(
+        "CREATE TABLE legacy.params (run_id String, key String, value String) ENGINE = ReplacingMergeTree"
+        " ORDER BY (run_id, key)"
+    )
+    sql.command("INSERT INTO legacy.params VALUES ('r', 'lr', 'old')")
+    statements = dict(schema.MIGRATIONS)[13]
+    for statement in [*statements, *statements]:
+        sql.command(statement.format(db="legacy"))
+    assert catalog.param_values(sql, "legacy", ["r"], ["lr"]) == {("r", "lr"): "old"}
+    sql.command("INSERT INTO legacy.params (run_id, key, value) VALUES ('r', 'seed', '1')")
+    assert catalog.param_values(sql, "legacy", ["r"], ["lr", "seed"]) == {("r", "lr"): "old", ("r", "seed"): "1"}
+    with pytest.raises(ParamChangedError):
+        asyncio.run(Catalog(sql, "legacy", 100).resolve(_params("r", lr="new")))
