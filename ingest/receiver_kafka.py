@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, replace
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError
 from aiokafka.structs import ConsumerRecord
 
 from trackhouse.ingest import kafka
@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 ERROR_HEADER = "trackhouse-error"
 SOURCE_HEADER = "trackhouse-source"
+#: Set instead of the value when the broker will not take a poison message back whole: its size in bytes.
+DROPPED_BYTES_HEADER = "trackhouse-dropped-bytes"
+DEAD_LETTER_HEADROOM = 64 * 1024
 _POLL_MS = 100
 _MAX_RECORDS = 1_000
 
@@ -64,7 +67,13 @@ class KafkaReceiver:
             max_partition_fetch_bytes=config.max_partition_fetch_bytes,
             fetch_max_bytes=2 * config.max_partition_fetch_bytes,
         )
-        self._dead_letter_producer = AIOKafkaProducer(**config.connection_args(), acks="all")
+        # A poison message can be as large as anything the consumer fetches, plus the headers saying why;
+        # the producer's default limit (1 MB) would refuse a larger one for ever and stall its partition.
+        self._dead_letter_producer = AIOKafkaProducer(
+            **config.connection_args(),
+            acks="all",
+            max_request_size=max(config.max_partition_fetch_bytes, max_message_bytes) + DEAD_LETTER_HEADROOM,
+        )
         self._taken: dict[TopicPartition, deque[_Taken]] = {}
         self._committed: dict[TopicPartition, int] = {}
         self._stopping = False
@@ -181,13 +190,22 @@ class KafkaReceiver:
             (ERROR_HEADER, str(exc)[:4000].encode()),
             (SOURCE_HEADER, f"{message.topic}/{message.partition}/{message.offset}".encode()),
         ]
+        value = message.value
         while True:
             try:
                 delivered = await self._dead_letter_producer.send(
-                    self._config.dead_letters, key=message.key, value=message.value, headers=headers
+                    self._config.dead_letters, key=message.key, value=value, headers=headers
                 )
                 await delivered
                 break
+            except MessageSizeTooLargeError:
+                # Permanent: the broker's own limit for the dead-letter topic is lower than the message. Keep the
+                # record of it (source, reason, size) without its value, so the partition moves on.
+                if value is None:
+                    raise
+                log.error("the dead-letter topic refused %d bytes; keeping the record without the value", len(value))
+                headers.append((DROPPED_BYTES_HEADER, str(len(value)).encode()))
+                value = None
             except KafkaError as error:  # the partition cannot move past it until it is kept somewhere
                 log.warning("dead-letter produce failed, retrying: %r", error)
                 await asyncio.sleep(1)

@@ -139,6 +139,7 @@ def test_poison_messages_go_to_the_dead_letter_topic_and_the_partition_keeps_mov
     )
     poison = [
         b"\xff\xfe not protobuf",
+        b"\xff" * (3 << 20),  # over the 1 MB a default producer would send on to the dead-letter topic
         ingest_pb2.WriteRequest(schema_version=99).SerializeToString(),
         encode_request(
             ingest_pb2.WriteRequest(),
@@ -152,7 +153,7 @@ def test_poison_messages_go_to_the_dead_letter_topic_and_the_partition_keeps_mov
 
     async def produce() -> None:
         await kafka.ensure_topics(config)
-        producer = AIOKafkaProducer(bootstrap_servers=config.bootstrap, acks="all")
+        producer = AIOKafkaProducer(bootstrap_servers=config.bootstrap, acks="all", max_request_size=4 << 20)
         await producer.start()
         try:
             for value in [good, *poison, later]:  # one key: one partition, in this order
@@ -170,11 +171,11 @@ def test_poison_messages_go_to_the_dead_letter_topic_and_the_partition_keeps_mov
     letters = asyncio.run(_dead_letters(config))
     assert [value for value, _ in letters] == poison
     reasons = [reason for _, reason in letters]
-    assert "not a valid WriteRequest" in reasons[0]
-    assert "schema_version 99" in reasons[1]
-    assert "bad key!" in reasons[2]
-    assert "does not exist" in reasons[3]
-    assert 'trackhouse_dead_lettered_total{reason="invalid_argument"} 4.0' in scrape(worker.http_url)
+    assert "not a valid WriteRequest" in reasons[0] and "not a valid WriteRequest" in reasons[1]
+    assert "schema_version 99" in reasons[2]
+    assert "bad key!" in reasons[3]
+    assert "does not exist" in reasons[4]
+    assert 'trackhouse_dead_lettered_total{reason="invalid_argument"} 5.0' in scrape(worker.http_url)
 
 
 def test_two_workers_one_leaves_mid_stream(
@@ -246,11 +247,18 @@ def test_worker_sigkill_mid_stream_then_restart(kafka_broker: KafkaBroker, serve
 
 async def _dead_letters(config: KafkaConfig) -> list[tuple[bytes, str]]:
     """Every message on the dead-letter topic: (value, the reason header)."""
-    consumer = AIOKafkaConsumer(config.dead_letters, bootstrap_servers=config.bootstrap, auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(
+        config.dead_letters,
+        bootstrap_servers=config.bootstrap,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=8 << 20,
+    )
     await consumer.start()
     try:
-        records = await consumer.getmany(timeout_ms=5_000)
-        return [(r.value or b"", dict(r.headers)[ERROR_HEADER].decode()) for rs in records.values() for r in rs]
+        letters = []
+        while batch := await consumer.getmany(timeout_ms=3_000):  # until the topic has nothing more
+            letters += [(r.value or b"", dict(r.headers)[ERROR_HEADER].decode()) for rs in batch.values() for r in rs]
+        return letters
     finally:
         await consumer.stop()
 
