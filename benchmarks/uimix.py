@@ -334,7 +334,8 @@ def main() -> None:
         args.runs, args.wide_runs, args.wide_keys = 100_000, 1_000, 5_000
         args.stock_runs, args.stock_wide_runs = 2_000, 10
     started = provenance()
-    results: dict[str, Any] = {"args": vars(args), "trackhouse": {}, "stock": {}}
+    results: dict[str, Any] = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    results.update(trackhouse={}, stock={})
     with tempfile.TemporaryDirectory(prefix="trackhouse-uimix-") as tmp:
         data = args.data_dir or Path(tmp) / "data"
         scenarios = trackhouse_scenarios(args)
