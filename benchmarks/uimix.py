@@ -26,7 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import requests
@@ -288,7 +288,7 @@ def load_stock(workdir: Path, args: argparse.Namespace, keys: int) -> dict[str, 
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     workdir.mkdir(parents=True, exist_ok=True)
-    store = SqlAlchemyStore(f"sqlite:///{workdir / 'mlflow.db'}", str(workdir / "artifacts"))
+    store: Any = cast(Any, SqlAlchemyStore)(f"sqlite:///{workdir / 'mlflow.db'}", str(workdir / "artifacts"))
     rng = np.random.default_rng(1)
     for i in range(OTHER_EXPERIMENTS):
         store.create_experiment(f"other-{i}")
@@ -326,6 +326,7 @@ def main() -> None:
     parser.add_argument("--stock-wide-runs", type=int, default=5, help="runs in stock's wide experiment")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--skip-stock", action="store_true")
+    parser.add_argument("--scenarios", default="sweep,wide", help="which experiments to measure, comma-separated")
     parser.add_argument(
         "--data-dir", type=Path, help="keep trackhouse's data here; reused (not reloaded) when it exists, same sizes"
     )
@@ -347,7 +348,8 @@ def main() -> None:
         server = ServerUnderTest(data)
         try:
             for scenario in scenarios.values():
-                results["trackhouse"][scenario.name] = measure(server.http, scenario, args.repeats)
+                if scenario.name in args.scenarios.split(","):
+                    results["trackhouse"][scenario.name] = measure(server.http, scenario, args.repeats)
         finally:
             server.stop()
         if not args.skip_stock:
@@ -358,7 +360,8 @@ def main() -> None:
             process, endpoint = start_stock_mlflow(Path(tmp) / "stock", workers=1, timeout_s=600)
             try:
                 for scenario in stock_scenarios.values():
-                    results["stock"][scenario.name] = measure(endpoint, scenario, args.repeats)
+                    if scenario.name in args.scenarios.split(","):
+                        results["stock"][scenario.name] = measure(endpoint, scenario, args.repeats)
             finally:
                 stop_stock_mlflow(process)
     out = save_results("uimix", results, started)
@@ -373,6 +376,8 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
     }
     lines = []
     for name, (ours, theirs) in sizes.items():
+        if name not in results["trackhouse"]:
+            continue
         lines += [
             f"\n{name}: trackhouse {ours}; stock {theirs}",
             "| page | call | trackhouse first | p50 | p95 | stock first | p50 | p95 | KB (trackhouse / stock) |",
