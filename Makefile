@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser serve test check lint typecheck proto bench bench-ingest bench-compat clean
+.PHONY: install browser serve test check lint typecheck proto bench bench-ingest bench-compat bench-uimix clean
 
 install: $(STAMP)
 
@@ -50,6 +50,10 @@ bench-ingest: install
 # The MLflow API's read and log-batch targets (loads about 10^8 points first; takes several minutes).
 bench-compat: install
 	$(BIN)/python -m benchmarks.compat $(ARGS)
+
+# The MLflow UI's call mix beside stock MLflow. FULL=1: 10^5 runs and 1,000 runs x 5,000 keys (loads for minutes).
+bench-uimix: install
+	$(BIN)/python -m benchmarks.uimix $(if $(FULL),--full) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache test-artifacts

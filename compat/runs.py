@@ -49,7 +49,7 @@ from trackhouse.ingest.batch import (
 )
 from trackhouse.ingest.catalog import ParamChangedError
 from trackhouse.ingest.errors import UnknownRunError
-from trackhouse.query import datasets, metrics, runs, search
+from trackhouse.query import datasets, runs, search
 from trackhouse.query.runs import RUN_NAME_TAG, RunInfo
 
 DEFAULT_SEARCH_RESULTS = 1000
@@ -113,7 +113,17 @@ class RunsApi:
     async def get(self, request: Request) -> Response:
         message = await wire.parse(request, pb.GetRun())
         run_id = wire.required(message.run_id or message.run_uuid, "run_id")
-        run = wire.run(await self._run(run_id))
+        found, params, tags, latest, inputs = await asyncio.gather(
+            self._backend.read(runs.infos, [run_id]),
+            self._backend.read(runs.params_of, [run_id]),
+            self._backend.read(runs.tags_of, [run_id]),
+            self._backend.read(runs.latest_metrics_json, [run_id]),
+            self._backend.read(datasets.inputs_of, [run_id]),
+        )
+        if run_id not in found:
+            raise not_found(f"Run with id={run_id} not found")
+        (assembled,) = runs.assemble([run_id], found, params, tags, {}, inputs)
+        run = wire.run(assembled, latest[run_id])
         await with_run_models(self._backend, [run])
         return wire.ok({"run": run})
 
@@ -157,11 +167,12 @@ class RunsApi:
             self._backend.read(runs.infos, page.ids),
             self._backend.read(runs.params_of, page.ids),
             self._backend.read(runs.tags_of, page.ids),
-            self._backend.read(metrics.latest, page.ids),
+            # Rendered by ClickHouse: a page of runs with thousands of keys each holds 10^5+ metrics.
+            self._backend.read(runs.latest_metrics_json, page.ids),
             self._backend.read(datasets.inputs_of, page.ids),
         )
-        matched = runs.assemble(page.ids, found, params, tags, latest, inputs)
-        payload: dict[str, Any] = {"runs": [wire.run(r) for r in matched]}
+        matched = runs.assemble(page.ids, found, params, tags, {}, inputs)
+        payload: dict[str, Any] = {"runs": [wire.run(r, latest[r.info.run_id]) for r in matched]}
         await with_run_models(self._backend, payload["runs"])
         if page.next_page_token:
             payload["next_page_token"] = page.next_page_token

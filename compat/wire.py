@@ -176,11 +176,17 @@ def run_info(info: RunInfo) -> dict[str, Any]:
     return shape
 
 
-def run(value: Run) -> dict[str, Any]:
+def run(value: Run, metrics_json: str | None = None) -> dict[str, Any]:
+    """A run's wire shape; `metrics_json` is its metrics already rendered as a JSON array
+    (query.runs.latest_metrics_json), used in place of `value.metrics`."""
     return {
         "info": run_info(value.info),
         "data": {
-            "metrics": [metric(k, p) for k, p in value.metrics.items()],
+            "metrics": (
+                orjson.Fragment(metrics_json)
+                if metrics_json is not None
+                else [metric(k, p) for k, p in value.metrics.items()]
+            ),
             "params": [{"key": k, "value": v} for k, v in value.params.items()],
             "tags": [{"key": k, "value": v} for k, v in value.tags.items()],
         },

@@ -178,3 +178,61 @@ def test_ui_works_behind_basic_auth_for_a_reader(start_server: Callable[..., Run
         no_error_notification(tab)
     # The browser's first request gets the challenge; every other answer is a success.
     assert [p for p in problems if p != "401 GET /"] == []
+
+
+SERIES_POINTS = 200_000
+NAN_STEP = 123_457
+# Each chart's traces, as plotly holds them: the steps on x, the values on y (NaN for a NaN point).
+PLOTTED = """() => [...document.querySelectorAll('.js-plotly-plot')].flatMap(gd => (gd.data || []).map(t => {
+  const x = Array.from(t.x || []), y = Array.from(t.y || []);
+  return {x0: x[0], x1: x[x.length - 1], n: x.length,
+          nan: x.filter((_, i) => y[i] === null || Number.isNaN(y[i]))};
+}))"""
+
+
+def shows_whole_series_with_nan(tab: Page) -> None:
+    """Every plotted trace spans the first to the last step and carries the NaN point at its step.
+
+    The UI plots a NaN as a point whose y is NaN; its line runs past it (it draws no separate marker)."""
+    tab.wait_for_selector(".js-plotly-plot .scatterlayer path.js-line", timeout=60_000)
+    tab.wait_for_function(f"({PLOTTED})().some(t => t.x1 === {SERIES_POINTS - 1})", timeout=60_000)
+    traces = tab.evaluate(PLOTTED)
+    assert traces, "no chart traces"
+    for trace in traces:
+        assert (trace["x0"], trace["x1"]) == (0, SERIES_POINTS - 1), trace
+        assert trace["nan"] == [NAN_STEP], trace
+        assert trace["n"] <= 320 + 2, trace  # the UI's sampled call, not the whole history
+
+
+def test_ui_long_series_shows_first_and_last_step_and_nan(server: RunningServer, page: tuple[Page, list[str]]) -> None:
+    """A 200,000-point series with a NaN, on the single-metric page and in the run's chart."""
+    with Client(server.target) as ingest:
+        run = ingest.start_run(experiment="ui-long-series", name="long-series")
+        steps = np.arange(SERIES_POINTS)
+        values = 1 / np.sqrt(steps + 1.0)
+        values[NAN_STEP] = np.nan
+        run.log_series("loss", steps, values)
+        run.finish()
+    experiment = MlflowClient(server.http_url).get_experiment_by_name("ui-long-series")
+    assert experiment is not None
+    tab, problems = page
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    # The URL the runs table's metric links open (Routes.getMetricPageRoute in the UI's bundle).
+    query = (
+        f'?runs=["{run.run_id}"]&metric="loss"&experiments=["{experiment.experiment_id}"]&plot_metric_keys=["loss"]'
+        "&plot_layout={}&x_axis=step&y_axis_scale=linear&line_smoothness=1&show_point=false"
+        "&deselected_curves=[]&last_linear_y_axis_range=[]"
+    )
+    tab.goto(f"{server.http_url}/#/metric{query}", wait_until="commit")
+    shows_whole_series_with_nan(tab)
+    tab.screenshot(path=ARTIFACTS / "ui-6-long-series-metric-page.png")
+    no_error_notification(tab)
+
+    tab.goto(
+        f"{server.http_url}/#/experiments/{experiment.experiment_id}/runs/{run.run_id}/model-metrics",
+        wait_until="commit",
+    )
+    shows_whole_series_with_nan(tab)
+    tab.screenshot(path=ARTIFACTS / "ui-7-long-series-run-chart.png")
+    no_error_notification(tab)
+    assert problems == []

@@ -1,0 +1,101 @@
+"""query.runs.latest_metrics_json: the metrics ClickHouse renders for runs/get and runs/search, on real chDB.
+
+The rendered array must be the JSON of exactly what compat.wire.metric builds from query.metrics.latest,
+for every special value, signed zero, large and tiny numbers, keys that need escaping, and runs without metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from trackhouse.compat import wire
+from trackhouse.ingest.batch import Batch, Metrics
+from trackhouse.ingest.sink import ClickHouseSink
+from trackhouse.query import metrics, runs
+from trackhouse.query.connection import Client
+
+DB = "trackhouse"
+SPECIAL = [1.0, math.nan, math.inf, -math.inf, 0.1 + 0.2, 0.0, -0.0, 1e-300, 5e-324, 2.5e16, -1.7976931348623157e308]
+
+
+def _write(sql: Client, run_id: str, keys: list[str], values: list[float], steps: list[int]) -> None:
+    n = len(values)
+    ClickHouseSink(sql, DB).write(
+        Batch(
+            metrics=Metrics(
+                run_ids=(run_id,),
+                keys=tuple(keys),
+                run_index=np.zeros(n, np.int32),
+                key_index=np.arange(n, dtype=np.int32) % len(keys),
+                step=np.array(steps, np.int64),
+                timestamp=np.array(steps, np.int64) * 7 + 1_700_000_000_000,
+                value=np.array(values, np.float64),
+            )
+        )
+    )
+
+
+def _expected(sql: Client, run_ids: list[str]) -> dict[str, list[dict[str, object]]]:
+    latest = metrics.latest(sql, DB, run_ids)
+    return {r: [wire.metric(k, p) for k, p in sorted(latest[r].items())] for r in run_ids}
+
+
+def _same(got: list[dict[str, object]], expected: list[dict[str, object]]) -> None:
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected, strict=True):
+        assert g.keys() == e.keys()
+        assert (g["key"], g["timestamp"], g["step"]) == (e["key"], e["timestamp"], e["step"])
+        if isinstance(e["value"], float):
+            # The same double, sign of zero included; JSON may write an integral double without ".0".
+            assert isinstance(g["value"], float | int) and math.copysign(1, g["value"]) == math.copysign(1, e["value"])
+            assert float(g["value"]) == e["value"]
+        else:
+            assert g["value"] == e["value"] == "NaN"
+
+
+def test_special_values_keys_and_empty_runs_render_as_the_wire_shape(sql: Client) -> None:
+    keys = [f"k{i}" for i in range(len(SPECIAL))] + ['quote"and\\back', "unicode.é", "layer 1/x:y-z"]
+    values = [*SPECIAL, 1.5, 2.5, 3.5]
+    _write(sql, "r1", keys, values, list(range(len(values))))
+    # A later step wins over a larger value: the latest is MLflow's (step, timestamp, value) maximum.
+    _write(sql, "r2", ["loss"], [9.0, 1.0], [0, 1])
+    rendered = runs.latest_metrics_json(sql, DB, ["r1", "r2", "absent"])
+    assert rendered["absent"] == "[]"
+    expected = _expected(sql, ["r1", "r2"])
+    for run_id in ("r1", "r2"):
+        _same(json.loads(rendered[run_id]), expected[run_id])
+    assert json.loads(rendered["r2"])[0]["value"] == 1.0
+    assert runs.latest_metrics_json(sql, DB, []) == {}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.integers(-(2**40), 2**40), st.floats(allow_nan=True, allow_infinity=True)),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_random_points_render_their_latest_value(sql: Client, points: list[tuple[int, int, float]]) -> None:
+    run_id = f"h{abs(hash(tuple(map(repr, points))))}"
+    keys = ["a", "b", "c", "d"]
+    n = len(points)
+    ClickHouseSink(sql, DB).write(
+        Batch(
+            metrics=Metrics(
+                run_ids=(run_id,),
+                keys=tuple(keys),
+                run_index=np.zeros(n, np.int32),
+                key_index=np.array([p[0] for p in points], np.int32),
+                step=np.array([p[1] for p in points], np.int64),
+                timestamp=np.zeros(n, np.int64),
+                value=np.array([p[2] for p in points], np.float64),
+            )
+        )
+    )
+    _same(json.loads(runs.latest_metrics_json(sql, DB, [run_id])[run_id]), _expected(sql, [run_id])[run_id])
