@@ -1,7 +1,7 @@
 """Reading metric series: full history, sampled chart series, latest values.
 
 Every read is insensitive to duplicate points (client retries, Kafka redelivery):
-history reads DISTINCT points; the sampled series keeps each bucket's minimum
+history drops repeats of a point as it reads; the sampled series keeps each bucket's minimum
 and maximum, which duplicates cannot change; latest is a maximum.
 User input travels only as bound parameters.
 """
@@ -52,17 +52,17 @@ def history(
 
     Keyset pagination: a page starts strictly after the last point of the previous one, so pages stay
     stable while points are being added. The table is sorted by step, so a page is first read in step
-    order, which ClickHouse streams from the sort key. When timestamps grow with steps (nearly always),
-    that is timestamp order too, and one count over the page's timestamp window proves it (a minmax
-    index skips the rest of the series). Otherwise the page is read sorted by timestamp: exact, slower.
+    order, which ClickHouse reads from the sort key, stopping after the page. When timestamps grow with
+    steps (nearly always), that is timestamp order too, and one count over the page's timestamp window
+    proves it (a minmax index skips the rest of the series). Otherwise the page is read sorted by
+    timestamp: exact, slower. Each query fetches at most `limit + 1` rows.
     """
     table = f"{database}.{schema.METRICS}"
-    parameters: dict[str, object] = {"run": run_id, "key": key, "limit": limit + 1}
-    if after is not None:
-        parameters.update(_bound("a", after))
-    read = _page(client, table, parameters, after is not None, by_step=True)
-    if not _is_timestamp_page(client, table, parameters, after is not None, read, limit):
-        read = _page(client, table, parameters, after is not None, by_step=False)
+    series: dict[str, object] = {"run": run_id, "key": key}
+    read = _distinct_rows(client, table, series, after, limit + 1, by_step=True)
+    if read is None or not _is_timestamp_page(client, table, series, after, read, limit):
+        read = _distinct_rows(client, table, series, after, limit + 1, by_step=False)
+        assert read is not None, "the time-ordered read sorts by the value order itself"
     if len(read) <= limit:
         return HistoryPage(read.step, read.timestamp, read.value, None)
     return HistoryPage(read.step[:limit], read.timestamp[:limit], read.value[:limit], read.point(limit - 1))
@@ -70,8 +70,11 @@ def history(
 
 #: A value's place in MLflow's order (NaN after every number), comparable in a tuple; see schema.value_order_sql.
 _VALUE_ORDER = schema.value_order_sql("value", schema.NAN_LOW)
-_A_STEP_FIRST = "{a_s:Int64}, {a_t:Int64}, {a_o:Int64}"
 _SERIES = "run_id = {run:String} AND key = {key:String}"
+_IN_STEP_ORDER = "step, timestamp, value"
+#: Sorting by the value order itself costs the step-ordered read its early stop (measured: 4x slower per page);
+#: the time-ordered read sorts anyway.
+_IN_TIME_ORDER = f"timestamp, step, {_VALUE_ORDER}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,16 +89,56 @@ class _Columns:
     def point(self, index: int) -> Point:
         return int(self.step[index]), int(self.timestamp[index]), float(self.value[index])
 
+    def __getitem__(self, rows: Any) -> _Columns:
+        return _Columns(self.step[rows], self.timestamp[rows], self.value[rows])
 
-def _page(client: Client, table: str, parameters: dict[str, object], has_after: bool, by_step: bool) -> _Columns:
+
+def _distinct_rows(
+    client: Client, table: str, series: dict[str, object], after: Point | None, wanted: int, by_step: bool
+) -> _Columns | None:
+    """Up to `wanted` distinct points strictly after `after`, in (step, timestamp, value) or (timestamp, step,
+    value) order; None if the step-ordered rows are not in that order by the value order (ClickHouse sorts
+    -0.0 and 0.0 as equal, the value order does not).
+
+    Rows are read without DISTINCT, which reads the rest of the series before its LIMIT applies (measured:
+    350 ms per page at the start of a 10^7-point series, 27 ms near its end). Duplicates are adjacent in
+    this order and dropped here; a query fetches at most `wanted` rows, and another follows from the last
+    row only when duplicates were dropped."""
+    parts: list[_Columns] = []
+    found = 0
+    start = after
+    while found < wanted:
+        asked = wanted - found
+        rows = _rows(client, table, series, start, asked, by_step)
+        kept = _distinct_in_order(rows, by_step)
+        if kept is None:
+            return None
+        parts.append(kept)
+        found += len(kept)
+        if len(rows) < asked:
+            break
+        start = rows.point(len(rows) - 1)
+    if len(parts) == 1:
+        return parts[0]
+    return _Columns(*(np.concatenate([getattr(p, c) for p in parts]) for c in ("step", "timestamp", "value")))
+
+
+def _rows(
+    client: Client, table: str, series: dict[str, object], after: Point | None, limit: int, by_step: bool
+) -> _Columns:
+    """At most `limit` stored rows strictly after `after` in step or time order, duplicates included."""
     where = _SERIES
-    if has_after and by_step:
-        where += f" AND step >= {{a_s:Int64}} AND (step, timestamp, {_VALUE_ORDER}) > ({_A_STEP_FIRST})"
-    elif has_after:
-        where += f" AND timestamp >= {{a_t:Int64}} AND {_after_in_time('a', '>')}"
-    order = "step, timestamp, value" if by_step else "timestamp, step, value"
+    parameters = {**series, "limit": limit}
+    if after is not None:
+        parameters.update(_bound("a", after))
+        where += (
+            f" AND step >= {{a_s:Int64}} AND {_after_in_steps('a')}"
+            if by_step
+            else f" AND timestamp >= {{a_t:Int64}} AND {_after_in_time('a', '>')}"
+        )
+    order = _IN_STEP_ORDER if by_step else _IN_TIME_ORDER
     rows = client.query_np(
-        f"SELECT DISTINCT step, timestamp, value FROM {table} WHERE {where} ORDER BY {order} LIMIT {{limit:UInt64}}",
+        f"SELECT step, timestamp, value FROM {table} WHERE {where} ORDER BY {order} LIMIT {{limit:UInt64}}",
         parameters=parameters,
     )
     if not len(rows):
@@ -103,8 +146,38 @@ def _page(client: Client, table: str, parameters: dict[str, object], has_after: 
     return _Columns(
         np.ascontiguousarray(rows["step"], np.int64),
         np.ascontiguousarray(rows["timestamp"], np.int64),
-        np.ascontiguousarray(rows["value"], np.float64),
+        # -0.0 is 0.0, as in stock MLflow's SQL (its key holds the value): one point, one place in the order.
+        np.ascontiguousarray(rows["value"], np.float64) + 0.0,
     )
+
+
+def _distinct_in_order(rows: _Columns, by_step: bool) -> _Columns | None:
+    """`rows` without repeats of a point, if they are in order (None otherwise)."""
+    if len(rows) < 2:
+        return rows
+    first, second = (rows.step, rows.timestamp) if by_step else (rows.timestamp, rows.step)
+    order = _value_order(rows.value)
+    later = _ascending(first, second, order)
+    if later.all():
+        return rows
+    same = (first[1:] == first[:-1]) & (second[1:] == second[:-1]) & (order[1:] == order[:-1])
+    if not (later | same).all():
+        return None
+    return rows[np.append(True, later)]
+
+
+def _ascending(first: Int64Array, second: Int64Array, third: Int64Array) -> npt.NDArray[np.bool_]:
+    """Whether each row is strictly after the one before it, ordered by (first, second, third)."""
+    a, b, c = first, second, third
+    result: npt.NDArray[np.bool_] = (a[1:] > a[:-1]) | (
+        (a[1:] == a[:-1]) & ((b[1:] > b[:-1]) | ((b[1:] == b[:-1]) & (c[1:] > c[:-1])))
+    )
+    return result
+
+
+def _after_in_steps(prefix: str) -> str:
+    p = prefix
+    return f"(step, timestamp, {_VALUE_ORDER}) > ({{{p}_s:Int64}}, {{{p}_t:Int64}}, {{{p}_o:Int64}})"
 
 
 def _after_in_time(prefix: str, op: str) -> str:
@@ -114,7 +187,7 @@ def _after_in_time(prefix: str, op: str) -> str:
 
 def _bound(prefix: str, point: Point) -> dict[str, object]:
     step, timestamp, value = point
-    order = int(_value_order(np.array([value], np.float64))[0])
+    order = int(_value_order(np.array([value + 0.0], np.float64))[0])  # -0.0 is 0.0, as in _rows
     return {f"{prefix}_s": step, f"{prefix}_t": timestamp, f"{prefix}_o": order}
 
 
@@ -127,34 +200,41 @@ def _value_order(value: Float64Array) -> Int64Array:
 
 
 def _is_timestamp_page(
-    client: Client, table: str, parameters: dict[str, object], has_after: bool, read: _Columns, limit: int
+    client: Client, table: str, series: dict[str, object], after: Point | None, read: _Columns, limit: int
 ) -> bool:
-    """Whether the page read in step order is also the page in (timestamp, step, value) order: its points are
-    in that order, and no other point falls in its window of that order (after, its last point]."""
-    page = _Columns(read.step[:limit], read.timestamp[:limit], read.value[:limit])
+    """Whether the page read in step order is also the page in (timestamp, step, value) order.
+
+    The page holds the points strictly after `after` up to its last point in step order. It is the window
+    (after, its last point] of time order when its points are in that order, and no point outside it in step
+    order falls in the window. For a point before the page in steps, that means a smaller step than
+    `after`'s and a later timestamp; for one after it, a larger step than the last point's and an earlier
+    timestamp (an equal step cannot fall in the window either way). So one count of plain step and timestamp
+    ranges decides, and when timestamps grow with steps the sort key and the timestamp index leave it a
+    granule or two to read. It counts points that must not exist, so duplicates cannot mislead it."""
+    page = read[:limit]
     order = _value_order(page.value)
-    t, s = page.timestamp, page.step
-    ascending = (t[1:] > t[:-1]) | (
-        (t[1:] == t[:-1]) & ((s[1:] > s[:-1]) | ((s[1:] == s[:-1]) & (order[1:] > order[:-1])))
-    )
-    if not ascending.all():
+    if not _ascending(page.timestamp, page.step, order).all():
         return False
-    where = _SERIES
-    bounds = dict(parameters)
-    if has_after:
-        if len(page) and (int(t[0]), int(s[0]), int(order[0])) <= (bounds["a_t"], bounds["a_s"], bounds["a_o"]):
+    more = len(read) > limit  # more points follow in step order: the window ends at the page's last point
+    parameters = dict(series)
+    outside = []
+    if after is not None:
+        parameters.update(_bound("a", after))
+        first = (int(page.timestamp[0]), int(page.step[0]), int(order[0])) if len(page) else None
+        if first is not None and first <= (after[1], after[0], parameters["a_o"]):
             return False
-        where += f" AND timestamp >= {{a_t:Int64}} AND {_after_in_time('a', '>')}"
-    if len(read) > limit:  # more points follow in step order: the window ends at the page's last point
-        bounds.update(_bound("l", page.point(len(page) - 1)))
-        where += f" AND timestamp <= {{l_t:Int64}} AND {_after_in_time('l', '<=')}"
-    # Rows first (cheap): at least the distinct points, so equal means no other point; duplicates not yet
-    # merged away make it larger, and only then are the distinct points counted.
-    for counted in ("count()", "uniqExact(step, timestamp, value)"):
-        count = int(client.query(f"SELECT {counted} FROM {table} WHERE {where}", parameters=bounds).result_rows[0][0])
-        if count == len(page):
-            return True
-    return False
+        before = "step < {a_s:Int64} AND timestamp > {a_t:Int64}"
+        outside.append(before + " AND timestamp <= {l_t:Int64}" if more else before)
+    if more:
+        parameters.update(_bound("l", page.point(len(page) - 1)))
+        beyond = "step > {l_s:Int64} AND timestamp < {l_t:Int64}"
+        outside.append(beyond + " AND timestamp >= {a_t:Int64}" if after is not None else beyond)
+    if not outside:
+        return True
+    # One statement with OR: the key prunes the page's own steps, the timestamp index all but its window.
+    where = " OR ".join(f"({side})" for side in outside)
+    count = client.query(f"SELECT count() FROM {table} WHERE {_SERIES} AND ({where})", parameters=parameters)
+    return int(count.result_rows[0][0]) == 0
 
 
 def sampled(

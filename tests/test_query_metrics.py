@@ -203,7 +203,7 @@ def test_sampled_long_series_reads_stored_buckets_and_keeps_the_rules(sql: Clien
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     st.lists(
-        st.tuples(st.integers(0, 30), st.integers(0, 30), st.sampled_from([0.0, -1.5, 2.0, math.nan, math.inf])),
+        st.tuples(st.integers(0, 30), st.integers(0, 30), st.sampled_from([0.0, -0.0, -1.5, 2.0, math.nan, math.inf])),
         min_size=0,
         max_size=80,
     ),
@@ -214,7 +214,7 @@ def test_history_pages_are_stocks_order_whatever_the_arrival(
     sql: Client, rows: list[tuple[int, int, float]], limit: int, monotone: bool
 ) -> None:
     """Paged in (timestamp, step, value) order, each distinct point once, whether timestamps grow with steps
-    (the step-order fast path) or not (the sorted read), with duplicates stored twice."""
+    (the step-order fast path) or not (the sorted read), with duplicates stored twice; -0.0 is 0.0's point."""
     run_id = uuid.uuid4().hex
     if monotone:  # timestamps that grow with steps: every page takes the fast path
         rows = [(s, s * 100 + t, v) for s, t, v in rows]
