@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -24,8 +26,11 @@ from trackhouse.query.metrics import Point
 #: MLflow's limits for the chart call (mlflow/server/handlers.py).
 MAX_RUNS_PER_CHART = 100
 MAX_POINTS_PER_RUN = 2500
-#: Points per read and per written chunk of a long history: bounds the server's memory per response.
-HISTORY_CHUNK = 65_536
+#: Points per query of a long history: a query costs ~10 ms of chDB's time beyond its rows (measured), so
+#: long reads take big pages; they cost 24 bytes a point as numpy columns.
+HISTORY_READ = 262_144
+#: Points per written chunk: JSON costs about 85 bytes a point, so this bounds the memory of a response.
+HISTORY_WRITE = 65_536
 #: The older bulk call the metric page uses.
 MAX_BULK_HISTORY = 25_000
 
@@ -51,38 +56,47 @@ class MetricsApi:
             raise invalid(f"Invalid value {limit} for parameter 'max_results' supplied. It must be a positive integer.")
         after = decode_page_token(message.page_token) if message.page_token else None
         # An unknown run has an empty history, as in stock MLflow.
-        return _json_stream(self._history_body(run_id, key, limit, after))
+        return await _json_stream(_history_body(self._chunks([run_id], key, limit, after, with_run_id=False)))
 
-    async def _history_body(
-        self, run_id: str, key: str, limit: int | None, after: Point | None
-    ) -> AsyncIterator[bytes]:
-        """`{"metrics": [...], "next_page_token": ...}` in chunks: without max_results MLflow answers the
-        whole series in one response, so it is read and written HISTORY_CHUNK points at a time."""
-        opened = False
-        async for page in self._pages(run_id, key, limit, after):
-            if len(page):
-                objects = wire.metric_objects(key, page.step, page.timestamp, page.value)
-                yield (b"," if opened else b'{"metrics":[') + objects
-                opened = True
-            after = page.next_after
-        token = b'"next_page_token":' + orjson.dumps(encode_page_token(after)) if after is not None else b""
-        yield (b"]" + (b"," + token if token else b"") if opened else b"{" + token) + b"}"
-
-    async def _pages(
-        self, run_id: str, key: str, limit: int | None, after: Point | None
-    ) -> AsyncIterator[metrics.HistoryPage]:
-        """Pages of at most HISTORY_CHUNK points until `limit` points or the end; the last page's
-        next_after says whether more follow."""
+    async def _chunks(
+        self, run_ids: list[str], key: str, limit: int | None, after: Point | None, with_run_id: bool
+    ) -> AsyncIterator[_Chunk]:
+        """The runs' histories in turn as JSON chunks, `limit` points in all (None: every point), the first run's
+        from `after`. Without max_results MLflow answers a whole series in one response, so it is read
+        HISTORY_READ points a query and written HISTORY_WRITE points a chunk, both in worker threads; the next
+        page is read while the current one is written."""
         remaining = limit
-        while True:
-            size = HISTORY_CHUNK if remaining is None else min(HISTORY_CHUNK, remaining)
-            page = await self._backend.read(metrics.history, run_id, key, size, after)
-            yield page
-            after = page.next_after
-            if remaining is not None:
-                remaining -= len(page)
-            if after is None or remaining == 0:
-                return
+        opened = False
+        runs = iter(run_ids)
+
+        def read(run_id: str, after: Point | None) -> asyncio.Future[tuple[str, metrics.HistoryPage]]:
+            size = HISTORY_READ if remaining is None else min(HISTORY_READ, remaining)
+            return asyncio.ensure_future(self._page(run_id, key, size, after))
+
+        first = next(runs, None)
+        pending = read(first, after) if first is not None else None
+        try:
+            while pending is not None:
+                run_id, page = await pending
+                pending = None
+                if remaining is not None:
+                    remaining -= len(page)
+                if remaining != 0 and page.next_after is not None:
+                    pending = read(run_id, page.next_after)
+                elif remaining != 0 and (following := next(runs, None)) is not None:
+                    pending = read(following, None)
+                for begin in range(0, max(len(page), 1), HISTORY_WRITE):
+                    shown = run_id if with_run_id else None
+                    written = await asyncio.to_thread(_json, page, begin, key, shown, opened)
+                    opened = opened or bool(written)
+                    last = begin + HISTORY_WRITE >= len(page)
+                    yield _Chunk(written, page.next_after if last else None)
+        finally:
+            if pending is not None:  # the client went away: let the read finish on its pooled client, unobserved
+                pending.add_done_callback(_ignore)
+
+    async def _page(self, run_id: str, key: str, size: int, after: Point | None) -> tuple[str, metrics.HistoryPage]:
+        return run_id, await self._backend.read(metrics.history, run_id, key, size, after)
 
     async def bulk_interval(self, request: Request) -> Response:
         message = await wire.parse(request, pb.GetMetricHistoryBulkInterval())
@@ -119,25 +133,62 @@ class MetricsApi:
             raise invalid("max_results must be an integer") from None
         if limit <= 0:  # stock would slice with it (a negative one drops points from the end); refuse instead
             raise invalid(f"Invalid value {limit} for parameter 'max_results' supplied. It must be a positive integer.")
-        return _json_stream(self._bulk_body(run_ids, key, max(limit, 0)))
-
-    async def _bulk_body(self, run_ids: list[str], key: str, limit: int) -> AsyncIterator[bytes]:
-        """As stock: each run's first points in history order, runs in id order, `limit` points in all."""
-        opened = False
-        for run_id in run_ids:
-            if not limit:
-                break
-            async for page in self._pages(run_id, key, limit, None):
-                if len(page):
-                    objects = wire.metric_objects(key, page.step, page.timestamp, page.value, run_id)
-                    yield (b"," if opened else b'{"metrics":[') + objects
-                    opened = True
-                limit -= len(page)
-        yield b"]}" if opened else b'{"metrics":[]}'
+        return await _json_stream(_bulk_body(self._chunks(run_ids, key, limit, None, with_run_id=True)))
 
 
-def _json_stream(body: AsyncIterator[bytes]) -> Response:
-    return StreamingResponse(body, media_type="application/json")
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    #: Metric objects after `[` (the first) or `,`; empty for a history without points.
+    json: bytes
+    #: Where the next page starts: the history's last chunk so far, None when nothing follows.
+    next_after: Point | None
+
+
+def _json(page: metrics.HistoryPage, begin: int, key: str, run_id: str | None, opened: bool) -> bytes:
+    """HISTORY_WRITE of the page's points from `begin` as metric objects, opening the list unless `opened`."""
+    end = begin + HISTORY_WRITE
+    step, timestamp, value = page.step[begin:end], page.timestamp[begin:end], page.value[begin:end]
+    return wire.metric_objects(key, step, timestamp, value, run_id, lead=b"," if opened else b"[")
+
+
+async def _history_body(chunks: AsyncIterator[_Chunk]) -> AsyncIterator[bytes]:
+    """`{"metrics": [...], "next_page_token": ...}`, as stock writes it: `{}` for an empty history."""
+    opened = False
+    after = None
+    async for chunk in chunks:
+        if chunk.json:
+            yield chunk.json if opened else b'{"metrics":' + chunk.json
+            opened = True
+        after = chunk.next_after
+    token = b'"next_page_token":' + orjson.dumps(encode_page_token(after)) if after is not None else b""
+    yield (b"]" + (b"," + token if token else b"") if opened else b"{" + token) + b"}"
+
+
+async def _bulk_body(chunks: AsyncIterator[_Chunk]) -> AsyncIterator[bytes]:
+    """As stock: each run's first points in history order, runs in id order, `limit` points in all."""
+    opened = False
+    async for chunk in chunks:
+        if chunk.json:
+            yield chunk.json if opened else b'{"metrics":' + chunk.json
+            opened = True
+    yield b"]}" if opened else b'{"metrics":[]}'
+
+
+async def _json_stream(body: AsyncIterator[bytes]) -> Response:
+    """The body's first chunk is made here, so that a failing first read is an MLflow error, not a cut stream."""
+    first = await anext(body)
+
+    async def rest() -> AsyncIterator[bytes]:
+        yield first
+        async for chunk in body:
+            yield chunk
+
+    return StreamingResponse(rest(), media_type="application/json")
+
+
+def _ignore(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _check_run_count(run_ids: list[str], message: str) -> None:
