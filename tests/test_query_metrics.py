@@ -55,6 +55,51 @@ def test_history_pages_through_distinct_points_in_order(sql: Client) -> None:
     assert metrics.history(sql, DB, "r", "other", limit=10).points == []
 
 
+def test_a_long_series_pages_to_its_stored_points_in_bounded_reads(sql: Client) -> None:
+    """Pages concatenate to the unpaged answer and to the stored points, retried points shown once, and no
+    query fetches more rows than a page and one (memory per response stays flat in the series length)."""
+    n, page_size = 200_000, 10_000
+    steps = np.arange(n)
+    values = np.cumsum(np.random.default_rng(7).standard_normal(n))
+    stamps = 1_700_000_000_000 + steps * 10
+    write(sql, "long", "loss", steps, values, stamps)
+    retried = slice(n // 2, n // 2 + 3 * page_size // 2)  # unmerged duplicates across a page boundary
+    write(sql, "long", "loss", steps[retried], values[retried], stamps[retried])
+    whole = metrics.history(sql, DB, "long", "loss", limit=n + 1)
+    assert whole.next_after is None
+    assert (whole.step == steps).all() and (whole.timestamp == stamps).all() and (whole.value == values).all()
+    counting = _RowCounting(sql)
+    pages, after = [], None
+    while True:
+        page = metrics.history(counting, DB, "long", "loss", limit=page_size, after=after)
+        pages.append(page)
+        if page.next_after is None:
+            break
+        after = page.next_after
+    assert [len(p) for p in pages] == [page_size] * (n // page_size)
+    for column in ("step", "timestamp", "value"):
+        assert (np.concatenate([getattr(p, column) for p in pages]) == getattr(whole, column)).all()
+    assert max(counting.fetched) == page_size + 1
+
+
+class _RowCounting:
+    """The real client, noting how many rows each query fetched."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self.fetched: list[int] = []
+
+    def query_np(self, *args: Any, **kwargs: Any) -> Any:
+        rows = self._client.query_np(*args, **kwargs)
+        self.fetched.append(len(rows))
+        return rows
+
+    def query(self, *args: Any, **kwargs: Any) -> Any:
+        result = self._client.query(*args, **kwargs)
+        self.fetched.append(len(result.result_rows))
+        return result
+
+
 def test_sampled_series_keeps_spikes_extremes_and_alignment(sql: Client) -> None:
     n = 100_000
     steps = np.arange(n)
