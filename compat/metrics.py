@@ -133,6 +133,7 @@ class MetricsApi:
             raise invalid("max_results must be an integer") from None
         if limit <= 0:  # stock would slice with it (a negative one drops points from the end); refuse instead
             raise invalid(f"Invalid value {limit} for parameter 'max_results' supplied. It must be a positive integer.")
+        limit = min(limit, MAX_BULK_HISTORY)  # as stock
         return await _json_stream(_bulk_body(self._chunks(run_ids, key, limit, None, with_run_id=True)))
 
 

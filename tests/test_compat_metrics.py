@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import RunningServer
 from tests.stock import stock_server
+from trackhouse.compat import metrics as compat_metrics
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +112,62 @@ def test_bulk_history_streams_runs_in_order_capped_in_total(both: dict[str, str]
         ).json()["metrics"]
         expected = [(r, s) for r in sorted(run_ids) for s in range(3)][:4]
         assert [(m["run_id"], m["step"]) for m in answer] == expected, name
+
+
+def test_long_histories_in_many_reads_and_chunks_answer_as_stock(
+    both: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reads and written chunks far smaller than the series, as a 10^7-point series meets the real sizes:
+    get-history unpaged and through page tokens, and get-history-bulk across runs, answer as stock does,
+    special values and a stretch of falling timestamps (time order unlike step order) included."""
+    monkeypatch.setattr(compat_metrics, "HISTORY_READ", 700)
+    monkeypatch.setattr(compat_metrics, "HISTORY_WRITE", 300)
+    special = {500: math.inf, 1500: -math.inf, **{s: math.nan for s in range(0, 2000, 97)}}
+    long = [
+        Metric("loss", special.get(s, s % 7 - 3.0), 50_000 - s if 900 <= s < 1000 else 1_000 + s * 10, s)
+        for s in range(2000)
+    ]
+    runs = {name: [_logged(url, long), _logged(url, long[:500])] for name, url in both.items()}
+    unpaged = {
+        name: get(url, "metrics/get-history", run_id=runs[name][0], metric_key="loss") for name, url in both.items()
+    }
+    assert points(unpaged["trackhouse"]) == points(unpaged["stock"])
+    for name, url in both.items():
+        paged: list[tuple[Any, ...]] = []
+        token = None
+        while True:
+            params = {"run_id": runs[name][0], "metric_key": "loss", "max_results": 450}
+            page = get(url, "metrics/get-history", **params, **({"page_token": token} if token else {}))
+            paged += points(page)
+            token = page.get("next_page_token")
+            if not token:
+                break
+        assert paged == points(unpaged["stock"]), name
+    bulk = {}
+    for name, url in both.items():
+        answer = requests.get(
+            f"{url}/ajax-api/2.0/mlflow/metrics/get-history-bulk",
+            params={"run_id": runs[name], "metric_key": "loss", "max_results": "2300"},
+            timeout=60,
+        ).json()["metrics"]
+        labels = {run_id: label for label, run_id in enumerate(runs[name])}
+        bulk[name] = [(labels[m["run_id"]], m["step"], m["timestamp"], _nan_as_text(m["value"])) for m in answer]
+    assert bulk["trackhouse"] == bulk["stock"]
+    assert len(bulk["stock"]) == 2300
+
+
+def _nan_as_text(value: Any) -> Any:
+    """Stock's bulk call writes NaN bare (Flask's JSON); trackhouse writes "NaN", as get-history does."""
+    return "NaN" if isinstance(value, float) and math.isnan(value) else value
+
+
+def _logged(url: str, metrics: list[Metric]) -> str:
+    """A new run holding `metrics`, logged 1,000 a call; its id."""
+    client = MlflowClient(tracking_uri=url)
+    run_id = client.create_run("0").info.run_id
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+    return run_id
 
 
 def test_chart_call_answers_as_many_points_as_stock(both: dict[str, str]) -> None:
