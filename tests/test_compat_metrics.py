@@ -164,7 +164,7 @@ def _nan_as_text(value: Any) -> Any:
 def _logged(url: str, metrics: list[Metric]) -> str:
     """A new run holding `metrics`, logged 1,000 a call; its id."""
     client = MlflowClient(tracking_uri=url)
-    run_id = client.create_run("0").info.run_id
+    run_id: str = client.create_run("0").info.run_id
     for start in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[start : start + 1000])
     return run_id
