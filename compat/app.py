@@ -21,6 +21,8 @@ from trackhouse.compat.limits import BodyLimit, HttpLimits
 from trackhouse.compat.logged_models import LoggedModelsApi
 from trackhouse.compat.logged_models import artifact_routes as model_artifact_routes
 from trackhouse.compat.metrics import MetricsApi
+from trackhouse.compat.ranks import PREFIXES as TRACKHOUSE_PREFIXES
+from trackhouse.compat.ranks import RanksApi
 from trackhouse.compat.registry import RegistryApi
 from trackhouse.compat.registry_store import RegistryStore
 from trackhouse.compat.routing import mlflow_routes
@@ -66,6 +68,9 @@ def create_app(
         if artifacts is not None:
             routes += artifact_routes(artifacts, runs.artifact_uri)
             routes += model_artifact_routes(artifacts, logged_models)
+        # --- trackhouse's own read API for distributed runs (issue 16): GET only, so readers may call it. ---
+        routes += mlflow_routes(RanksApi(backend).endpoints(), TRACKHOUSE_PREFIXES)
+        # --- end of the rank API ---
         routes += ui_routes(GraphQlApi())
     # The edge's policy, here and nowhere else, outermost first: Host, CORS and authentication (so nobody
     # unauthenticated gets a body read), then the body caps (artifact uploads get their own, larger cap).

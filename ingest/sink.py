@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 from clickhouse_connect.driver import exceptions as ch_errors
 
+from trackhouse.ingest import rank_summaries
 from trackhouse.ingest.batch import Batch, Int32Array, Int64Array, Metrics
 from trackhouse.ingest.errors import PermanentError, RetryableError
 from trackhouse.ingest.summaries import Buckets, Summaries, pack, summarize
@@ -95,6 +96,10 @@ class _Dictionaries:
     def __init__(self, metrics: Metrics) -> None:
         self._runs = pa.array(metrics.run_ids, pa.string())
         self._keys = pa.array(metrics.keys, pa.string())
+
+    @property
+    def arrays(self) -> tuple[pa.Array, pa.Array]:
+        return self._runs, self._keys
 
     def columns(self, run_index: Int32Array, key_index: Int32Array) -> dict[str, pa.Array]:
         return {
@@ -245,6 +250,14 @@ class ClickHouseSink:
             self._insert_arrow(schema.METRICS, metrics_table(batch.metrics, dictionaries))
             self._insert_arrow(schema.LATEST_METRICS, latest_table(summaries, dictionaries))
             self._insert_arrow(schema.METRIC_BUCKETS, buckets_table(summaries, dictionaries))
+            self._write_rank_summaries(batch.metrics, dictionaries)
+
+    def _write_rank_summaries(self, metrics: Metrics, dictionaries: _Dictionaries) -> None:
+        """The rank API's summaries (ingest.rank_summaries), like the others after the points."""
+        ranks = rank_summaries.summarize_ranks(metrics)
+        runs, keys = dictionaries.arrays
+        self._insert_arrow(schema.RANK_SERIES, rank_summaries.series_table(ranks, runs, keys))
+        self._insert_arrow(schema.RANK_BUCKETS, rank_summaries.buckets_table(ranks, runs, keys))
 
     def _write_datasets(self, batch: Batch) -> None:
         # Datasets before the inputs that point at them.

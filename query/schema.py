@@ -63,6 +63,15 @@ LOGGED_MODEL_TAGS = "logged_model_tags"
 LOGGED_MODEL_PARAMS = "logged_model_params"
 RUN_MODELS = "run_models"
 
+#: Distributed runs (migration 10): each (run, key, rank, node)'s first and latest point and its step-rate
+#: anchors (see rank_series_select), and per RANK_WIDTH steps its last point and which steps hold a point, a
+#: NaN or an infinity (see rank_buckets_select). ingest.rank_summaries computes both; query.ranks reads them.
+RANK_SERIES = "metric_ranks"
+RANK_BUCKETS = "metric_rank_buckets"
+#: Steps per metric_rank_buckets row: one bit per step in its UInt32 step maps.
+RANK_WIDTH = 32
+#: A rank's step rate is measured from a point RATE_WINDOW/2 to RATE_WINDOW steps back (two staggered windows).
+RATE_WINDOW = 256
 #: Every table the sink inserts into; migration 12 makes each drop a repeated insert (see DEDUPLICATION_WINDOW).
 DEDUPLICATED_TABLES = (
     EXPERIMENTS,
@@ -79,6 +88,8 @@ DEDUPLICATED_TABLES = (
     METRICS,
     LATEST_METRICS,
     METRIC_BUCKETS,
+    RANK_SERIES,
+    RANK_BUCKETS,
 )
 #: Inserts per table whose tokens a table that is not replicated remembers: minutes of flushes at the busiest
 #: (metrics), far longer for the small tables; a retry comes within the batcher's backoff, seconds.
@@ -403,6 +414,46 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
         ),
     ),
     (
+        10,
+        (
+            # Distributed runs: per-rank summaries, so the rank API reads ranks x keys rows (metric_ranks) or
+            # ranks x steps/32 rows (metric_rank_buckets) instead of every point. Every column is a min, max or
+            # bitwise OR of whole points, so duplicates and redeliveries fold into the same answer.
+            """CREATE TABLE IF NOT EXISTS {db}.metric_ranks (
+                run_id LowCardinality(String),
+                key LowCardinality(String),
+                rank UInt32,
+                node LowCardinality(String),
+                first SimpleAggregateFunction(min, Int256),
+                last SimpleAggregateFunction(max, Int256),
+                window_a SimpleAggregateFunction(max, Int256),
+                window_b SimpleAggregateFunction(max, Int256)
+            ) ENGINE = AggregatingMergeTree
+            ORDER BY (run_id, key, rank, node)""",
+            """CREATE TABLE IF NOT EXISTS {db}.metric_rank_buckets (
+                run_id LowCardinality(String),
+                key LowCardinality(String),
+                bucket Int64,
+                rank UInt32,
+                node LowCardinality(String),
+                last SimpleAggregateFunction(max, Int128),
+                steps SimpleAggregateFunction(groupBitOr, UInt32),
+                nan_steps SimpleAggregateFunction(groupBitOr, UInt32),
+                inf_steps SimpleAggregateFunction(groupBitOr, UInt32)
+            ) ENGINE = AggregatingMergeTree
+            ORDER BY (run_id, key, bucket, rank, node)""",
+            """INSERT INTO {db}.metric_ranks SELECT {rank_series_select} FROM {db}.metrics
+            GROUP BY run_id, key, rank, node""",
+            """INSERT INTO {db}.metric_rank_buckets SELECT {rank_buckets_select} FROM {db}.metrics
+            GROUP BY run_id, key, bucket, rank, node""",
+            # Stores that applied migration 12 first: these tables drop repeated inserts too.
+            *(
+                f"ALTER TABLE {{db}}.{table} MODIFY SETTING non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}"
+                for table in (RANK_SERIES, RANK_BUCKETS)
+            ),
+        ),
+    ),
+    (
         12,
         # Inserts carry deduplication tokens (ingest.sink.flush_token); a table that is not replicated keeps the
         # last DEDUPLICATION_WINDOW of them, so a retried insert already stored is dropped by ClickHouse itself
@@ -548,6 +599,48 @@ def extremes_select(width: int) -> str:
     )
 
 
+def pack128_sql(first: str, second: str) -> str:
+    """One Int128 that sorts as the int64 pair (first, second), as pack_sql does for triples."""
+    words = (f"bitXor({second}, {_SIGN_BIT})", first)
+    return f"reinterpretAsInt128(concat({', '.join(f'reinterpretAsFixedString({w})' for w in words)}))"
+
+
+def unpack128_sql(packed: str) -> tuple[str, str]:
+    """SQL for the (first, second) int64s packed by pack128_sql."""
+    raw = f"reinterpretAsFixedString({packed})"
+    low = f"reinterpretAsInt64(substring({raw}, 1, 8))"
+    return f"reinterpretAsInt64(substring({raw}, 9, 8))", f"bitXor({low}, {_SIGN_BIT})"
+
+
+def rank_series_select() -> str:
+    """The SELECT list summarising points into metric_ranks rows (for backfills); ingest.rank_summaries in numpy.
+    - first, last: the series' first and latest point, packed (step, timestamp, value order), MLflow's order;
+    - window_a, window_b: the first point of the latest RATE_WINDOW-step window the series reached, packed
+      (window, -step, -timestamp), with windows starting at multiples of RATE_WINDOW (a) or offset by half (b)."""
+    point = pack_sql("step", "timestamp", value_order_sql("value", NAN_LOW))
+    shift = RATE_WINDOW.bit_length() - 1
+    window_a = pack_sql(f"bitShiftRight(step, {shift})", "-step", "-timestamp")
+    window_b = pack_sql(f"bitShiftRight(step + {RATE_WINDOW // 2}, {shift})", "-step", "-timestamp")
+    return (
+        f"run_id, key, rank, node, min({point}) AS first, max({point}) AS last,"
+        f" max({window_a}) AS window_a, max({window_b}) AS window_b"
+    )
+
+
+def rank_buckets_select() -> str:
+    """The SELECT list summarising points into metric_rank_buckets rows (for backfills):
+    - last: the bucket's point at its highest step, packed (step, value order); the largest value on a tie;
+    - steps, nan_steps, inf_steps: bit (step mod RANK_WIDTH) set when that step holds a point, a NaN, a ±Inf."""
+    shift = RANK_WIDTH.bit_length() - 1
+    bit = f"bitShiftLeft(toUInt32(1), toUInt8(bitAnd(step, {RANK_WIDTH - 1})))"
+    return (
+        f"run_id, key, bitShiftRight(step, {shift}) AS bucket, rank, node,"
+        f" max({pack128_sql('step', value_order_sql('value', NAN_LOW))}) AS last,"
+        f" groupBitOr({bit}) AS steps, groupBitOr(if(isNaN(value), {bit}, toUInt32(0))) AS nan_steps,"
+        f" groupBitOr(if(isInfinite(value), {bit}, toUInt32(0))) AS inf_steps"
+    )
+
+
 def _format_arguments(database: str, now: int) -> dict[str, object]:
     return {
         "db": database,
@@ -561,6 +654,8 @@ def _format_arguments(database: str, now: int) -> dict[str, object]:
         "extremes_select_coarse": extremes_select(COARSE_WIDTH),
         "buckets_select_fine": buckets_select(FINE_WIDTH),
         "buckets_select_coarse": buckets_select(COARSE_WIDTH),
+        "rank_series_select": rank_series_select(),
+        "rank_buckets_select": rank_buckets_select(),
     }
 
 

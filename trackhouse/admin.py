@@ -17,6 +17,7 @@ from trackhouse.query.cluster_ddl import NAME, ClusterDdlError
 from trackhouse.query.connection import DEFAULT_DATABASE, StoreConfig, connect
 from trackhouse.query.redaction import Redactor, url_secrets
 from trackhouse.replay import add_replay_command, run_replay
+from trackhouse.ranks_cli import add_ranks_command, run_ranks_command
 
 AUTH_FILE_ENV = "TRACKHOUSE_AUTH_FILE"
 
@@ -57,6 +58,7 @@ def add_admin_commands(commands: Any) -> None:
     )
     _add_schema_command(commands)
     add_replay_command(commands)
+    add_ranks_command(commands)
 
 
 def run_admin_command(args: argparse.Namespace) -> int:
@@ -69,6 +71,8 @@ def run_admin_command(args: argparse.Namespace) -> int:
             return _schema(args)
         if args.command == "replay":
             return run_replay(args)
+        if args.command == "ranks":
+            return run_ranks_command(args)
     except auth.AuthFileError as exc:
         print(f"trackhouse: {exc}", file=sys.stderr)
         return 2
