@@ -62,6 +62,8 @@ def _markdown(results: dict[str, Any], by_pair: dict[tuple[str, str], list[dict[
                 f" {'yes' if all(x['stored_exactly_once'] for x in ms) else 'NO'} |"
             )
         lines.append("")
+        if workload == "llm":
+            lines += _rank_api(pairs)
     lines += [
         "Stock MLflow runs the same shapes scaled down: its rate is measured at that smaller size (see the shapes).",
         "Its logging call is a synchronous `log_batch`, so its call cost and acknowledgement latency are one thing.",
@@ -72,6 +74,32 @@ def _markdown(results: dict[str, Any], by_pair: dict[tuple[str, str], list[dict[
         "Plots: `throughput.png` (points/s, log scale), `ack_latency_cdf.png` (acknowledgement latency).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _rank_api(pairs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The rank API on the LLM run (one slow rank and one NaN rank injected): latency, and whether it found both."""
+    rows = []
+    for system, ms in pairs.items():
+        found = [m["rank_api"] for m in ms if m.get("rank_api")]
+        if not found:
+            continue
+        latency = {name: statistics.median(f["latency_ms"][name] for f in found) for name in found[0]["latency_ms"]}
+        both = all(f["found_slow_rank"] and f["found_nan_rank"] for f in found)
+        rows.append(
+            f"| {system} | {latency['aggregate']:.1f} | {latency['stragglers']:.1f} | {latency['ranks']:.1f} |"
+            f" {'yes' if both else 'NO'} |"
+        )
+    if not rows:
+        return []
+    return [
+        "Rank API on this run (`/api/2.0/trackhouse/`, median of 10 calls each, ms), with rank 1 stepping three",
+        "times slower and rank 2's loss turning to NaN at 70% of the steps:",
+        "",
+        "| system | metrics/aggregate | runs/stragglers | runs/ranks | found the slow rank and the NaN rank |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def _provenance(record: dict[str, Any] | None) -> list[str]:

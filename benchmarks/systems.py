@@ -50,6 +50,8 @@ class System(Protocol):
     client_kind: str
     #: What the client processes connect to.
     endpoint: str
+    #: The HTTP base URL serving trackhouse's rank API (/api/2.0/trackhouse/), or "" where there is none.
+    rank_api: str
 
     def start(self, workdir: Path) -> None: ...
 
@@ -74,6 +76,7 @@ class TrackhouseGrpc:
 
     def __init__(self) -> None:
         self.endpoint = ""
+        self.rank_api = ""
         self._server: ServerUnderTest | None = None
         self._data = Path()
 
@@ -81,6 +84,7 @@ class TrackhouseGrpc:
         self._data = workdir / "trackhouse"
         self._server = ServerUnderTest(self._data)
         self.endpoint = self._server.target
+        self.rank_api = self._server.http
 
     def wait_stored(self, points: int) -> None:
         pass  # the client's close() returns after every point is acknowledged, which means inserted
@@ -105,6 +109,7 @@ class TrackhouseKafka:
 
     def __init__(self) -> None:
         self.endpoint = ""
+        self.rank_api = ""
         self._broker: KafkaBroker | None = None
         self._gateway: ServerUnderTest | None = None
         self._worker: ServerUnderTest | None = None
@@ -119,6 +124,7 @@ class TrackhouseKafka:
         self._worker = ServerUnderTest(self._data, "--role", "worker", *args)
         self._gateway = ServerUnderTest(workdir / "gateway", "--role", "gateway", *args)
         self.endpoint = self._gateway.target
+        self.rank_api = self._worker.http  # a worker stores, so it serves the read API
         self._baseline = self._worker.inserted_points()
 
     def wait_stored(self, points: int) -> None:
@@ -156,6 +162,7 @@ class StockMlflow:
 
     def __init__(self) -> None:
         self.endpoint = ""
+        self.rank_api = ""
         self._process: subprocess.Popen[bytes] | None = None
         self._db = Path()
 

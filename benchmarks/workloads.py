@@ -2,7 +2,8 @@
 
 - HPO sweep: one process drives many concurrent trials, interleaved step by step as a
   sweep scheduler would, each logging a few params and `keys` metrics per step.
-- LLM run: one process is one rank; all ranks log `keys` metrics per step into one run.
+- LLM run: one process is one rank (trackhouse: attach_run with its rank and node); all ranks log `keys`
+  metrics per step into one run, one rank three times slower and one whose loss turns to NaN.
 
 trackhouse is driven through ingest.client, stock MLflow through MlflowClient.log_batch
 (MLflow's fastest write call), so each system gets its best client.
@@ -94,31 +95,57 @@ def hpo_trials(kind: str, endpoint: str, experiment: str, trials: int, keys: int
     ).to_dict()
 
 
+#: The LLM workload's injected faults, found afterwards through the rank API (benchmarks.rank_api).
+SLOW_RANK = 1
+NAN_RANK = 2
+#: The slow rank's clock runs this many times slower per step: a third of the others' step rate.
+SLOW_FACTOR = 3
+#: The NaN rank's loss turns to NaN from this fraction of the steps on.
+NAN_FROM = 0.7
+LLM_KEY = "loss"
+
+
+def llm_names(keys: int) -> list[str]:
+    """The same keys on every rank: `loss`, then per-layer statistics."""
+    stats = ("grad_norm", "weight_norm", "act_mean", "act_std")
+    return [LLM_KEY, *(f"layer.{k // 4}.{stats[k % 4]}" for k in range(keys - 1))]
+
+
+def llm_values(rank: int, keys: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(timestamps, values[step, key]) of one rank, faults injected."""
+    values = np.random.default_rng(rank).random((steps, keys))
+    if rank == NAN_RANK:
+        values[int(steps * NAN_FROM) :, 0] = np.nan
+    per_step = SLOW_FACTOR if rank == SLOW_RANK else 1
+    return TIMESTAMP_MS + np.arange(steps) * per_step, values
+
+
 def llm_rank(kind: str, endpoint: str, run_id: str, rank: int, keys: int, steps: int) -> dict[str, Any]:
     cpu0, t0 = time.process_time(), time.perf_counter()
-    names = [
-        f"rank{rank}/layer.{k // 4}.{('grad_norm', 'weight_norm', 'act_mean', 'act_std')[k % 4]}" for k in range(keys)
-    ]
-    values = np.random.default_rng(rank).random((steps, keys))
+    timestamps, values = llm_values(rank, keys, steps)
     calls: list[float] = []
     if kind == "trackhouse":
         from trackhouse import Client
 
+        names = llm_names(keys)
         with Client(endpoint) as client:
-            run = client.attach_run(run_id)
+            run = client.attach_run(run_id, rank=rank, node=f"node{rank // 4}")  # four ranks per node
             for step in range(steps):
                 row = dict(zip(names, values[step].tolist(), strict=True))
                 c0 = time.perf_counter()
-                run.log_metrics(row, step=step, timestamp_ms=TIMESTAMP_MS + step)
+                run.log_metrics(row, step=step, timestamp_ms=int(timestamps[step]))
                 calls.append(time.perf_counter() - c0)
         ack = client.ack_latencies()
     else:
         from mlflow import MlflowClient
         from mlflow.entities import Metric
 
+        # MLflow has no rank: each rank logs its own keys, as users of stock MLflow do.
+        names = [f"rank{rank}/{name}" for name in llm_names(keys)]
         mlflow_client = MlflowClient(endpoint)
         for step in range(steps):
-            metrics = [Metric(n, float(v), TIMESTAMP_MS + step, step) for n, v in zip(names, values[step], strict=True)]
+            stamp = int(timestamps[step])
+            metrics = [Metric(n, float(v), stamp, step) for n, v in zip(names, values[step], strict=True)]
             c0 = time.perf_counter()
             for start in range(0, keys, 1000):  # MLflow's limit per log_batch
                 mlflow_client.log_batch(run_id, metrics=metrics[start : start + 1000])
@@ -132,6 +159,40 @@ def llm_rank(kind: str, endpoint: str, run_id: str, rank: int, keys: int, steps:
         call_seconds=calls,
         ack_seconds=ack,
     ).to_dict()
+
+
+def rank_api(http: str, run_id: str, ranks: int, repeats: int = 10) -> dict[str, Any]:
+    """Latency of the rank API's aggregate and straggler queries on the LLM run, and whether they find the
+    injected slow rank and NaN rank."""
+    import requests
+
+    base = f"{http}/api/2.0/trackhouse/"
+    calls = {
+        "aggregate": ("metrics/aggregate", {"run_id": run_id, "metric_key": LLM_KEY}),
+        "stragglers": ("runs/stragglers", {"run_id": run_id}),
+        "ranks": ("runs/ranks", {"run_id": run_id, "metric_key": LLM_KEY}),
+    }
+    latency_ms, answers = {}, {}
+    with requests.Session() as session:
+        for name, (path, params) in calls.items():
+            session.get(base + path, params=params).raise_for_status()  # warm-up
+            seconds = []
+            for _ in range(repeats):
+                c0 = time.perf_counter()
+                answer = session.get(base + path, params=params)
+                answer.raise_for_status()
+                answers[name] = answer.json()
+                seconds.append(time.perf_counter() - c0)
+            latency_ms[name] = float(np.median(seconds) * 1000)
+    stragglers = [s["rank"] for s in answers["stragglers"]["stragglers"]]
+    nan_ranks = [r["rank"] for r in answers["ranks"]["ranks"] if r["nan_count"]]
+    return {
+        "latency_ms": latency_ms,
+        "stragglers": stragglers,
+        "nan_ranks": nan_ranks,
+        "found_slow_rank": ranks <= SLOW_RANK or stragglers == [SLOW_RANK],
+        "found_nan_rank": nan_ranks == ([NAN_RANK] if ranks > NAN_RANK else []),
+    }
 
 
 def create_llm_run(kind: str, endpoint: str, experiment: str) -> str:

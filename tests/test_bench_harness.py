@@ -39,6 +39,11 @@ def test_harness_writes_a_report_and_every_point_is_stored_once(tmp_path: Path) 
     report = (out / "report.md").read_text()
     assert "## HPO sweep" in report and "## LLM run" in report
     assert "x stock MLflow" in report
+    # The LLM run's injected slow rank and NaN rank are found through the rank API on both trackhouse paths.
+    ranked = [m for m in results["measurements"] if m["workload"] == "llm" and m["system"] != "mlflow-sqlite"]
+    assert len(ranked) == 2 and all(m["rank_api"]["found_slow_rank"] for m in ranked)
+    assert all(m["rank_api"]["found_nan_rank"] and m["rank_api"]["nan_ranks"] == [2] for m in ranked)
+    assert "found the slow rank and the NaN rank" in report
 
 
 def test_harness_help_and_bad_arguments() -> None:
