@@ -30,12 +30,13 @@ from trackhouse.ingest.sink import ClickHouseSink
 from trackhouse.query import schema
 
 RANKS = 4
-STEPS = 200
+#: Long enough for the step rate's 256-step windows to matter.
+STEPS = 400
 T0 = 1_700_000_000_000
 NAN_RANK, SLOW_RANK, STALLED_RANK = 1, 2, 3
 NAN_FROM, STALLED_AT = 150, 80
-#: Milliseconds per step by rank.
-INTERVAL = {0: 10, NAN_RANK: 10, SLOW_RANK: 40, STALLED_RANK: 10}
+#: Milliseconds per step: 10, but the slow rank takes 40 until SPEEDS_UP_AT and 20 after.
+SPEEDS_UP_AT = 300
 
 
 def node_of(rank: int) -> str:
@@ -49,7 +50,20 @@ def rank_points(rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     values = 2.0 * np.exp(-steps / 100) + np.random.default_rng(rank).random(len(steps)) * 0.1
     if rank == NAN_RANK:
         values[steps >= NAN_FROM] = np.nan
-    return steps, T0 + steps * INTERVAL[rank], values
+    if rank == SLOW_RANK:
+        return steps, T0 + np.cumsum(np.where(steps <= SPEEDS_UP_AT, 40, 20)) - 40, values
+    return steps, T0 + steps * 10, values
+
+
+def expected_rate(rank: int) -> float:
+    """The step rate's definition (query.ranks): from the first point of the older of the 256-step windows
+    [k*256, ...) and [k*256 - 128, ...) holding the latest step, to the latest point."""
+    steps, timestamps, _ = rank_points(rank)
+    last = int(steps[-1])
+    start = max(min(last // 256 * 256, (last + 128) // 256 * 256 - 128), 0)
+    if start == last:
+        start = 0
+    return float((last - start) * 1000 / (timestamps[-1] - timestamps[start]))
 
 
 def log_as_rank(target: str, run_id: str, rank: int) -> None:
@@ -99,7 +113,7 @@ def test_ranks_match_numpy(ranked: tuple[RunningServer, str]) -> None:
         assert row["points"] == len(steps)
         assert row["nan_count"] == int(np.isnan(values).sum())
         assert row["inf_count"] == 0
-        assert row["step_rate"] == pytest.approx(1000 / INTERVAL[row["rank"]])
+        assert row["step_rate"] == pytest.approx(expected_rate(row["rank"]))
 
 
 def _expected_bands(width: int) -> list[dict[str, Any]]:
@@ -129,10 +143,10 @@ def _expected_bands(width: int) -> list[dict[str, Any]]:
     return bands
 
 
-@pytest.mark.parametrize(("max_results", "width"), [(500, 1), (4, 64)])
+@pytest.mark.parametrize(("max_results", "width"), [(500, 1), (7, 64)])
 def test_aggregate_matches_numpy(ranked: tuple[RunningServer, str], max_results: int, width: int) -> None:
     """One bucket per step from the points when the series is short enough; whole 32-step summary rows
-    (here two per bucket: 7 rows into at most 4 buckets) otherwise."""
+    (here two per bucket: 13 rows into at most 7 buckets) otherwise."""
     server, run_id = ranked
     status, body = get(server, "metrics/aggregate", run_id=run_id, metric_key="loss", max_results=max_results)
     assert status == 200
@@ -158,7 +172,8 @@ def test_stragglers_are_the_slow_and_the_stalled_rank(ranked: tuple[RunningServe
     stalled, slow = found
     assert stalled["stalled"] and stalled["lag_steps"] == STEPS - 1 - STALLED_AT
     assert stalled["reasons"][0].startswith("stalled")
-    assert not slow["stalled"] and slow["rate_ratio"] == pytest.approx(0.25)
+    assert not slow["stalled"] and slow["rate_ratio"] == pytest.approx(expected_rate(SLOW_RANK) / 100)
+    assert 0.3 < slow["rate_ratio"] < 0.5  # the window sees its recent pace (38 steps/s), not its average (29)
     assert [r.split(":")[0] for r in slow["reasons"]] == ["slow"]
 
 
@@ -216,7 +231,7 @@ def test_hostile_parameters_get_mlflow_errors(
 
 def test_curves_of_chosen_ranks_come_with_the_band(ranked: tuple[RunningServer, str]) -> None:
     server, run_id = ranked
-    _, body = get(server, "metrics/aggregate", run_id=run_id, metric_key="loss", rank=[SLOW_RANK, 99])
+    _, body = get(server, "metrics/aggregate", run_id=run_id, metric_key="loss", max_results=500, rank=[SLOW_RANK, 99])
     (curve,) = body["curves"]
     steps, _, values = rank_points(SLOW_RANK)
     assert (curve["rank"], curve["node"]) == (SLOW_RANK, node_of(SLOW_RANK))
