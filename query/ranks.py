@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -32,7 +33,6 @@ SYSTEM_PREFIX = "system/"
 #: Most (key, rank, node) rows one answer holds.
 MAX_SERIES = 65_536
 _RUN = "run_id = {run:String}"
-_ANCHOR_NEG = ("w", "neg_step", "neg_ts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +100,6 @@ def rank_series(client: Client, database: str, run_id: str, keys: dict[str, str]
             counts["key"], counts["rank"], counts["node"], counts["points"], counts["nans"], counts["infs"], strict=True
         )
     }
-    rates = _rates(head)
     found = []
     for i in range(len(head["key"])):
         key, rank, node = str(head["key"][i]), int(head["rank"][i]), str(head["node"][i])
@@ -118,50 +117,47 @@ def rank_series(client: Client, database: str, run_id: str, keys: dict[str, str]
                 points=points,
                 nan_count=nans,
                 inf_count=infs,
-                step_rate=rates[i],
+                step_rate=_rate(head["step_rate"][i]),
             )
         )
     found.sort(key=lambda s: (s.rank, s.node, s.key))
     return found
 
 
-def _head(client: Client, table: str, where: str, parameters: dict[str, object]) -> dict[str, npt.NDArray[np.int64]]:
-    """metric_ranks rows merged and unpacked into int64 columns (plus key, rank, node)."""
+def _series_sql(table: str, where: str) -> str:
+    """metric_ranks rows merged per (key, rank, node), unpacked into int64 columns, with the step rate
+    (see the module docstring; NaN when unknown)."""
     unpack = []
     for column, names in (
         ("first", ("first_step", "first_ts", "first_order")),
         ("last", ("last_step", "last_ts", "last_order")),
-        ("window_a", tuple(f"a_{n}" for n in _ANCHOR_NEG)),
-        ("window_b", tuple(f"b_{n}" for n in _ANCHOR_NEG)),
+        ("window_a", ("a_window", "a_neg_step", "a_neg_ts")),
+        ("window_b", ("b_window", "b_neg_step", "b_neg_ts")),
     ):
         unpack += [f"{sql} AS {name}" for sql, name in zip(schema.unpack_sql(column), names, strict=True)]
-    result = client.query_np(
-        f"SELECT key, rank, node, {', '.join(unpack)} FROM (SELECT key, rank, node, min(first) AS first,"
-        " max(last) AS last, max(window_a) AS window_a, max(window_b) AS window_b"
-        f" FROM {table} WHERE {where} GROUP BY key, rank, node) LIMIT {{limit:UInt64}}",
-        parameters=parameters,
+    # The older of the two window anchors, unless it is the latest point itself: then the first point.
+    rate = (
+        "if(-a_neg_step <= -b_neg_step, -a_neg_step, -b_neg_step) AS w_step,"
+        " if(-a_neg_step <= -b_neg_step, -a_neg_ts, -b_neg_ts) AS w_ts,"
+        " if(w_step >= last_step, first_step, w_step) AS s0, if(w_step >= last_step, first_ts, w_ts) AS t0,"
+        " if(last_step > s0 AND last_ts > t0, (last_step - s0) * 1000.0 / (last_ts - t0), nan) AS step_rate"
     )
+    return (
+        f"SELECT key, rank, node, {', '.join(unpack)}, {rate} FROM (SELECT key, rank, node, min(first) AS first,"
+        " max(last) AS last, max(window_a) AS window_a, max(window_b) AS window_b"
+        f" FROM {table} WHERE {where} GROUP BY key, rank, node)"
+    )
+
+
+def _head(client: Client, table: str, where: str, parameters: dict[str, object]) -> dict[str, npt.NDArray[Any]]:
+    result = client.query_np(f"{_series_sql(table, where)} LIMIT {{limit:UInt64}}", parameters=parameters)
     if not len(result):
         return {"key": np.empty(0, np.int64)}
     return {name: result[name] for name in result.dtype.names}
 
 
-def _rates(head: dict[str, npt.NDArray[np.int64]]) -> list[float | None]:
-    """Steps per second from the older window anchor (or the first point, when the anchor is the latest point)
-    to the latest point; see the module docstring."""
-    last_step = head["last_step"].astype(np.int64)
-    last_ts = head["last_ts"].astype(np.int64)
-    a_step, b_step = -head["a_neg_step"].astype(np.int64), -head["b_neg_step"].astype(np.int64)
-    a_ts, b_ts = -head["a_neg_ts"].astype(np.int64), -head["b_neg_ts"].astype(np.int64)
-    older = a_step <= b_step
-    step0, ts0 = np.where(older, a_step, b_step), np.where(older, a_ts, b_ts)
-    degenerate = step0 >= last_step
-    step0 = np.where(degenerate, head["first_step"], step0)
-    ts0 = np.where(degenerate, head["first_ts"], ts0)
-    rates: list[float | None] = []
-    for steps, ms in zip((last_step - step0).tolist(), (last_ts - ts0).tolist(), strict=True):
-        rates.append(steps * 1000.0 / ms if steps > 0 and ms > 0 else None)
-    return rates
+def _rate(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
 
 
 def _order_value(order: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
@@ -380,19 +376,20 @@ def stragglers(
     rules = rules or StragglerRules()
     where = f"{_RUN} AND " + ("key = {key:String}" if key else "NOT startsWith(key, {system:String})")
     parameters: dict[str, object] = {"run": run_id, "key": key or "", "system": SYSTEM_PREFIX, "limit": MAX_SERIES}
-    head = _head(client, f"{database}.{schema.RANK_SERIES}", where, parameters)
-    if not len(head["key"]):
+    # Per rank in SQL: a run may hold ranks x thousands of keys.
+    rows = client.query_np(
+        "SELECT rank, node, max(last_step) AS step, max(last_ts) AS ts,"
+        " ifNull(maxIfOrNull(step_rate, isFinite(step_rate)), nan) AS rate"
+        f" FROM ({_series_sql(f'{database}.{schema.RANK_SERIES}', where)}) GROUP BY rank, node LIMIT {{limit:UInt64}}",
+        parameters=parameters,
+    )
+    if not len(rows):
         return Stragglers(0, None, None, None, None, None, [])
-    rates = _rates(head)
-    progress: dict[tuple[int, str], tuple[int, int, float | None]] = {}
-    for i in range(len(head["key"])):
-        member = (int(head["rank"][i]), str(head["node"][i]))
-        step, ts, rate = int(head["last_step"][i]), int(head["last_ts"][i]), rates[i]
-        seen = progress.get(member)
-        if seen is not None:
-            best_rate = max((r for r in (seen[2], rate) if r is not None), default=None)
-            step, ts, rate = max(step, seen[0]), max(ts, seen[1]), best_rate
-        progress[member] = (step, ts, rate)
+    columns = (rows["rank"], rows["node"], rows["step"], rows["ts"], rows["rate"])
+    progress = {
+        (int(rank), str(node)): (int(step), int(ts), _rate(rate))
+        for rank, node, step, ts, rate in zip(*columns, strict=True)
+    }
     return _classify(progress, rules)
 
 
