@@ -143,10 +143,10 @@ def _expected_bands(width: int) -> list[dict[str, Any]]:
     return bands
 
 
-@pytest.mark.parametrize(("max_results", "width"), [(500, 1), (7, 64)])
+@pytest.mark.parametrize(("max_results", "width"), [(500, 1), (13, 32), (7, 64)])
 def test_aggregate_matches_numpy(ranked: tuple[RunningServer, str], max_results: int, width: int) -> None:
     """One bucket per step from the points when the series is short enough; whole 32-step summary rows
-    (here two per bucket: 13 rows into at most 7 buckets) otherwise."""
+    otherwise: one per bucket (13 rows, read merged with FINAL), or two (13 rows into at most 7 buckets)."""
     server, run_id = ranked
     status, body = get(server, "metrics/aggregate", run_id=run_id, metric_key="loss", max_results=max_results)
     assert status == 200
