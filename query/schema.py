@@ -448,7 +448,8 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             GROUP BY run_id, key, bucket, rank, node""",
             # Stores that applied migration 12 first: these tables drop repeated inserts too.
             *(
-                f"ALTER TABLE {{db}}.{table} MODIFY SETTING non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}"
+                f"ALTER TABLE {{db}}.{table} MODIFY SETTING"
+                f" non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}"
                 for table in (RANK_SERIES, RANK_BUCKETS)
             ),
         ),
