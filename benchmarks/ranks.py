@@ -82,12 +82,17 @@ def load(data_dir: Path, ranks: int, steps: int, keys: int, flush_steps: int) ->
         sink.write(Batch(metrics=metrics))
         points += len(step)
     seconds = time.perf_counter() - started
-    parts = client.query(
+    parts = active_parts(client)
+    client.close()
+    return {"points": points, "load_seconds": seconds, "active_parts": parts}
+
+
+def active_parts(client: Any) -> dict[str, int]:
+    rows = client.query(
         "SELECT table, count() FROM system.parts WHERE database = {db:String} AND active GROUP BY table",
         parameters={"db": DB},
     ).result_rows
-    client.close()
-    return {"points": points, "load_seconds": seconds, "active_parts": dict(parts)}
+    return dict(rows)
 
 
 def timed(session: requests.Session, url: str, params: dict[str, Any], repeats: int) -> tuple[dict[str, float], Any]:
@@ -164,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
             result = measure(server.http, args.ranks, args.repeats)
         finally:
             server.stop()
+        # What the queries met: parts merge in the background whenever the store is open.
+        client = connect(StoreConfig.for_data_dir(data))
+        result["active_parts_after"] = active_parts(client)
+        client.close()
     results = {"shape": {k: getattr(args, k) for k in ("ranks", "steps", "keys", "flush_steps")}, **loaded, **result}
     path = save_report("ranks", results, started)
     for name, figures in result["latency"].items():
