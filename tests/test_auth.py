@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -253,6 +254,32 @@ def test_a_reader_reads_and_searches_but_cannot_write(secured: RunningServer, us
         f"{url}/metrics/get-history", params={"run_id": run_id, "metric_key": "loss"}, headers=reader, timeout=30
     )
     assert [m["value"] for m in history.json()["metrics"]] == [1.0]  # the reader's refused write stored nothing
+
+
+def test_the_rank_api_is_a_read_behind_authentication(secured: RunningServer, users: Users) -> None:
+    """/api/2.0/trackhouse/ (issue 16) answers a reader, as MLflow's GETs do, and nobody without credentials;
+    `trackhouse ranks` sends MLflow's token variable."""
+    writer = {"Authorization": basic(*Users.writer)}
+    url = secured.http_url + API
+    experiment_id = requests.post(f"{url}/experiments/create", json={"name": "ranked"}, headers=writer, timeout=30)
+    run = requests.post(
+        f"{url}/runs/create", json={"experiment_id": experiment_id.json()["experiment_id"]}, headers=writer, timeout=30
+    )
+    run_id = run.json()["run"]["info"]["run_id"]
+    logged = {"run_id": run_id, "key": "loss", "value": 0.5, "timestamp": 1, "step": 3}
+    assert requests.post(f"{url}/runs/log-metric", json=logged, headers=writer, timeout=30).status_code == 200
+    ranks = f"{secured.http_url}/api/2.0/trackhouse/runs/ranks"
+    query = {"run_id": run_id, "metric_key": "loss"}
+    assert requests.get(ranks, params=query, timeout=30).status_code == 401
+    answer = requests.get(ranks, params=query, headers=_bearer(users.reader_token), timeout=30)
+    assert answer.status_code == 200 and answer.json()["ranks"][0]["last_value"] == 0.5
+    command = [sys.executable, "-m", "trackhouse.cli", "ranks", run_id, "--tracking-uri", secured.http_url]
+    env = {**os.environ, "MLFLOW_TRACKING_TOKEN": users.reader_token}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0 and "1 ranks" in done.stdout, done.stderr
+    env["MLFLOW_TRACKING_TOKEN"] = "wrong"
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert refused.returncode == 1 and "401" in refused.stderr and "wrong" not in refused.stderr
 
 
 def test_no_auth_file_means_no_authentication_on_loopback(server: RunningServer) -> None:
