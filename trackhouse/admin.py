@@ -16,8 +16,8 @@ from trackhouse.query import integrity, schema
 from trackhouse.query.cluster_ddl import NAME, ClusterDdlError
 from trackhouse.query.connection import DEFAULT_DATABASE, StoreConfig, connect
 from trackhouse.query.redaction import Redactor, url_secrets
-from trackhouse.replay import add_replay_command, run_replay
 from trackhouse.ranks_cli import add_ranks_command, run_ranks_command
+from trackhouse.replay import add_replay_command, run_replay
 
 AUTH_FILE_ENV = "TRACKHOUSE_AUTH_FILE"
 
