@@ -1,13 +1,14 @@
 """Per-rank summaries of a flush's points, computed column-wise with numpy before the insert (as ingest.summaries).
 
-Two tables serve the rank API (query.ranks) without reading points:
+Three tables serve the rank API (query.ranks) without reading points:
 - metric_ranks, one row per (run, key, rank, node): the series' first and latest point and two step-rate anchors;
-- metric_rank_buckets, one row per (run, key, RANK_WIDTH steps, rank, node): the point at the bucket's highest
-  step, and bit maps of the steps holding a point, a NaN or an infinity.
+- metric_rank_buckets, one row per (run, key, RANK_WIDTH steps, rank, node): the point at the bucket's highest step;
+- metric_rank_spans, one row per (run, key, rank, node, RANK_SPAN steps): bit maps of the steps holding a point,
+  a NaN or an infinity.
 
-schema.rank_series_select and schema.rank_buckets_select define the same columns in SQL (the backfill), and a
-test holds the two to the same rows. Every column is a minimum, maximum or bitwise OR, so a retried flush or
-another node's flush of the same series folds into the same answer when ClickHouse merges.
+schema.rank_series_select, rank_buckets_select and rank_spans_select define the same columns in SQL (the
+backfill), and a test holds the two to the same rows. Every column is a minimum, maximum or bitwise OR, so a
+retried flush or another node's flush of the same series folds into the same answer when ClickHouse merges.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from trackhouse.ingest.summaries import INT64_MAX, INT64_MIN, NAN_LOW, Triple, _
 from trackhouse.query import schema
 
 UInt32Array = npt.NDArray[np.uint32]
+#: (n, 4) uint64: one UInt256 per row, least significant word first.
+UInt64Words = npt.NDArray[np.uint64]
+_SPAN_SHIFT = schema.RANK_SPAN.bit_length() - 1
 _BUCKET_SHIFT = schema.RANK_WIDTH.bit_length() - 1
 _WINDOW_SHIFT = schema.RATE_WINDOW.bit_length() - 1
 assert schema.RANK_WIDTH == 1 << _BUCKET_SHIFT <= 32 and schema.RATE_WINDOW == 1 << _WINDOW_SHIFT
@@ -65,9 +69,19 @@ class RankBuckets:
     bucket: Int64Array
     #: (step, value order) of the point at the bucket's highest step.
     last: tuple[Int64Array, Int64Array]
-    steps: UInt32Array
-    nan: UInt32Array
-    inf: UInt32Array
+
+
+@dataclass(frozen=True, slots=True)
+class RankSpans:
+    """metric_rank_spans rows: per RANK_SPAN steps, step maps as four little-endian uint64 words each."""
+
+    run_index: Int32Array
+    key_index: Int32Array
+    member_index: Int32Array
+    span: Int64Array
+    steps: UInt64Words
+    nan: UInt64Words
+    inf: UInt64Words
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +89,7 @@ class RankSummaries:
     members: Members
     series: RankSeries
     buckets: RankBuckets
+    spans: RankSpans
 
 
 def members(metrics: Metrics) -> Members:
@@ -111,9 +126,12 @@ def summarize_ranks(metrics: Metrics) -> RankSummaries:
 
     bucket_starts = _starts((series, bucket))
     last_step, last_order, _ = _reduce(np.maximum, INT64_MIN, (step, nan_last, nan_last), bucket_starts)
-    bit = np.left_shift(np.uint32(1), (step & (schema.RANK_WIDTH - 1)).astype(np.uint32))
-    zero = np.uint32(0)
     b_run, b_key, b_member = _split(series[bucket_starts], keys, count)
+    # Spans are whole buckets, so the points are grouped by span too.
+    span = step >> _SPAN_SHIFT
+    span_starts = _starts((series, span))
+    s_run, s_key, s_member = _split(series[span_starts], keys, count)
+    within = (step & (schema.RANK_SPAN - 1)).astype(np.uint64)
     return RankSummaries(
         members=who,
         series=RankSeries(run_index, key_index, member_index, columns),
@@ -123,9 +141,15 @@ def summarize_ranks(metrics: Metrics) -> RankSummaries:
             member_index=b_member,
             bucket=bucket[bucket_starts],
             last=(last_step, last_order),
-            steps=_or(bit, bucket_starts),
-            nan=_or(np.where(np.isnan(value), bit, zero), bucket_starts),
-            inf=_or(np.where(np.isinf(value), bit, zero), bucket_starts),
+        ),
+        spans=RankSpans(
+            run_index=s_run,
+            key_index=s_key,
+            member_index=s_member,
+            span=span[span_starts],
+            steps=_step_map(within, np.ones(len(step), bool), span_starts),
+            nan=_step_map(within, np.isnan(value), span_starts),
+            inf=_step_map(within, np.isinf(value), span_starts),
         ),
     )
 
@@ -138,11 +162,16 @@ def pack128(first: Int64Array, second: Int64Array) -> bytes:
     return words.astype("<i8", copy=False).tobytes()
 
 
-def _or(bits: UInt32Array, starts: Int64Array) -> UInt32Array:
-    if not len(bits):
-        return bits
-    reduced: UInt32Array = np.bitwise_or.reduceat(bits, starts)
-    return reduced
+def _step_map(within: npt.NDArray[np.uint64], chosen: npt.NDArray[np.bool_], starts: Int64Array) -> UInt64Words:
+    """Per group, the OR of bit `within` (0..255) of the chosen points, as four uint64 words."""
+    words = np.zeros((len(starts), 4), np.uint64)
+    if not len(starts):
+        return words
+    bit = np.left_shift(np.uint64(1), within & np.uint64(63))
+    word = within >> np.uint64(6)
+    for w in range(4):
+        words[:, w] = np.bitwise_or.reduceat(np.where(chosen & (word == w), bit, np.uint64(0)), starts)
+    return words
 
 
 def _split(series: Int64Array, keys: int, count: int) -> tuple[Int32Array, Int32Array, Int32Array]:
@@ -174,9 +203,21 @@ def buckets_table(summaries: RankSummaries, run_ids: pa.Array, keys: pa.Array) -
             "rank": identity["rank"],
             "node": identity["node"],
             "last": _fixed(pack128(*buckets.last), 16),
-            "steps": buckets.steps,
-            "nan_steps": buckets.nan,
-            "inf_steps": buckets.inf,
+        }
+    )
+
+
+def spans_table(summaries: RankSummaries, run_ids: pa.Array, keys: pa.Array) -> pa.Table:
+    """metric_rank_spans rows as Arrow."""
+    spans = summaries.spans
+    return pa.table(
+        {
+            **_identity(summaries.members, run_ids, keys, spans.run_index, spans.key_index, spans.member_index),
+            "span": spans.span,
+            **{
+                name: _fixed(words.astype("<u8", copy=False).tobytes(), 32)
+                for name, words in (("steps", spans.steps), ("nan_steps", spans.nan), ("inf_steps", spans.inf))
+            },
         }
     )
 

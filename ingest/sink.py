@@ -258,6 +258,7 @@ class ClickHouseSink:
         runs, keys = dictionaries.arrays
         self._insert_arrow(schema.RANK_SERIES, rank_summaries.series_table(ranks, runs, keys))
         self._insert_arrow(schema.RANK_BUCKETS, rank_summaries.buckets_table(ranks, runs, keys))
+        self._insert_arrow(schema.RANK_SPANS, rank_summaries.spans_table(ranks, runs, keys))
 
     def _write_datasets(self, batch: Batch) -> None:
         # Datasets before the inputs that point at them.

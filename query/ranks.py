@@ -2,7 +2,8 @@
 
 Answers come from the per-rank summaries the sink keeps (schema.RANK_SERIES, schema.RANK_BUCKETS; see
 ingest.rank_summaries), so their cost follows ranks x keys, or ranks x steps / RANK_WIDTH, never the points;
-only a series of at most `max_buckets` steps is read from its points. User input travels as bound parameters.
+only a series of at most `max_buckets` steps is read from its points, and counts read ranks x steps / RANK_SPAN
+rows (schema.RANK_SPANS). User input travels as bound parameters.
 
 Definitions (the README's "Distributed training" states them for users):
 - A rank's *step rate* is steps per second, by the points' own timestamps, from a point RATE_WINDOW/2 to
@@ -90,7 +91,7 @@ def rank_series(client: Client, database: str, run_id: str, keys: dict[str, str]
         return []
     counts = client.query_np(
         "SELECT key, rank, node, sum(bitCount(steps)) AS points, sum(bitCount(nan_steps)) AS nans,"
-        f" sum(bitCount(inf_steps)) AS infs FROM {database}.{schema.RANK_BUCKETS} FINAL"
+        f" sum(bitCount(inf_steps)) AS infs FROM {database}.{schema.RANK_SPANS} FINAL"
         f" WHERE {_RUN} AND key IN {{keys:Array(String)}} GROUP BY key, rank, node",
         parameters=parameters,
     )

@@ -68,8 +68,12 @@ RUN_MODELS = "run_models"
 #: NaN or an infinity (see rank_buckets_select). ingest.rank_summaries computes both; query.ranks reads them.
 RANK_SERIES = "metric_ranks"
 RANK_BUCKETS = "metric_rank_buckets"
-#: Steps per metric_rank_buckets row: one bit per step in its UInt32 step maps.
+#: Steps per metric_rank_buckets row (the band's finest resolution).
 RANK_WIDTH = 32
+#: Per RANK_SPAN steps, which steps hold a point, a NaN, an infinity: one bit per step in UInt256 step maps
+#: (see rank_spans_select), so counting a rank's points reads steps / 256 rows.
+RANK_SPANS = "metric_rank_spans"
+RANK_SPAN = 256
 #: A rank's step rate is measured from a point RATE_WINDOW/2 to RATE_WINDOW steps back (two staggered windows).
 RATE_WINDOW = 256
 #: Every table the sink inserts into; migration 12 makes each drop a repeated insert (see DEDUPLICATION_WINDOW).
@@ -90,6 +94,7 @@ DEDUPLICATED_TABLES = (
     METRIC_BUCKETS,
     RANK_SERIES,
     RANK_BUCKETS,
+    RANK_SPANS,
 )
 #: Inserts per table whose tokens a table that is not replicated remembers: minutes of flushes at the busiest
 #: (metrics), far longer for the small tables; a retry comes within the batcher's backoff, seconds.
@@ -436,21 +441,31 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                 bucket Int64,
                 rank UInt32,
                 node LowCardinality(String),
-                last SimpleAggregateFunction(max, Int128),
-                steps SimpleAggregateFunction(groupBitOr, UInt32),
-                nan_steps SimpleAggregateFunction(groupBitOr, UInt32),
-                inf_steps SimpleAggregateFunction(groupBitOr, UInt32)
+                last SimpleAggregateFunction(max, Int128)
             ) ENGINE = AggregatingMergeTree
             ORDER BY (run_id, key, bucket, rank, node)""",
+            """CREATE TABLE IF NOT EXISTS {db}.metric_rank_spans (
+                run_id LowCardinality(String),
+                key LowCardinality(String),
+                rank UInt32,
+                node LowCardinality(String),
+                span Int64,
+                steps SimpleAggregateFunction(groupBitOr, UInt256),
+                nan_steps SimpleAggregateFunction(groupBitOr, UInt256),
+                inf_steps SimpleAggregateFunction(groupBitOr, UInt256)
+            ) ENGINE = AggregatingMergeTree
+            ORDER BY (run_id, key, rank, node, span)""",
             """INSERT INTO {db}.metric_ranks SELECT {rank_series_select} FROM {db}.metrics
             GROUP BY run_id, key, rank, node""",
             """INSERT INTO {db}.metric_rank_buckets SELECT {rank_buckets_select} FROM {db}.metrics
             GROUP BY run_id, key, bucket, rank, node""",
+            """INSERT INTO {db}.metric_rank_spans SELECT {rank_spans_select} FROM {db}.metrics
+            GROUP BY run_id, key, rank, node, span""",
             # Stores that applied migration 12 first: these tables drop repeated inserts too.
             *(
                 f"ALTER TABLE {{db}}.{table} MODIFY SETTING"
                 f" non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}"
-                for table in (RANK_SERIES, RANK_BUCKETS)
+                for table in (RANK_SERIES, RANK_BUCKETS, RANK_SPANS)
             ),
         ),
     ),
@@ -629,16 +644,24 @@ def rank_series_select() -> str:
 
 
 def rank_buckets_select() -> str:
-    """The SELECT list summarising points into metric_rank_buckets rows (for backfills):
-    - last: the bucket's point at its highest step, packed (step, value order); the largest value on a tie;
-    - steps, nan_steps, inf_steps: bit (step mod RANK_WIDTH) set when that step holds a point, a NaN, a ±Inf."""
+    """The SELECT list summarising points into metric_rank_buckets rows (for backfills): `last`, the bucket's point
+    at its highest step, packed (step, value order); the largest value on a tie."""
     shift = RANK_WIDTH.bit_length() - 1
-    bit = f"bitShiftLeft(toUInt32(1), toUInt8(bitAnd(step, {RANK_WIDTH - 1})))"
     return (
         f"run_id, key, bitShiftRight(step, {shift}) AS bucket, rank, node,"
-        f" max({pack128_sql('step', value_order_sql('value', NAN_LOW))}) AS last,"
-        f" groupBitOr({bit}) AS steps, groupBitOr(if(isNaN(value), {bit}, toUInt32(0))) AS nan_steps,"
-        f" groupBitOr(if(isInfinite(value), {bit}, toUInt32(0))) AS inf_steps"
+        f" max({pack128_sql('step', value_order_sql('value', NAN_LOW))}) AS last"
+    )
+
+
+def rank_spans_select() -> str:
+    """The SELECT list summarising points into metric_rank_spans rows (for backfills): steps, nan_steps, inf_steps
+    have bit (step mod RANK_SPAN) set when that step holds a point, a NaN, a ±Inf."""
+    shift = RANK_SPAN.bit_length() - 1
+    bit = f"bitShiftLeft(toUInt256(1), toUInt8(bitAnd(step, {RANK_SPAN - 1})))"
+    return (
+        f"run_id, key, rank, node, bitShiftRight(step, {shift}) AS span, groupBitOr({bit}) AS steps,"
+        f" groupBitOr(if(isNaN(value), {bit}, toUInt256(0))) AS nan_steps,"
+        f" groupBitOr(if(isInfinite(value), {bit}, toUInt256(0))) AS inf_steps"
     )
 
 
@@ -657,6 +680,7 @@ def _format_arguments(database: str, now: int) -> dict[str, object]:
         "buckets_select_coarse": buckets_select(COARSE_WIDTH),
         "rank_series_select": rank_series_select(),
         "rank_buckets_select": rank_buckets_select(),
+        "rank_spans_select": rank_spans_select(),
     }
 
 

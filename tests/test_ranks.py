@@ -334,13 +334,22 @@ def test_summaries_match_the_sql_backfill(ranked: tuple[RunningServer, str]) -> 
     ).result_rows
     assert stored == backfill and len(stored) == 2 * 2 * 3
     stored = sql.query(
-        f"SELECT run_id, key, bucket, rank, node, max(last), groupBitOr(steps), groupBitOr(nan_steps),"
-        f" groupBitOr(inf_steps) FROM {db}.metric_rank_buckets GROUP BY run_id, key, bucket, rank, node ORDER BY ALL"
+        f"SELECT run_id, key, bucket, rank, node, max(last) FROM {db}.metric_rank_buckets"
+        " GROUP BY run_id, key, bucket, rank, node ORDER BY ALL"
     ).result_rows
     backfill = sql.query(
         f"SELECT {schema.rank_buckets_select()} FROM {db}.metrics GROUP BY run_id, key, bucket, rank, node ORDER BY ALL"
     ).result_rows
     assert stored == backfill and len(stored) > 100
+    stored = sql.query(
+        f"SELECT run_id, key, rank, node, span, groupBitOr(steps), groupBitOr(nan_steps), groupBitOr(inf_steps)"
+        f" FROM {db}.metric_rank_spans GROUP BY run_id, key, rank, node, span ORDER BY ALL"
+    ).result_rows
+    backfill = sql.query(
+        f"SELECT {schema.rank_spans_select()} FROM {db}.metrics GROUP BY run_id, key, rank, node, span ORDER BY ALL"
+    ).result_rows
+    assert stored == backfill and len(stored) > 20
+    assert any(nan for *_, nan, _ in stored) and any(inf for *_, inf in stored)
 
 
 def _slice(metrics: Metrics, part: slice) -> Metrics:
