@@ -13,6 +13,8 @@ from starlette.routing import BaseRoute, Route
 
 from trackhouse.compat.artifact_roots import ArtifactRoots
 from trackhouse.compat.artifacts import ArtifactsConfig, artifact_routes, is_upload
+from trackhouse.compat.attempts import PREFIXES as ATTEMPT_PREFIXES
+from trackhouse.compat.attempts import AttemptsApi
 from trackhouse.compat.backend import Backend
 from trackhouse.compat.datasets import DatasetsApi
 from trackhouse.compat.experiments import ExperimentsApi
@@ -39,6 +41,7 @@ def create_app(
     security: SecurityConfig | None = None,
     registry: RegistryStore | None = None,
     limits: HttpLimits | None = None,
+    attempts: AttemptsApi | None = None,
 ) -> Starlette:
     async def health(_: Request) -> Response:
         if is_serving():
@@ -71,6 +74,8 @@ def create_app(
         # --- trackhouse's own read API for distributed runs (issue 16): GET only, so readers may call it. ---
         routes += mlflow_routes(RanksApi(backend).endpoints(), TRACKHOUSE_PREFIXES)
         # --- end of the rank API ---
+        # Resume and fork (issue 17): trackhouse's own endpoints; MLflow's resume (runs/update) opens attempts too.
+        routes += mlflow_routes((attempts or AttemptsApi(backend)).endpoints(runs), ATTEMPT_PREFIXES)
         routes += ui_routes(GraphQlApi())
     # The edge's policy, here and nowhere else, outermost first: Host, CORS and authentication (so nobody
     # unauthenticated gets a body read), then the body caps (artifact uploads get their own, larger cap).

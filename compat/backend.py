@@ -41,6 +41,11 @@ class Backend:
         self._config = config
         self._pipeline = pipeline
 
+    @property
+    def stores(self) -> bool:
+        """Whether this node writes (a reader's writes are refused)."""
+        return self._pipeline is not None
+
     @asynccontextmanager
     async def _client(self) -> AsyncIterator[Client]:
         client = await self._idle.get()

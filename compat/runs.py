@@ -63,6 +63,10 @@ class RunsApi:
         self._datasets = datasets or DatasetsApi(backend)
         #: Logged models own a run's model inputs; compat.app connects them (None: the models are refused).
         self.log_model_inputs: Callable[[str, list[str]], Awaitable[None]] | None = None
+        #: compat.attempts: opens a run's next attempt (MLflow's resume), and says which attempt REST points of a
+        #: run belong to. compat.app connects them; None: no attempts (every point is the first attempt's).
+        self.resume_attempt: Callable[[str], Awaitable[int]] | None = None
+        self.current_attempt: Callable[[str], Awaitable[int]] | None = None
 
     def endpoints(self) -> list[Endpoint]:
         return [
@@ -131,6 +135,8 @@ class RunsApi:
         message = await wire.parse(request, pb.UpdateRun())
         info = await self.active_run(wire.required(message.run_id or message.run_uuid, "run_id"))
         changed = info
+        if _is_resume(message, info) and self.resume_attempt is not None:
+            await self.resume_attempt(info.run_id)
         if message.HasField("status"):
             changed = replace(changed, status=pb.RunStatus.Name(message.status))
         if message.HasField("end_time"):
@@ -139,7 +145,7 @@ class RunsApi:
         if message.HasField("run_name") and message.run_name:
             changed = replace(changed, name=validation.fit_run_name(message.run_name))
             tags = (_tag(info.run_id, RUN_NAME_TAG, changed.name, next_version()),)
-        row = _run_row(changed)
+        row = run_row(changed)
         await self._backend.write(Batch(runs=(row,), tags=tags))
         return wire.ok({"run_info": wire.run_info(replace(changed, version=row.version))})
 
@@ -265,6 +271,10 @@ class RunsApi:
         _check_active(info)
         return info
 
+    async def run(self, run_id: str) -> runs.Run:
+        """The whole run, or MLflow's not-found error."""
+        return await self._run(run_id)
+
     async def _run(self, run_id: str) -> runs.Run:
         found = await self._backend.read(runs.runs, [run_id])
         if not found:
@@ -276,19 +286,39 @@ class RunsApi:
         renamed = next((t.value for t in batch.tags if t.key == RUN_NAME_TAG), None)
         if renamed is not None:  # MLflow keeps the run name and its tag in step
             info = await self.active_run(run_id)
-            batch = replace(batch, runs=(_run_row(replace(info, name=renamed)),))
+            batch = replace(batch, runs=(run_row(replace(info, name=renamed)),))
+        batch = await self._with_attempt(run_id, batch)
         try:
             await self._backend.write(batch)
         except UnknownRunError as exc:
             await self.active_run(exc.run_id)  # raises MLflow's exact error for a missing or deleted run
             raise
 
+    async def _with_attempt(self, run_id: str, batch: Batch) -> Batch:
+        """MLflow's writes carry no attempt: their points belong to the run's current attempt (compat.attempts)."""
+        if not batch.points or self.current_attempt is None:
+            return batch
+        attempt = await self.current_attempt(run_id)
+        if not attempt:
+            return batch
+        metrics = replace(batch.metrics, sources=((0, "", attempt),), source_index=np.zeros(batch.points, np.int32))
+        return replace(batch, metrics=metrics)
+
     async def _set_stage(self, request: Request, message: pb.DeleteRun | pb.RestoreRun, stage: str) -> Response:
         parsed = await wire.parse(request, message)
         info = await self.existing_run(wire.required(parsed.run_id, "run_id"))
         if info.lifecycle_stage != stage:
-            await self._backend.write(Batch(runs=(_run_row(replace(info, lifecycle_stage=stage)),)))
+            await self._backend.write(Batch(runs=(run_row(replace(info, lifecycle_stage=stage)),)))
         return wire.ok()
+
+
+def _is_resume(message: pb.UpdateRun, info: RunInfo) -> bool:
+    """MLflow resumes a run (`mlflow.start_run(run_id=...)`) by setting it RUNNING, with no name unless the caller
+    gave one. A killed job leaves its run RUNNING, so that counts too; a rename of a running run does not
+    (MlflowClient.update_run(run_id, name=...) sends the status it read)."""
+    if not message.HasField("status") or message.status != pb.RunStatus.Value("RUNNING"):
+        return False
+    return info.status != "RUNNING" or not message.run_name
 
 
 def _check_active(info: RunInfo) -> None:
@@ -296,7 +326,7 @@ def _check_active(info: RunInfo) -> None:
         raise invalid(f"The run {info.run_id} must be in the 'active' state. Current state is {info.lifecycle_stage}.")
 
 
-def _run_row(info: RunInfo) -> RunRow:
+def run_row(info: RunInfo) -> RunRow:
     return RunRow(
         run_id=info.run_id,
         experiment_id=info.experiment_id,

@@ -9,6 +9,7 @@ from collections.abc import Awaitable
 from dataclasses import replace
 from typing import Protocol
 
+from trackhouse.ingest.attempts import AttemptCheck
 from trackhouse.ingest.batcher import Batcher
 from trackhouse.ingest.catalog import Catalog
 from trackhouse.ingest.codec import DecodedRequest
@@ -26,16 +27,21 @@ class Writer(Protocol):
 
 
 class WritePipeline:
-    def __init__(self, catalog: Catalog, batcher: Batcher, telemetry: Telemetry) -> None:
+    def __init__(
+        self, catalog: Catalog, batcher: Batcher, telemetry: Telemetry, attempts: AttemptCheck | None = None
+    ) -> None:
         self._catalog = catalog
         self._batcher = batcher
         self._telemetry = telemetry
+        self._attempts = attempts
 
     @property
     def catalog(self) -> Catalog:
         return self._catalog
 
     async def accept(self, request: DecodedRequest, flush_within_ms: int | None = None) -> Awaitable[None]:
+        if self._attempts is not None:  # before resolve: nothing may await between resolve and remember
+            await self._attempts.check(request.batch)
         batch = replace(await self._catalog.resolve(request.batch), origins=(origin(request),))
         # No await from here to `remember`: the catalog learns new names and claims before any other task runs.
         claims = self._catalog.claims(batch)

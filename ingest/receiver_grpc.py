@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,9 +73,12 @@ class GrpcReceiver:
         telemetry: Telemetry,
         queue: BatcherConfig | None = None,
         authenticator: Authenticator | None = None,
+        services: Sequence[grpc.GenericRpcHandler[Any, Any]] = (),
     ) -> None:
-        """`queue` is the batcher's configuration when requests go to a local one, for GetLimits."""
+        """`queue` is the batcher's configuration when requests go to a local one, for GetLimits. `services` are
+        more services on the same port, behind the same authentication (the composition root's Runs service)."""
         self._writer = writer
+        self._services = tuple(services)
         self._authenticator = authenticator
         self._config = config
         self._telemetry = telemetry
@@ -92,7 +95,7 @@ class GrpcReceiver:
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 4 * 1024 * 1024)],
             interceptors=[AuthInterceptor(self._authenticator)] if self._authenticator else None,
         )
-        server.add_generic_rpc_handlers((self._handlers(),))
+        server.add_generic_rpc_handlers((self._handlers(), *self._services))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         address = f"{self._config.host}:{self._config.port}"
         if self._config.tls_cert and self._config.tls_key:

@@ -28,7 +28,7 @@ from clickhouse_connect.driver import exceptions as ch_errors
 from trackhouse.ingest import rank_summaries
 from trackhouse.ingest.batch import Batch, Int32Array, Int64Array, Metrics
 from trackhouse.ingest.errors import PermanentError, RetryableError
-from trackhouse.ingest.summaries import Buckets, Summaries, pack, summarize
+from trackhouse.ingest.summaries import AttemptSummaries, Buckets, Summaries, pack, summarize, summarize_attempts
 from trackhouse.query import schema
 from trackhouse.query.connection import Client
 
@@ -146,6 +146,17 @@ def latest_table(summaries: Summaries, dictionaries: _Dictionaries) -> pa.Table:
     )
 
 
+def attempts_table(summaries: AttemptSummaries, dictionaries: _Dictionaries) -> pa.Table:
+    return pa.table(
+        {
+            **dictionaries.columns(summaries.run_index, summaries.key_index),
+            "attempt": summaries.attempt,
+            "first_step": summaries.first_step,
+            "latest": _int256(summaries.latest),
+        }
+    )
+
+
 def buckets_table(summaries: Summaries, dictionaries: _Dictionaries) -> pa.Table:
     return pa.concat_tables([_buckets(level, dictionaries) for level in summaries.buckets])
 
@@ -250,6 +261,9 @@ class ClickHouseSink:
             self._insert_arrow(schema.METRICS, metrics_table(batch.metrics, dictionaries))
             self._insert_arrow(schema.LATEST_METRICS, latest_table(summaries, dictionaries))
             self._insert_arrow(schema.METRIC_BUCKETS, buckets_table(summaries, dictionaries))
+            by_attempt = summarize_attempts(batch.metrics)
+            if by_attempt is not None:  # only points of resumed runs' later attempts
+                self._insert_arrow(schema.METRIC_ATTEMPTS, attempts_table(by_attempt, dictionaries))
             self._write_rank_summaries(batch.metrics, dictionaries)
 
     def _write_rank_summaries(self, metrics: Metrics, dictionaries: _Dictionaries) -> None:

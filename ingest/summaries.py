@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from trackhouse.ingest.batch import Float64Array, Int32Array, Int64Array, Metrics
 from trackhouse.query import schema
@@ -233,3 +234,45 @@ def _buckets(width: int, series: Int64Array, bucket: Int64Array, keys: int, colu
 def _split(series: Int64Array, keys: int) -> tuple[Int32Array, Int32Array]:
     """Run and key indices back from series ids (run_index * keys + key_index)."""
     return (series // keys).astype(np.int32), (series % keys).astype(np.int32)
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptSummaries:
+    """For points of attempts after the first: each (run, key, attempt)'s first step and latest point
+    (metric_attempts; query.attempts reads which steps each attempt supersedes from the first steps)."""
+
+    run_index: Int32Array
+    key_index: Int32Array
+    attempt: npt.NDArray[np.uint32]
+    first_step: Int64Array
+    latest: Triple
+
+    def __len__(self) -> int:
+        return len(self.first_step)
+
+
+def summarize_attempts(metrics: Metrics) -> AttemptSummaries | None:
+    """None when every point is of a first attempt (nearly every flush: one look at the source dictionary)."""
+    if not metrics.sourced:
+        return None
+    per_source = np.array([source[2] for source in metrics.sources], np.int64)
+    if not per_source.any():
+        return None
+    attempt = per_source[metrics.source_index]
+    later = np.flatnonzero(attempt > 0)
+    keys = max(len(metrics.keys), 1)
+    series = metrics.run_index[later].astype(np.int64) * keys + metrics.key_index[later]
+    attempt = attempt[later]
+    order = np.lexsort((attempt, series))
+    series, attempt = series[order], attempt[order]
+    step, timestamp = metrics.step[later][order], metrics.timestamp[later][order]
+    nan_last = value_order(metrics.value[later][order], NAN_LOW)
+    starts = _starts((series, attempt))
+    run_index, key_index = _split(series[starts], keys)
+    return AttemptSummaries(
+        run_index=run_index,
+        key_index=key_index,
+        attempt=attempt[starts].astype(np.uint32),
+        first_step=np.minimum.reduceat(step, starts),
+        latest=_reduce(np.maximum, INT64_MIN, (step, timestamp, nan_last), starts),
+    )

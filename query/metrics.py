@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from trackhouse.query import sampling, schema
+from trackhouse.query import attempts, sampling, schema
 from trackhouse.query.connection import Client
 
 #: (step, timestamp, value) of one point.
@@ -58,6 +58,9 @@ def history(
     timestamp: exact, slower. Each query fetches at most `limit + 1` rows.
     """
     table = f"{database}.{schema.METRICS}"
+    view = attempts.series_view(client, database, run_id, key)
+    if view is not None:  # resumed or forked: the points the attempts and the lineage show
+        return _history_in_view(client, table, view, limit, after)
     series: dict[str, object] = {"run": run_id, "key": key}
     read = _distinct_rows(client, table, series, after, limit + 1, by_step=True)
     if read is None or not _is_timestamp_page(client, table, series, after, read, limit):
@@ -274,9 +277,15 @@ def charts(
     """`sampled`, as query.sampling's charts: rows of (step, timestamp, value order) and the groups' starts."""
     if not run_ids or max_points <= 0:
         return {}
-    scope = _Scope(list(run_ids), key, start_step, end_step)
     empty = sampling.Chart(np.empty((0, 3), np.int64), np.empty(0, np.int64))
     result = dict.fromkeys(run_ids, empty)
+    special = attempts.lineages(client, database, run_ids)
+    for run_id, lineage in special.items():
+        result[run_id] = _lineage_chart(client, database, lineage, key, max_points, start_step, end_step)
+    run_ids = [run_id for run_id in run_ids if run_id not in special]
+    if not run_ids:
+        return result
+    scope = _Scope(list(run_ids), key, start_step, end_step)
     summaries, whole = _chart_buckets(client, database, scope, max_points)
     result.update(whole)
     for run_id, run_summaries in summaries.items():
@@ -490,6 +499,15 @@ def _order_value(order: Int64Array) -> Float64Array:
 
 def latest(client: Client, database: str, run_ids: Collection[str]) -> dict[str, dict[str, Point]]:
     """Each run's latest point per key: the maximum by (step, timestamp, value), as MLflow defines it."""
+    result = _stored_latest(client, database, run_ids)
+    special = attempts.lineages(client, database, run_ids)
+    for run_id, lineage in special.items():
+        result[run_id] = _lineage_latest(client, database, lineage)
+    return result
+
+
+def _stored_latest(client: Client, database: str, run_ids: Collection[str]) -> dict[str, dict[str, Point]]:
+    """Each run's latest stored point per key, whatever its attempt."""
     if not run_ids:
         return {}
     rows = client.query(
@@ -501,3 +519,335 @@ def latest(client: Client, database: str, run_ids: Collection[str]) -> dict[str,
     for run_id, key, step, timestamp, value in rows:
         result[run_id][key] = (int(step), int(timestamp), float(value))
     return result
+
+
+# ----- resumed and forked runs (query.attempts): the reads above, over the intervals a lineage shows -----
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_PACKED_POINT = schema.pack_sql("step", "timestamp", _VALUE_ORDER)
+
+
+def _history_in_view(
+    client: Client, table: str, view: tuple[str, dict[str, object]], limit: int, after: Point | None
+) -> HistoryPage:
+    """A history page of a resumed or forked run's shown points, read sorted by (timestamp, step, value):
+    exact, and as stable under keyset pagination as the plain read."""
+    where, parameters = view
+    parameters = {**parameters, "limit": limit + 1}
+    if after is not None:
+        parameters.update(_bound("a", after))
+        where += f" AND timestamp >= {{a_t:Int64}} AND {_after_in_time('a', '>')}"
+    rows = client.query_np(
+        f"SELECT DISTINCT step, timestamp, value, {_VALUE_ORDER} AS o FROM {table} WHERE {where}"
+        " ORDER BY timestamp, step, o LIMIT {limit:UInt64}",
+        parameters=parameters,
+    )
+    read = _Columns(
+        np.ascontiguousarray(rows["step"], np.int64) if len(rows) else np.empty(0, np.int64),
+        np.ascontiguousarray(rows["timestamp"], np.int64) if len(rows) else np.empty(0, np.int64),
+        np.ascontiguousarray(rows["value"], np.float64) if len(rows) else np.empty(0, np.float64),
+    )
+    if len(read) <= limit:
+        return HistoryPage(read.step, read.timestamp, read.value, None)
+    return HistoryPage(read.step[:limit], read.timestamp[:limit], read.value[:limit], read.point(limit - 1))
+
+
+def _in_range(shown: list[attempts.Interval], start: int | None, end: int | None) -> list[attempts.Interval]:
+    """The intervals cut to the chart's step range [start, end], empty ones dropped."""
+    result = []
+    for piece in shown:
+        lo, hi = piece.lo, piece.hi
+        if start is not None:
+            lo = start if lo is None else max(lo, start)
+        if end is not None:
+            hi = end + 1 if hi is None else min(hi, end + 1)
+        cut = attempts.Interval(piece.run_id, piece.attempt, lo, hi)
+        if not cut.empty():
+            result.append(cut)
+    return result
+
+
+def _split(
+    piece: attempts.Interval, dirty: tuple[int, int] | None, width: int
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The piece's stored buckets that hold its points and nothing else, as ranges of bucket numbers, and the
+    step ranges whose points must be read instead: the buckets straddling its ends and those holding
+    superseded points (`dirty`, a step range). The two may overlap: every summary is a minimum or maximum."""
+    shift = width.bit_length() - 1
+    lo = _INT64_MIN if piece.lo is None else piece.lo
+    hi = _INT64_MAX if piece.hi is None else piece.hi
+    first_full, last_full = -((-lo) >> shift), (hi >> shift) - 1
+    if first_full > last_full:
+        return [], [(lo, hi)]
+    raw = [(lo, first_full << shift), ((last_full + 1) << shift, hi)]
+    clean = [(first_full, last_full)]
+    if dirty is not None:
+        low, high = dirty[0] >> shift, (dirty[1] - 1) >> shift
+        clean = [
+            r for r in ((first_full, min(last_full, low - 1)), (max(first_full, high + 1), last_full)) if r[0] <= r[1]
+        ]
+        raw.append((max(lo, low << shift), min(hi, (high + 1) << shift)))
+    return clean, [r for r in raw if r[0] < r[1]]
+
+
+def _dirty(client: Client, table: str, pieces: list[attempts.Interval], key: str) -> list[tuple[int, int] | None]:
+    """For each piece, the step range inside it that also holds points of its run's earlier attempts (which it
+    supersedes), or None. A minmax index on `attempt` lets ClickHouse skip the granules of the later attempts."""
+    last: dict[tuple[str, int], int] = {}
+    for run_id in {p.run_id for p in pieces if p.attempt}:
+        mine = [p for p in pieces if p.run_id == run_id and p.attempt]
+        rows = client.query(
+            f"SELECT attempt, max(step) FROM {table} WHERE run_id = {{run:String}} AND key = {{key:String}}"
+            " AND attempt < {top:UInt32} AND step >= {lo:Int64} GROUP BY attempt",
+            parameters={
+                "run": run_id,
+                "key": key,
+                "top": max(p.attempt or 0 for p in mine),
+                "lo": min(p.lo if p.lo is not None else _INT64_MIN for p in mine),
+            },
+        ).result_rows
+        last.update({(run_id, int(a)): int(s) for a, s in rows})
+    result: list[tuple[int, int] | None] = []
+    for piece in pieces:
+        ends = [s + 1 for (run_id, a), s in last.items() if run_id == piece.run_id and a < (piece.attempt or 0)]
+        lo = _INT64_MIN if piece.lo is None else piece.lo
+        hi = _INT64_MAX if piece.hi is None else piece.hi
+        end = min(max(ends, default=lo), hi)
+        result.append((lo, end) if end > lo else None)
+    return result
+
+
+def _piece_sql(piece: attempts.Interval, p: str) -> tuple[str, str, dict[str, object]]:
+    """The piece's series, and its attempt (every summary table lacks the column, so it applies to points only)."""
+    series = f"run_id = {{{p}_run:String}} AND key = {{key:String}}"
+    parameters: dict[str, object] = {f"{p}_run": piece.run_id}
+    attempt = ""
+    if piece.attempt is not None:
+        attempt = f" AND attempt = {{{p}_attempt:UInt32}}"
+        parameters[f"{p}_attempt"] = piece.attempt
+    return series, attempt, parameters
+
+
+def _ranges_sql(column: str, ranges: list[tuple[int, int]], p: str, inclusive: bool) -> tuple[str, dict[str, object]]:
+    """`column` within any of `ranges` ([lo, hi), or [lo, hi] when inclusive)."""
+    terms: list[str] = []
+    parameters: dict[str, object] = {}
+    for i, (lo, hi) in enumerate(ranges):
+        terms.append(
+            f"({column} >= {{{p}_{i}_lo:Int64}} AND {column} {'<=' if inclusive else '<'} {{{p}_{i}_hi:Int64}})"
+        )
+        parameters.update({f"{p}_{i}_lo": lo, f"{p}_{i}_hi": hi})
+    return "(" + " OR ".join(terms) + ")", parameters
+
+
+def _piece_sources(
+    database: str, pieces: list[attempts.Interval], dirty: list[tuple[int, int] | None], width: int
+) -> tuple[list[str], dict[str, object]]:
+    """SELECTs of (bucket, summary columns) whose merge per bucket summarises exactly the pieces' points:
+    stored buckets where they hold nothing else, the points elsewhere."""
+    shift = width.bit_length() - 1
+    aggregates = ", ".join(f"{sql} AS {column}" for column, sql in schema.bucket_aggregates_sql())
+    columns = ", ".join(_SUMMARY)
+    sources: list[str] = []
+    parameters: dict[str, object] = {"width": width}
+    for i, piece in enumerate(pieces):
+        clean, raw = _split(piece, dirty[i], width)
+        series, attempt, series_parameters = _piece_sql(piece, f"p{i}")
+        parameters.update(series_parameters)
+        if clean:
+            ranges, ranges_parameters = _ranges_sql("bucket", clean, f"c{i}", inclusive=True)
+            parameters.update(ranges_parameters)
+            sources.append(
+                f"SELECT bucket, {columns} FROM {database}.{schema.METRIC_BUCKETS}"
+                f" WHERE width = {{width:UInt16}} AND {series} AND {ranges}"
+            )
+        if raw:
+            ranges, ranges_parameters = _ranges_sql("step", raw, f"r{i}", inclusive=False)
+            parameters.update(ranges_parameters)
+            sources.append(
+                f"SELECT bitShiftRight(step, {shift}) AS bucket, {aggregates} FROM {database}.{schema.METRICS}"
+                f" WHERE {series}{attempt} AND {ranges} GROUP BY bucket"
+            )
+    return sources, parameters
+
+
+def _lineage_chart(
+    client: Client,
+    database: str,
+    lineage: attempts.Lineage,
+    key: str,
+    max_points: int,
+    start: int | None,
+    end: int | None,
+) -> sampling.Chart:
+    """`charts` for one resumed or forked run: by the same rules, over the points its lineage shows. Stored
+    buckets serve wherever they hold only shown points; only the buckets at the pieces' ends and those with
+    superseded points (a restart's overlap, usually short) are summarised from points."""
+    empty = sampling.Chart(np.empty((0, 3), np.int64), np.empty(0, np.int64))
+    pieces = _in_range(attempts.intervals(client, database, lineage, key), start, end)
+    if not pieces:
+        return empty
+    run_id, table = lineage.run_ids[0], f"{database}.{schema.METRICS}"
+    dirty = _dirty(client, table, pieces, key)
+    for width in _WIDTHS:
+        first, last = _piece_bounds(client, database, pieces, key, width)
+        if first is None or last is None:
+            return empty
+        stored = last - first + 1
+        if stored >= max_points or (width == schema.FINE_WIDTH and stored >= max(2, max_points // 2)):
+            per = -(-stored // max_points)  # ceiling division
+            sources, parameters = _piece_sources(database, pieces, dirty, width)
+            merged = ", ".join(f"{merge}({column}) AS {column}" for column, merge in schema.BUCKET_MERGES.items())
+            summaries = _summaries(
+                client,
+                f"SELECT {{run:String}} AS run_id, intDiv(bucket - {{first:Int64}}, {{per:Int64}}) AS b, {merged}"
+                f" FROM ({' UNION ALL '.join(sources)}) GROUP BY run_id, b",
+                {**parameters, "key": key, "run": run_id, "first": first, "per": per},
+                origin=first * width,
+                scale=per * width,
+            )
+            chart = sampling.choose(summaries[run_id], max_points) if run_id in summaries else empty
+            if len(chart.rows) < max_points:  # sparse: whole when small, as for plain runs
+                chart = _view_whole(client, table, pieces, key, max_points) or chart
+            return chart
+    where, parameters = attempts.where_sql(pieces)
+    where, parameters = f"key = {{key:String}} AND {where}", {**parameters, "key": key, "run": run_id}
+    count, low, high = client.query(
+        f"SELECT uniqExact(step, timestamp, value), min(step), max(step) FROM {table} WHERE {where}",
+        parameters=parameters,
+    ).result_rows[0]
+    if count <= max_points:
+        return _view_whole(client, table, pieces, key, max_points) or empty
+    width = max(1, -(-(int(high) - int(low) + 1) // max_points))  # ceiling division
+    aggregates = ", ".join(f"{sql} AS {column}" for column, sql in schema.bucket_aggregates_sql())
+    summaries = _summaries(
+        client,
+        # The run's id is named outside the query that filters on run_id: inside, the alias would shadow the column.
+        f"SELECT {{run:String}} AS run_id, * FROM (SELECT intDiv(step - {{first:Int64}}, {{width:Int64}}) AS b,"
+        f" {aggregates} FROM {table} WHERE {where} GROUP BY b)",
+        {**parameters, "first": int(low), "width": width},
+        origin=int(low),
+        scale=width,
+    )
+    return sampling.choose(summaries[run_id], max_points) if run_id in summaries else empty
+
+
+def _piece_bounds(
+    client: Client, database: str, pieces: list[attempts.Interval], key: str, width: int
+) -> tuple[int | None, int | None]:
+    """The first and last stored bucket `width` steps wide overlapping any piece, or None when there are none."""
+    shift = width.bit_length() - 1
+    terms: list[str] = []
+    parameters: dict[str, object] = {"key": key, "width": width}
+    for i, piece in enumerate(pieces):
+        lo = _INT64_MIN if piece.lo is None else piece.lo
+        hi = _INT64_MAX if piece.hi is None else piece.hi
+        terms.append(f"(run_id = {{b{i}_run:String}} AND bucket >= {{b{i}_lo:Int64}} AND bucket <= {{b{i}_hi:Int64}})")
+        parameters.update({f"b{i}_run": piece.run_id, f"b{i}_lo": lo >> shift, f"b{i}_hi": (hi - 1) >> shift})
+    count, first, last = client.query(
+        f"SELECT count(), min(bucket), max(bucket) FROM {database}.{schema.METRIC_BUCKETS}"
+        f" WHERE width = {{width:UInt16}} AND key = {{key:String}} AND ({' OR '.join(terms)})",
+        parameters=parameters,
+    ).result_rows[0]
+    return (int(first), int(last)) if count else (None, None)
+
+
+def _view_whole(
+    client: Client, table: str, pieces: list[attempts.Interval], key: str, max_points: int
+) -> sampling.Chart | None:
+    """Every shown point of the pieces as a chart, or None when they hold more than max_points."""
+    where, parameters = attempts.where_sql(pieces)
+    rows = client.query_np(
+        f"SELECT DISTINCT step, timestamp, {_VALUE_ORDER} AS o FROM {table} WHERE key = {{key:String}} AND {where}"
+        " ORDER BY step, timestamp, o LIMIT {limit:UInt64}",
+        parameters={**parameters, "key": key, "limit": max_points + 1},
+    )
+    if len(rows) > max_points:
+        return None
+    if not len(rows):
+        points = np.empty((0, 3), np.int64)
+    elif rows.dtype.names is None:  # columns of one type come back as a plain matrix
+        points = np.ascontiguousarray(rows, np.int64).reshape(-1, 3)
+    else:
+        points = np.column_stack([np.asarray(rows[c], np.int64) for c in ("step", "timestamp", "o")])
+    return sampling.Chart(points, points[:1, 0])
+
+
+def _lineage_latest(client: Client, database: str, lineage: attempts.Lineage) -> dict[str, Point]:
+    """A resumed or forked run's latest shown point per key: the latest point of the last piece of the series
+    that has one. Stored summaries answer it, except for a piece cut off above (a fork's parent up to the fork
+    step), whose latest is read from its stored buckets and the points of the bucket it ends in."""
+    stored = _stored_latest(client, database, lineage.run_ids)
+    keys = sorted({key for points in stored.values() for key in points})
+    if not keys:
+        return {}
+    shown = attempts.intervals_of_keys(client, database, lineage, keys)
+    by_attempt = _attempt_latest(client, database, lineage.run_ids, keys)
+    result: dict[str, Point] = {}
+    todo = {key: list(shown[key]) for key in keys}
+    while todo:
+        bounded: dict[attempts.Interval, list[str]] = {}
+        for key, pieces in list(todo.items()):
+            while pieces and pieces[-1].hi is None:  # the piece's points are all shown: a stored latest is exact
+                piece = pieces.pop()
+                if piece.attempt:
+                    point = by_attempt.get((piece.run_id, key, piece.attempt))
+                else:
+                    point = stored[piece.run_id].get(key)
+                if point is not None:
+                    result[key] = point
+                    pieces.clear()
+            if pieces:
+                bounded.setdefault(pieces[-1], []).append(key)
+            else:
+                del todo[key]
+        for piece, piece_keys in bounded.items():
+            found = _latest_in(client, database, piece, piece_keys)
+            for key in piece_keys:
+                todo[key].pop()
+                if key in found:
+                    result[key] = found[key]
+                    todo[key].clear()
+    return result
+
+
+def _attempt_latest(
+    client: Client, database: str, run_ids: list[str], keys: list[str]
+) -> dict[tuple[str, str, int], Point]:
+    rows = client.query(
+        f"SELECT run_id, key, attempt, {', '.join(schema.latest_point_sql('l'))} FROM (SELECT run_id, key, attempt,"
+        f" max(latest) AS l FROM {database}.{schema.METRIC_ATTEMPTS}"
+        " WHERE run_id IN {ids:Array(String)} AND key IN {keys:Array(String)} GROUP BY run_id, key, attempt)",
+        parameters={"ids": run_ids, "keys": keys},
+    ).result_rows
+    return {(str(r), str(k), int(a)): (int(s), int(t), float(v)) for r, k, a, s, t, v in rows}
+
+
+def _latest_in(client: Client, database: str, piece: attempts.Interval, keys: list[str]) -> dict[str, Point]:
+    """The latest point of each key among the piece's points."""
+    series = "run_id = {run:String} AND key IN {keys:Array(String)}"
+    parameters: dict[str, object] = {"run": piece.run_id, "keys": keys, "width": schema.FINE_WIDTH}
+    if piece.attempt is None:  # the run's stored buckets hold only these points: read them where whole
+        clean, raw = _split(piece, None, schema.FINE_WIDTH)
+    else:
+        clean, raw = [], [(_INT64_MIN if piece.lo is None else piece.lo, _INT64_MAX if piece.hi is None else piece.hi)]
+        series += " AND attempt = {attempt:UInt32}"
+        parameters["attempt"] = piece.attempt
+    sources = []
+    if clean:
+        ranges, ranges_parameters = _ranges_sql("bucket", clean, "c", inclusive=True)
+        parameters.update(ranges_parameters)
+        sources.append(
+            f"SELECT key, last AS p FROM {database}.{schema.METRIC_BUCKETS}"
+            f" WHERE width = {{width:UInt16}} AND {series} AND {ranges}"
+        )
+    if raw:
+        ranges, ranges_parameters = _ranges_sql("step", raw, "r", inclusive=False)
+        parameters.update(ranges_parameters)
+        sources.append(f"SELECT key, {_PACKED_POINT} AS p FROM {database}.{schema.METRICS} WHERE {series} AND {ranges}")
+    rows = client.query(
+        f"SELECT key, {', '.join(schema.latest_point_sql('l'))} FROM (SELECT key, max(p) AS l"
+        f" FROM ({' UNION ALL '.join(sources)}) GROUP BY key)",
+        parameters=parameters,
+    ).result_rows
+    return {str(k): (int(s), int(t), float(v)) for k, s, t, v in rows}

@@ -62,6 +62,11 @@ LOGGED_MODELS = "logged_models"
 LOGGED_MODEL_TAGS = "logged_model_tags"
 LOGGED_MODEL_PARAMS = "logged_model_params"
 RUN_MODELS = "run_models"
+#: Resumed and forked runs (migration 11): each run's attempts after its first, forks' parents, and the first
+#: step and latest point of each (run, key, attempt > 0), which query.attempts turns into superseded ranges.
+RUN_ATTEMPTS = "run_attempts"
+RUN_FORKS = "run_forks"
+METRIC_ATTEMPTS = "metric_attempts"
 
 #: Distributed runs (migration 10): each (run, key, rank, node)'s first and latest point and its step-rate
 #: anchors (see rank_series_select), and per RANK_WIDTH steps its last point and which steps hold a point, a
@@ -95,6 +100,7 @@ DEDUPLICATED_TABLES = (
     RANK_SERIES,
     RANK_BUCKETS,
     RANK_SPANS,
+    METRIC_ATTEMPTS,
 )
 #: Inserts per table whose tokens a table that is not replicated remembers: minutes of flushes at the busiest
 #: (metrics), far longer for the small tables; a retry comes within the batcher's backoff, seconds.
@@ -467,6 +473,42 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                 f" non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}"
                 for table in (RANK_SERIES, RANK_BUCKETS, RANK_SPANS)
             ),
+        ),
+    ),
+    (
+        11,
+        (
+            # A run's attempts after its first (attempt 0 is every run's start and has no row): the server
+            # numbers them, one per resume. A run with no row here reads as it always did, at no extra cost.
+            """CREATE TABLE IF NOT EXISTS {db}.run_attempts (
+                run_id String,
+                attempt UInt32,
+                started_at Int64
+            ) ENGINE = ReplacingMergeTree
+            ORDER BY (run_id, attempt)""",
+            # A fork reads its parent's points up to fork_step (inclusive) without copying them. Written once
+            # when the fork is made; its tags only show it (a tag can be changed, the lineage cannot).
+            """CREATE TABLE IF NOT EXISTS {db}.run_forks (
+                run_id String,
+                parent_run_id String,
+                fork_step Int64,
+                created_at Int64
+            ) ENGINE = ReplacingMergeTree
+            ORDER BY run_id""",
+            # For points of attempts after the first only (the sink writes nothing for attempt 0): the first
+            # step each attempt logged of each key, from which on it supersedes the attempts before it, and its
+            # latest point (packed as in metric_latest), which is the key's latest once an attempt resumed.
+            """CREATE TABLE IF NOT EXISTS {db}.metric_attempts (
+                run_id LowCardinality(String),
+                key LowCardinality(String),
+                attempt UInt32,
+                first_step SimpleAggregateFunction(min, Int64),
+                latest SimpleAggregateFunction(max, Int256)
+            ) ENGINE = AggregatingMergeTree
+            ORDER BY (run_id, key, attempt)""",
+            # Charts of a resumed run ask where its earlier attempts' points end (query.metrics._dirty): with the
+            # range of attempts per granule, that read skips the later attempt's granules.
+            "ALTER TABLE {db}.metrics ADD INDEX IF NOT EXISTS attempts attempt TYPE minmax GRANULARITY 1",
         ),
     ),
     (

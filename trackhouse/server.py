@@ -19,11 +19,13 @@ from urllib.parse import urlsplit
 from trackhouse.compat.app import create_app
 from trackhouse.compat.artifact_roots import ArtifactRoots
 from trackhouse.compat.artifacts import ArtifactsConfig
+from trackhouse.compat.attempts import AttemptsApi
 from trackhouse.compat.backend import Backend, BackendConfig
 from trackhouse.compat.http_server import HttpServer
 from trackhouse.compat.limits import HttpLimits
 from trackhouse.compat.registry_store import RegistryConfig, RegistryStore
 from trackhouse.compat.security import SecurityConfig
+from trackhouse.ingest.attempts import AttemptCheck
 from trackhouse.ingest.auth import Authenticator
 from trackhouse.ingest.batcher import Batcher
 from trackhouse.ingest.catalog import Catalog
@@ -36,6 +38,7 @@ from trackhouse.ingest.sink import ClickHouseSink
 from trackhouse.ingest.telemetry import Telemetry
 from trackhouse.query import integrity, schema
 from trackhouse.query.connection import Client, StoreConfig, connect
+from trackhouse.runs_service import runs_service
 
 log = logging.getLogger("trackhouse")
 
@@ -160,6 +163,9 @@ class Server:
         if config.kafka is not None and pipeline is not None:
             self._kafka_in = KafkaReceiver(pipeline, config.kafka, max_bytes, self.telemetry)
             await self._kafka_in.start()
+        backend = await self._start_backend(pipeline) if config.reads else None
+        # Resume and fork (issue 17): one instance for HTTP and gRPC; a node without storage serves neither.
+        attempts = AttemptsApi(backend) if backend is not None else None
         if config.receives_grpc:
             writer: Writer | None = pipeline
             if config.kafka is not None:  # with Kafka, gRPC writes go through it, even in role all
@@ -168,9 +174,9 @@ class Server:
             assert writer is not None
             queue = config.batcher if config.kafka is None else None  # with Kafka, the workers' queues apply
             grpc_config = replace(config.grpc, tls_cert=config.tls_cert, tls_key=config.tls_key)
-            self._grpc = GrpcReceiver(writer, grpc_config, self.telemetry, queue, authenticator)
+            services = [runs_service(attempts)] if attempts is not None and pipeline is not None else []
+            self._grpc = GrpcReceiver(writer, grpc_config, self.telemetry, queue, authenticator, services)
             await self._grpc.start()
-        backend = await self._start_backend(pipeline) if config.reads else None
         artifacts = None
         if config.artifacts_destination:
             artifacts = ArtifactsConfig(
@@ -187,6 +193,7 @@ class Server:
             security,
             registry=self._registry,
             limits=config.http_limits,
+            attempts=attempts,
         )
         self._http = HttpServer(
             app, config.http_host, config.http_port, config.tls_cert, config.tls_key, config.http_limits
@@ -208,7 +215,8 @@ class Server:
         await self._batcher.start()
         receiver = self._config.receiver
         catalog = Catalog(catalog_client, database, receiver.catalog_cache_entries, receiver.catalog_cache_seconds)
-        return WritePipeline(catalog, self._batcher, self.telemetry)
+        attempts = AttemptCheck(catalog_client, database, receiver.catalog_cache_entries)
+        return WritePipeline(catalog, self._batcher, self.telemetry, attempts)
 
     async def _start_backend(self, pipeline: WritePipeline | None) -> Backend:
         """The MLflow API's read clients, and the pipeline its writes share with gRPC (none on a reader)."""

@@ -54,6 +54,7 @@ import numpy.typing as npt
 
 from trackhouse.ingest import validation
 from trackhouse.ingest.batch import NO_SOURCE, Source
+from trackhouse.ingest.client import runs as client_runs
 from trackhouse.ingest.client.buffers import RunBuffer, by_run, shape
 from trackhouse.ingest.client.spool import SPOOL_DIR_ENV, Spool, SpoolDepth
 from trackhouse.ingest.client.transport import (
@@ -69,7 +70,7 @@ from trackhouse.ingest.client.transport import (
 )
 from trackhouse.ingest.codec import STATUS_VALUES, BlockColumns
 from trackhouse.ingest.errors import IngestError, InvalidArgumentError
-from trackhouse.v1 import ingest_pb2
+from trackhouse.v1 import ingest_pb2, runs_pb2
 
 log = logging.getLogger(__name__)
 
@@ -228,13 +229,20 @@ class Client:
         *,
         rank: int | None = None,
         node: str | None = None,
+        resume: str | None = None,
     ) -> Run:
         """Create a run (status RUNNING) in `experiment`, created if missing. Returns at once.
 
         In a distributed job, rank 0 starts the run and the other ranks `attach_run` to it. `rank` and
         `node` label this process's points; by default they come from the launcher's variables (see
         `launcher_source`).
+
+        `resume=run_id` reopens that run instead (after a preemption, say) as its next attempt, which the
+        server numbers: a blocking call. From the first step the new attempt logs of a key, its points
+        supersede the earlier attempts' in every read. Hand `run.attempt` to other ranks' `attach_run`.
         """
+        if resume is not None:
+            return self._resume(resume, params or {}, tags or {}, launcher_source(rank, node))
         validation.check_experiment_name(experiment)
         run_id = run_id or uuid.uuid4().hex
         validation.check_run_id(run_id)
@@ -252,16 +260,54 @@ class Client:
         run._add_meta(upsert, params or {}, {"mlflow.runName": upsert.name, **(tags or {})})
         return run
 
-    def attach_run(self, run_id: str, *, rank: int | None = None, node: str | None = None) -> Run:
+    def attach_run(self, run_id: str, *, rank: int | None = None, node: str | None = None, attempt: int = 0) -> Run:
         """Log into a run another process started (e.g. rank 0 of a distributed job).
 
         The run must be stored before its points arrive: have the starting
         process call `flush()` before it hands out the run id. `rank` and `node`
         label this process's points; by default they come from the launcher's
-        variables (see `launcher_source`).
+        variables (see `launcher_source`). `attempt` is the one the resuming
+        process got (`Run.attempt`); 0 is the run's first.
         """
         validation.check_run_id(run_id)
-        return Run(self, run_id, None, launcher_source(rank, node))
+        rank_, node_, _ = launcher_source(rank, node)
+        if not 0 <= attempt < 2**32:
+            raise InvalidArgumentError(f"attempt {attempt} is out of range: 0 to 2**32-1")
+        return Run(self, run_id, None, (rank_, node_, attempt))
+
+    def fork_run(
+        self,
+        parent_run_id: str,
+        at_step: int,
+        name: str | None = None,
+        params: Mapping[str, object] | None = None,
+        tags: Mapping[str, object] | None = None,
+        *,
+        run_id: str | None = None,
+        rank: int | None = None,
+        node: str | None = None,
+    ) -> Run:
+        """Create a child run, in the parent's experiment, whose reads show the parent's points at steps up
+        to and including `at_step` (not copied), then its own. From the first step the child logs of a key,
+        its points replace the parent's. A blocking call; this client's points logged so far are flushed first,
+        so the parent may be a run it just started."""
+        validation.check_run_id(parent_run_id)
+        if run_id is not None:
+            validation.check_run_id(run_id)
+        self.flush()
+        reply = client_runs.fork_run(self._transport, parent_run_id, int(at_step), name or "", run_id or "")
+        run = Run(self, reply.run.run_id, _upsert_of(reply.run), launcher_source(rank, node))
+        if params or tags:
+            run._add_meta(None, params or {}, tags or {})
+        return run
+
+    def _resume(self, run_id: str, params: Mapping[str, object], tags: Mapping[str, object], source: Source) -> Run:
+        validation.check_run_id(run_id)
+        reply = client_runs.resume_run(self._transport, run_id)
+        run = Run(self, run_id, _upsert_of(reply.run), (source[0], source[1], reply.attempt))
+        if params or tags:
+            run._add_meta(None, params, tags)
+        return run
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until everything logged before this call is acknowledged.
@@ -725,6 +771,8 @@ class Run:
         self.run_id = run_id
         #: (rank, node, attempt) that every point logged through this handle carries.
         self.source = source
+        #: The run's attempt this handle logs under: 0 for a new run, the server's number after a resume.
+        self.attempt = source[2]
         self._client = client
         self._upsert = upsert
         self._params: dict[str, str] = {}
@@ -816,6 +864,19 @@ class Run:
                 tag_msgs.append(ingest_pb2.Tag(run_id=self.run_id, key=key, value=value, version=version))
             self._client._append_meta([upsert] if upsert else [], param_msgs, tag_msgs)
             self._params.update(fresh)
+
+
+def _upsert_of(run: runs_pb2.RunRef) -> ingest_pb2.RunUpsert:
+    """The run's row as the server has it, so that this process may finish it."""
+    return ingest_pb2.RunUpsert(
+        run_id=run.run_id,
+        experiment_id=run.experiment_id,
+        name=run.name,
+        status=ingest_pb2.RUNNING,
+        start_time_ms=run.start_time_ms,
+        user=run.user,
+        version=time.time_ns(),
+    )
 
 
 def _close_at_exit(ref: weakref.ref[Client]) -> Callable[[], None]:
