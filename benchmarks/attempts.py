@@ -1,13 +1,14 @@
 """What resume and fork cost reads: a plain run beside a resumed one and a fork, in query/ (no HTTP).
 
-    python -m benchmarks.attempts [--points 1000000] [--repeats 7]
+    python -m benchmarks.attempts [--points 1000000] [--overlap 0.01] [--repeats 7]
 
 Loads through the real sink into a fresh embedded store:
 - `plain`: --points steps of one key, attempt 0;
-- `resumed`: the same, then attempt 1 restarting at 90% of the steps and logging to the end again (so 10% of
-  the series is superseded);
+- `resumed`: the same, then attempt 1 restarting --overlap (a fraction of the steps) before the end, and logging
+  to the end again: its overlap with attempt 0 is what a restart from the last checkpoint re-logs;
 - `fork`: a fork of `plain` at half its steps, with 10% of --points of its own after the fork step.
-Then times (median of --repeats, in ms): the lineage lookup every read of a plain run now pays; a 25,000-point
+Then times (median of --repeats, in ms): the lineage lookup a read of a plain run pays (uncached: the first read
+of a run in a second; cached: the others); a 25,000-point
 history page (first, and at 95% of the steps); the UI's chart (320 points); the latest values. Each answer is
 checked against the curve the reads must show.
 """
@@ -56,7 +57,7 @@ def write(sink: ClickHouseSink, run_id: str, steps: np.ndarray, value: np.ndarra
         )
 
 
-def load(client: Client, points: int) -> dict[str, dict[int, float]]:
+def load(client: Client, points: int, overlap: float) -> dict[str, dict[int, float]]:
     """The three runs, and the curve each must show (step -> value)."""
     sink = ClickHouseSink(client, DB)
     sink.write(Batch(experiments=(ExperimentRow("400", "attempts", 1_700_000_000_000),)))
@@ -66,7 +67,7 @@ def load(client: Client, points: int) -> dict[str, dict[int, float]]:
     first = np.sin(steps / 1000.0)
     write(sink, "plain", steps, first, 0)
     write(sink, "resumed", steps, first, 0)
-    restart = points * 9 // 10
+    restart = points - int(points * overlap)
     attempts.start_attempt(client, DB, "resumed", 1_700_000_000_000)
     write(sink, "resumed", steps[restart:], first[restart:] + 10, 1)
     fork_step = points // 2
@@ -94,13 +95,14 @@ def check(client: Client, run_id: str, shown: dict[int, float]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", type=int, default=1_000_000)
+    parser.add_argument("--overlap", type=float, default=0.01)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
-    results: dict[str, Any] = {"points": args.points, "repeats": args.repeats, "ms": {}}
+    results: dict[str, Any] = {"points": args.points, "overlap": args.overlap, "repeats": args.repeats, "ms": {}}
     with tempfile.TemporaryDirectory() as tmp:
         client = connect(StoreConfig.for_data_dir(Path(tmp) / "data"))
         schema.migrate(client, DB)
-        shown = load(client, args.points)
+        shown = load(client, args.points, args.overlap)
         for run_id, curve in shown.items():
             check(client, run_id, curve)
             mid = sorted(curve)[len(curve) * 95 // 100]
@@ -114,10 +116,13 @@ def main() -> None:
                 "chart_320": timed(args.repeats, partial(metrics.sampled, client, DB, [run_id], "loss", 320)),
                 "latest": timed(args.repeats, partial(metrics.latest, client, DB, [run_id])),
             }
-        results["ms"]["lineage_lookup_plain"] = timed(args.repeats, partial(attempts.lineages, client, DB, ["plain"]))
+        results["ms"]["lineage_lookup_plain"] = {
+            "uncached": timed(args.repeats, partial(attempts._lineages, client, DB, ["plain"])),
+            "cached": timed(args.repeats, partial(attempts.lineages, client, DB, ["plain"])),
+        }
         client.close()
     for name, rows in results["ms"].items():
-        print(name, {k: round(v["median_ms"], 2) for k, v in rows.items()} if "median_ms" not in rows else rows)
+        print(name, {k: round(v["median_ms"], 3) for k, v in rows.items()})
     print(save_results("attempts", results))
 
 

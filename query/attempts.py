@@ -15,8 +15,12 @@ exactly what they were.
 
 from __future__ import annotations
 
+import threading
+import time
+import weakref
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from trackhouse.query import schema
 from trackhouse.query.connection import Client
@@ -61,10 +65,49 @@ class Interval:
         return self.lo is not None and self.hi is not None and self.lo >= self.hi
 
 
+#: How long a process trusts what it read of a run's lineage (plain included). A resume or fork made in this
+#: process is seen at once (`forget`); one made by another node, within this time.
+LINEAGE_TTL_S = 1.0
+_CACHED_RUNS = 100_000
+_cache: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], tuple[float, Lineage | None]]] = (
+    weakref.WeakKeyDictionary()
+)
+_cache_lock = threading.Lock()
+
+
 def lineages(client: Client, database: str, run_ids: Collection[str]) -> dict[str, Lineage]:
-    """The lineage of each run among `run_ids` that was resumed or forked; plain runs are left out."""
+    """The lineage of each run among `run_ids` that was resumed or forked; plain runs are left out.
+
+    Cached per client for LINEAGE_TTL_S, so that the UI's many chart calls for one run, or the pages of one long
+    history, ask once: a plain run's reads then cost no query at all."""
     if not run_ids:
         return {}
+    now = time.monotonic()
+    with _cache_lock:
+        entries = _cache.setdefault(client, {})
+        known = {r: entries[database, r] for r in run_ids if (database, r) in entries}
+    result = {r: lineage for r, (expiry, lineage) in known.items() if expiry > now and lineage is not None}
+    missing = [r for r in run_ids if r not in known or known[r][0] <= now]
+    if not missing:
+        return result
+    found = _lineages(client, database, missing)
+    with _cache_lock:
+        if len(entries) + len(missing) > _CACHED_RUNS:
+            entries.clear()
+        for run_id in missing:
+            entries[database, run_id] = (now + LINEAGE_TTL_S, found.get(run_id))
+    return {**result, **found}
+
+
+def forget(run_id: str) -> None:
+    """Drop what this process cached of the run's lineage (it was just resumed or forked)."""
+    with _cache_lock:
+        for entries in _cache.values():
+            for key in [k for k in entries if k[1] == run_id]:
+                del entries[key]
+
+
+def _lineages(client: Client, database: str, run_ids: Collection[str]) -> dict[str, Lineage]:
     attempts, forks = _links(client, database, set(run_ids))
     special = [r for r in run_ids if attempts.get(r, 0) > 0 or r in forks]
     if not special:
@@ -251,6 +294,7 @@ def start_attempt(client: Client, database: str, run_id: str, now_ms: int) -> in
     client.insert(
         schema.RUN_ATTEMPTS, [[run_id, attempt, now_ms]], ["run_id", "attempt", "started_at"], database=database
     )
+    forget(run_id)
     return attempt
 
 
@@ -261,6 +305,7 @@ def record_fork(client: Client, database: str, run_id: str, parent_run_id: str, 
         ["run_id", "parent_run_id", "fork_step", "created_at"],
         database=database,
     )
+    forget(run_id)
 
 
 def attempts_of(client: Client, database: str, run_id: str) -> list[tuple[int, int]]:
