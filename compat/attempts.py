@@ -34,6 +34,7 @@ from trackhouse.compat.routing import Endpoint
 from trackhouse.compat.runs import RunsApi, run_row
 from trackhouse.ingest import validation
 from trackhouse.ingest.batch import ACTIVE, Batch, RunRow, TagRow
+from trackhouse.ingest.client.runs import ATTEMPT_TAG
 from trackhouse.ingest.errors import PermanentError
 from trackhouse.query import attempts, runs
 from trackhouse.query.runs import RUN_NAME_TAG, RunInfo
@@ -68,7 +69,8 @@ class AttemptsApi:
         ]
 
     async def resume(self, run_id: str) -> int:
-        """Open the run's next attempt; the caller then writes the run's RUNNING row."""
+        """Open the run's next attempt (and show it in the tag trackhouse.attempt); the caller then writes the run's
+        RUNNING row."""
         info = await self._info(run_id)
         if info.lifecycle_stage != ACTIVE:
             raise invalid(f"Cannot resume run with ID {run_id} because it is in the deleted state.")
@@ -77,6 +79,8 @@ class AttemptsApi:
         async with self._lock:
             attempt = await self._backend.read(attempts.start_attempt, run_id, now_ms())
             self._remember(run_id, attempt)
+        tag = TagRow(run_id, ATTEMPT_TAG, str(attempt), next_version())
+        await self._backend.write(Batch(tags=(tag,)))
         return attempt
 
     async def current(self, run_id: str) -> int:

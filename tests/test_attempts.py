@@ -19,6 +19,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import ROOT, RunningServer, start_in_process
+from tests.test_mlflow_plugin import run_script
 from trackhouse import Client
 from trackhouse.ingest.errors import InvalidArgumentError
 from trackhouse.query import attempts
@@ -255,6 +256,26 @@ def test_fork_shows_the_parents_prefix_then_its_own_points_and_forks_of_forks_ch
     # The parent's points were not copied.
     assert server.scalar("SELECT count() FROM trackhouse.metrics WHERE run_id = {r:String}", r=grandchild) == 10
     assert not math.isnan(chart(server, child.run_id, "loss", max_results=3)[0][1])
+
+
+PLUGIN_RESUME = """
+import json, mlflow
+from mlflow import MlflowClient
+with mlflow.start_run() as run:
+    for step in range(10):
+        mlflow.log_metric("loss", step, step=step)
+with mlflow.start_run(run_id=run.info.run_id):
+    for step in range(5, 12):
+        mlflow.log_metric("loss", 100 + step, step=step)
+history = MlflowClient().get_metric_history(run.info.run_id, "loss")
+print(json.dumps({"loss": sorted([m.step, m.value] for m in history)}))
+"""
+
+
+def test_resume_through_the_trackhouse_plugin_logs_under_the_new_attempt(server: RunningServer, tmp_path: Path) -> None:
+    """The plugin's points go over gRPC, where the attempt is the client's to send: it reads it from the run."""
+    out = run_script(server, tmp_path, PLUGIN_RESUME)
+    assert out["loss"] == [[s, float(s)] for s in range(5)] + [[s, 100.0 + s] for s in range(5, 12)]
 
 
 def test_fork_and_resume_refuse_bad_input(server: RunningServer, mlflow_at: MlflowClient) -> None:

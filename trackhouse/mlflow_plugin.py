@@ -39,6 +39,7 @@ from mlflow.utils.credentials import get_default_host_creds
 from trackhouse import Client, IngestError
 from trackhouse import Run as ClientRun
 from trackhouse.ingest import validation
+from trackhouse.ingest.client.runs import ATTEMPT_TAG
 
 SCHEME = "trackhouse"
 HTTP_PORT_ENV = "TRACKHOUSE_HTTP_PORT"
@@ -130,6 +131,9 @@ class TrackhouseStore(RestStore):
             except MlflowException as exc:
                 failure = exc
         info: RunInfo = super().update_run_info(run_id, run_status, end_time, run_name)
+        if _status_value(run_status) == RunStatus.RUNNING:  # perhaps a resume: a new attempt for later points
+            with self._runs_lock:
+                self._runs.pop(run_id, None)
         if failure is not None:
             raise failure
         return info
@@ -146,13 +150,17 @@ class TrackhouseStore(RestStore):
         with self._runs_lock:
             run = self._runs.get(run_id)
         if run is None:
-            info = super().get_run(run_id).info  # raises MLflow's own error for a missing run
+            stored = super().get_run(run_id)  # raises MLflow's own error for a missing run
+            info = stored.info
             if info.lifecycle_stage != "active":
                 raise MlflowException(
                     f"The run {run_id} must be in the 'active' state. Current state is {info.lifecycle_stage}.",
                     INVALID_PARAMETER_VALUE,
                 )
-            run = _client(self._grpc_target).attach_run(run_id)
+            # A resumed run's points belong to its current attempt, which the server shows in a tag.
+            shown = stored.data.tags.get(ATTEMPT_TAG, "0")
+            attempt = int(shown) if shown.isdigit() else 0
+            run = _client(self._grpc_target).attach_run(run_id, attempt=attempt)
             with self._runs_lock:
                 self._runs[run_id] = run
         return run

@@ -16,6 +16,9 @@ from trackhouse.ingest.client.transport import GrpcSession, KafkaSession
 from trackhouse.ingest.errors import IngestError, InvalidArgumentError
 from trackhouse.v1 import runs_pb2
 
+#: The run's current attempt, as a tag the server sets on resume, for clients that only read runs (the
+#: trackhouse:// plugin attaches with it); absent: 0.
+ATTEMPT_TAG = "trackhouse.attempt"
 _SERVICE = "/trackhouse.v1.Runs/"
 _TIMEOUT_S = 30.0
 R = TypeVar("R", bound=Message)
