@@ -260,7 +260,10 @@ def series_view(client: Client, database: str, run_id: str, key: str) -> tuple[s
     lineage = lineages(client, database, [run_id]).get(run_id)
     if lineage is None:
         return None
-    sql, parameters = where_sql(intervals(client, database, lineage, key))
+    shown = intervals(client, database, lineage, key)
+    if shown == [Interval(run_id, None, None, None)]:  # a key the run's later attempts never logged: all shown
+        return None
+    sql, parameters = where_sql(shown)
     return f"key = {{v_key:String}} AND {sql}", {**parameters, "v_key": key}
 
 

@@ -279,9 +279,12 @@ def charts(
         return {}
     empty = sampling.Chart(np.empty((0, 3), np.int64), np.empty(0, np.int64))
     result = dict.fromkeys(run_ids, empty)
-    special = attempts.lineages(client, database, run_ids)
-    for run_id, lineage in special.items():
-        result[run_id] = _lineage_chart(client, database, lineage, key, max_points, start_step, end_step)
+    special = {}
+    for run_id, lineage in attempts.lineages(client, database, run_ids).items():
+        shown = attempts.intervals(client, database, lineage, key)
+        if shown != [attempts.Interval(run_id, None, None, None)]:  # else: a key later attempts never logged
+            special[run_id] = _lineage_chart(client, database, run_id, shown, key, max_points, start_step, end_step)
+    result.update(special)
     run_ids = [run_id for run_id in run_ids if run_id not in special]
     if not run_ids:
         return result
@@ -674,20 +677,21 @@ def _piece_sources(
 def _lineage_chart(
     client: Client,
     database: str,
-    lineage: attempts.Lineage,
+    run_id: str,
+    shown: list[attempts.Interval],
     key: str,
     max_points: int,
     start: int | None,
     end: int | None,
 ) -> sampling.Chart:
-    """`charts` for one resumed or forked run: by the same rules, over the points its lineage shows. Stored
+    """`charts` for one resumed or forked run: by the same rules, over the points its lineage shows (`shown`). Stored
     buckets serve wherever they hold only shown points; only the buckets at the pieces' ends and those with
     superseded points (a restart's overlap, usually short) are summarised from points."""
     empty = sampling.Chart(np.empty((0, 3), np.int64), np.empty(0, np.int64))
-    pieces = _in_range(attempts.intervals(client, database, lineage, key), start, end)
+    pieces = _in_range(shown, start, end)
     if not pieces:
         return empty
-    run_id, table = lineage.run_ids[0], f"{database}.{schema.METRICS}"
+    table = f"{database}.{schema.METRICS}"
     dirty = _dirty(client, table, pieces, key)
     for width in _WIDTHS:
         first, last = _piece_bounds(client, database, pieces, key, width)
