@@ -21,7 +21,9 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import ROOT, RunningServer, start_in_process
 from tests.test_mlflow_plugin import run_script
 from trackhouse import Client
+from trackhouse.compat.security import is_write
 from trackhouse.ingest.errors import InvalidArgumentError
+from trackhouse.ingest.grpc_auth import READ_METHODS
 from trackhouse.query import attempts
 
 
@@ -299,3 +301,11 @@ def test_fork_and_resume_refuse_bad_input(server: RunningServer, mlflow_at: Mlfl
         f"{base}/metrics/history", params={"run_id": run_id, "metric_key": "x", "page_token": "nope"}, timeout=60
     )
     assert bad_token.status_code == 400
+
+
+def test_resume_and_fork_need_the_write_role() -> None:
+    """The edges' policy tables (test_auth drives both edges with real credentials) fail closed on these."""
+    for path in ("runs/resume", "runs/fork"):
+        assert is_write("POST", f"/api/2.0/trackhouse/{path}") and is_write("POST", f"/ajax-api/2.0/trackhouse/{path}")
+    assert not is_write("GET", "/api/2.0/trackhouse/metrics/history")
+    assert not {"/trackhouse.v1.Runs/ResumeRun", "/trackhouse.v1.Runs/ForkRun"} & READ_METHODS
