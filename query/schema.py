@@ -106,6 +106,10 @@ DEDUPLICATED_TABLES = (
 #: (metrics), far longer for the small tables; a retry comes within the batcher's backoff, seconds.
 DEDUPLICATION_WINDOW = 1000
 
+#: Migration 11's tables declare what migration 12 sets on the tables before them (a store may have applied 12
+#: first, since the two were written side by side).
+_DEDUPLICATED = f" SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}"
+
 DEFAULT_EXPERIMENT_ID = "0"
 DEFAULT_EXPERIMENT_NAME = "Default"
 
@@ -485,7 +489,8 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                 attempt UInt32,
                 started_at Int64
             ) ENGINE = ReplacingMergeTree
-            ORDER BY (run_id, attempt)""",
+            ORDER BY (run_id, attempt)"""
+            + _DEDUPLICATED,
             # A fork reads its parent's points up to fork_step (inclusive) without copying them. Written once
             # when the fork is made; its tags only show it (a tag can be changed, the lineage cannot).
             """CREATE TABLE IF NOT EXISTS {db}.run_forks (
@@ -494,7 +499,8 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                 fork_step Int64,
                 created_at Int64
             ) ENGINE = ReplacingMergeTree
-            ORDER BY run_id""",
+            ORDER BY run_id"""
+            + _DEDUPLICATED,
             # For points of attempts after the first only (the sink writes nothing for attempt 0): the first
             # step each attempt logged of each key, from which on it supersedes the attempts before it, and its
             # latest point (packed as in metric_latest), which is the key's latest once an attempt resumed.
@@ -505,7 +511,8 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                 first_step SimpleAggregateFunction(min, Int64),
                 latest SimpleAggregateFunction(max, Int256)
             ) ENGINE = AggregatingMergeTree
-            ORDER BY (run_id, key, attempt)""",
+            ORDER BY (run_id, key, attempt)"""
+            + _DEDUPLICATED,
             # Charts of a resumed run ask where its earlier attempts' points end (query.metrics._dirty): with the
             # range of attempts per granule, that read skips the later attempt's granules.
             "ALTER TABLE {db}.metrics ADD INDEX IF NOT EXISTS attempts attempt TYPE minmax GRANULARITY 1",
