@@ -125,8 +125,11 @@ class AttemptsApi:
         body = await wire.body(request)
         parent_id = _string(body, "parent_run_id")
         step = body.get("fork_step")
-        if isinstance(step, str):
-            step = int(step) if step.lstrip("-").isdigit() else None
+        if isinstance(step, str) and len(step) <= 20:  # protobuf's JSON spells an int64 as a string too
+            try:
+                step = int(step)
+            except ValueError:
+                step = None
         if not isinstance(step, int) or isinstance(step, bool) or not -(2**63) <= step < 2**63:
             raise invalid("Missing or invalid value for parameter 'fork_step': expected a 64-bit integer.")
         name = body.get("run_name")

@@ -285,6 +285,9 @@ def test_fork_and_resume_refuse_bad_input(server: RunningServer, mlflow_at: Mlfl
     cases: list[tuple[str, dict[str, Any], int]] = [
         ("runs/fork", {"parent_run_id": "f" * 32, "fork_step": 3}, 404),
         ("runs/fork", {"parent_run_id": "f" * 32, "fork_step": "x"}, 400),
+        ("runs/fork", {"parent_run_id": "f" * 32, "fork_step": "--5"}, 400),
+        ("runs/fork", {"parent_run_id": "f" * 32, "fork_step": "9" * 5000}, 400),
+        ("runs/fork", {"parent_run_id": "f" * 32, "fork_step": 2**63}, 400),
         ("runs/fork", {"fork_step": 3}, 400),
         ("runs/resume", {"run_id": "f" * 32}, 404),
         ("runs/resume", {}, 400),
