@@ -6,10 +6,12 @@ tag, so the tag is derived from the column whenever a writer did not set it.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from trackhouse.query import datasets, metrics, schema
+from trackhouse.query import attempts, datasets, metrics, schema
 from trackhouse.query.connection import Client
 from trackhouse.query.experiments import default_artifact_location
 
@@ -105,7 +107,36 @@ def latest_metrics_json(client: Client, database: str, run_ids: Sequence[str]) -
     ).result_rows
     found = {run_id: "[]" for run_id in run_ids}
     found.update((run_id, text) for run_id, text in rows)
+    found.update(_lineage_metrics_json(client, database, run_ids))
     return found
+
+
+def _lineage_metrics_json(client: Client, database: str, run_ids: Sequence[str]) -> dict[str, str]:
+    """Resumed and forked runs (query.attempts): their latest shown points, rendered the same way in Python
+    (such runs are few, and each read of them is already more than one query)."""
+    special = list(attempts.lineages(client, database, run_ids))
+    if not special:
+        return {}
+    shown = metrics.latest(client, database, special)
+    return {
+        run_id: json.dumps(
+            [
+                {"key": key, "value": _wire_number(value), "timestamp": timestamp, "step": step}
+                for key, (step, timestamp, value) in sorted(points.items())
+            ],
+            separators=(",", ":"),
+        )
+        for run_id, points in shown.items()
+    }
+
+
+def _wire_number(value: float) -> float | str:
+    """As latest_metrics_json renders a value: NaN as "NaN", infinities clamped as stock MLflow sends them."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return math.copysign(1.7976931348623157e308, value)
+    return value
 
 
 def params_of(client: Client, database: str, run_ids: Sequence[str]) -> dict[str, dict[str, str]]:
