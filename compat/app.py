@@ -13,7 +13,6 @@ from starlette.routing import BaseRoute, Route
 
 from trackhouse.compat.artifact_roots import ArtifactRoots
 from trackhouse.compat.artifacts import ArtifactsConfig, artifact_routes, is_upload
-from trackhouse.compat.attempts import PREFIXES as ATTEMPT_PREFIXES
 from trackhouse.compat.attempts import AttemptsApi
 from trackhouse.compat.backend import Backend
 from trackhouse.compat.datasets import DatasetsApi
@@ -23,11 +22,10 @@ from trackhouse.compat.limits import BodyLimit, HttpLimits
 from trackhouse.compat.logged_models import LoggedModelsApi
 from trackhouse.compat.logged_models import artifact_routes as model_artifact_routes
 from trackhouse.compat.metrics import MetricsApi
-from trackhouse.compat.ranks import PREFIXES as TRACKHOUSE_PREFIXES
 from trackhouse.compat.ranks import RanksApi
 from trackhouse.compat.registry import RegistryApi
 from trackhouse.compat.registry_store import RegistryStore
-from trackhouse.compat.routing import mlflow_routes
+from trackhouse.compat.routing import TRACKHOUSE_PREFIXES, mlflow_routes
 from trackhouse.compat.runs import RunsApi
 from trackhouse.compat.security import SecurityConfig, middleware
 from trackhouse.compat.ui import ui_routes
@@ -75,7 +73,7 @@ def create_app(
         routes += mlflow_routes(RanksApi(backend).endpoints(), TRACKHOUSE_PREFIXES)
         # --- end of the rank API ---
         # Resume and fork (issue 17): trackhouse's own endpoints; MLflow's resume (runs/update) opens attempts too.
-        routes += mlflow_routes((attempts or AttemptsApi(backend)).endpoints(runs), ATTEMPT_PREFIXES)
+        routes += mlflow_routes((attempts or AttemptsApi(backend)).endpoints(runs), TRACKHOUSE_PREFIXES)
         routes += ui_routes(GraphQlApi())
     # The edge's policy, here and nowhere else, outermost first: Host, CORS and authentication (so nobody
     # unauthenticated gets a body read), then the body caps (artifact uploads get their own, larger cap).

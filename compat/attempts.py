@@ -39,7 +39,6 @@ from trackhouse.ingest.errors import PermanentError
 from trackhouse.query import attempts, runs
 from trackhouse.query.runs import RUN_NAME_TAG, RunInfo
 
-PREFIXES = ("/api/2.0/trackhouse/", "/ajax-api/2.0/trackhouse/")
 #: How long a node trusts its cached current attempt of a run (for stamping REST points).
 CURRENT_TTL_S = 1.0
 _CACHE_ENTRIES = 100_000

@@ -22,7 +22,6 @@ from trackhouse.ingest import validation
 from trackhouse.ingest.errors import InvalidArgumentError
 from trackhouse.query import ranks
 
-PREFIXES = ("/api/2.0/trackhouse/", "/ajax-api/2.0/trackhouse/")
 #: The band's default and largest number of buckets (MLflow's chart call allows 2,500 points per run).
 DEFAULT_BUCKETS = 320
 MAX_BUCKETS = 2_500

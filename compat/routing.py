@@ -16,6 +16,8 @@ Endpoint = tuple[str, str, Handler]
 
 #: The MLflow client calls /api, the UI calls /ajax-api; both get the same answers.
 PREFIXES = ("/api/2.0/mlflow/", "/ajax-api/2.0/mlflow/")
+#: trackhouse's own API (ranks, attempts, forks), beside MLflow's and served the same way.
+TRACKHOUSE_PREFIXES = ("/api/2.0/trackhouse/", "/ajax-api/2.0/trackhouse/")
 
 
 def guarded(handler: Handler) -> Handler:

@@ -137,17 +137,17 @@ def _detached_finding(qualified: str, parts: list[str], where: str) -> Finding:
     )
 
 
+def _tables(client: Client, database: str) -> set[str]:
+    query = "SELECT name FROM system.tables WHERE database = {db:String}"
+    return {row[0] for row in client.query(query, parameters={"db": database}).result_rows}
+
+
 def inspect_store(client: Client, database: str) -> list[Finding]:
     """The opened store, by SQL: detached parts, and tables that applied migrations created but are gone."""
     exists = client.query("SELECT count() FROM system.databases WHERE name = {db:String}", parameters={"db": database})
     if not exists.result_rows[0][0]:
         return []
-    tables = {
-        row[0]
-        for row in client.query(
-            "SELECT name FROM system.tables WHERE database = {db:String}", parameters={"db": database}
-        ).result_rows
-    }
+    tables = _tables(client, database)
     findings: list[Finding] = []
     if MIGRATIONS_TABLE not in tables:
         if tables:
@@ -161,6 +161,10 @@ def inspect_store(client: Client, database: str) -> list[Finding]:
     else:
         applied = client.query(f"SELECT DISTINCT version FROM {database}.{MIGRATIONS_TABLE}").result_rows
         required = {t for (version,) in applied for t in REQUIRED_TABLES.get(version, ())}
+        # Listed again after reading what is recorded: another node may be migrating the same store right now,
+        # and a migration records itself only after creating its tables, so this order never reports a table
+        # that was created between the two reads as missing.
+        tables = _tables(client, database)
         missing = sorted(required - tables)
         if missing:
             findings.append(
