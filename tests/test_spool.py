@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -253,12 +254,15 @@ def test_a_server_outage_while_logging_a_million_points_stores_each_once(server:
         run.log_metrics({"warmup": 1.0}, step=-1, timestamp_ms=1)
         client.flush()
         assert server.terminate() == 0
+        down_at = time.monotonic()
         values = [expected(steps, i) for i in range(len(KEYS))]
         for step in range(steps):
             run.log_metrics({key: values[i][step] for i, key in enumerate(KEYS)}, step=step, timestamp_ms=10_000 + step)
         # Everything logged during the outage is on disk, none of it in memory.
         wait_until(lambda: client.stats().spooled_points == steps * len(KEYS), what="the outage's points spooled")
         assert client.stats().unacknowledged_points == 0 and client.stats().spooled_bytes > 0
+        # The outage: at least 30 s, long enough for the client's reconnect backoff to reach its cap.
+        time.sleep(max(0.0, 30 - (time.monotonic() - down_at)))
         server.start()
         run.finish()
         client.flush()
