@@ -18,14 +18,30 @@ from __future__ import annotations
 import asyncio
 import math
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import urlencode
 
 import orjson
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
-from graphql import ExecutionResult, GraphQLError, GraphQLResolveInfo, GraphQLSchema, execute, parse, validate
+from graphql import (
+    ExecutionContext,
+    ExecutionResult,
+    GraphQLError,
+    GraphQLList,
+    GraphQLNonNull,
+    GraphQLObjectType,
+    GraphQLOutputType,
+    GraphQLResolveInfo,
+    GraphQLSchema,
+    Undefined,
+    execute,
+    parse,
+    validate,
+)
+from graphql.language import FieldNode
+from graphql.pyutils import Path
 from mlflow.exceptions import MlflowException
 from mlflow.protos import model_registry_pb2 as registry_pb
 from mlflow.protos import service_pb2 as pb
@@ -93,6 +109,7 @@ async def _execute(
         operation_name=operation,
         context_value=request,
         middleware=[middleware],
+        execution_context_class=_MetricListsContext,
     )
     return await result if isinstance(result, Awaitable) else result
 
@@ -188,8 +205,83 @@ async def _call(
         return response  # a service this node does not serve (the registry without a store) has nothing
     if status >= 400:
         raise _error(status, payload)
-    parse_dict(payload, response)
+    _parse_answer(payload, response)
     return response
+
+
+def _parse_answer(payload: Any, response: Message) -> None:
+    """parse_dict(payload, response), with the metrics of a run's data added directly.
+
+    json_format parses field by field in Python: profiled on a run with 5,000 metric keys, it took a third of a
+    GetRun. A metric of the plain shape REST answers (key, value, timestamp, step) is added in one call instead;
+    anything else goes through parse_dict whole, so its answers and errors are json_format's."""
+    runs = _runs_of(payload, response)
+    if not runs:
+        parse_dict(payload, response)
+        return
+    metrics: list[list[tuple[str, float, int, int]]] = []
+    for run in runs:
+        data = run.get("data") if isinstance(run, dict) else None
+        plain = _plain_metrics(data.get("metrics", []) if isinstance(data, dict) else [])
+        if plain is None:
+            parse_dict(payload, response)
+            return
+        metrics.append(plain)
+    stripped = {**payload}
+    stripped_runs = [{**run, "data": {k: v for k, v in run["data"].items() if k != "metrics"}} for run in runs]
+    if isinstance(response, pb.GetRun.Response):
+        stripped["run"] = stripped_runs[0]
+    else:
+        stripped["runs"] = stripped_runs
+    parse_dict(stripped, response)
+    messages = [response.run] if isinstance(response, pb.GetRun.Response) else list(getattr(response, "runs"))  # noqa: B009
+    for message, plain in zip(messages, metrics, strict=True):
+        add = message.data.metrics.add
+        for key, value, timestamp, step in plain:
+            add(key=key, value=value, timestamp=timestamp, step=step)
+
+
+def _runs_of(payload: Any, response: Message) -> list[Any]:
+    """The runs in a runs/get or runs/search answer whose data has metrics; empty for any other answer."""
+    if not isinstance(payload, dict):
+        return []
+    runs: list[Any]
+    if isinstance(response, pb.GetRun.Response):
+        runs = [payload.get("run")]
+    elif isinstance(response, pb.SearchRuns.Response) and isinstance(payload.get("runs"), list):
+        runs = payload["runs"]
+    else:
+        return []
+    with_data = all(isinstance(r, dict) and isinstance(r.get("data"), dict) for r in runs)
+    return runs if with_data and any("metrics" in r["data"] for r in runs) else []
+
+
+#: How json_format reads a double given as a string.
+_SPECIAL_DOUBLES = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _plain_metrics(entries: Any) -> list[tuple[str, float, int, int]] | None:
+    """(key, value, timestamp, step) of each metric, or None where one is not of that plain shape."""
+    if not isinstance(entries, list):
+        return None
+    plain = []
+    for entry in entries:
+        if not isinstance(entry, dict) or not entry.keys() <= {"key", "value", "timestamp", "step"}:
+            return None
+        key, value = entry.get("key", ""), entry.get("value", 0.0)
+        timestamp, step = entry.get("timestamp", 0), entry.get("step", 0)
+        if isinstance(value, str):
+            value = _SPECIAL_DOUBLES.get(value)
+        numbers = (value, timestamp, step)
+        if not isinstance(key, str) or any(isinstance(n, bool) for n in numbers) or not isinstance(value, float | int):
+            return None
+        if not (type(timestamp) is int and type(step) is int and _INT64[0] <= min(timestamp, step)):
+            return None
+        if max(timestamp, step) > _INT64[1]:
+            return None
+        plain.append((key, float(value), timestamp, step))
+    return plain
 
 
 async def _send(app: Any, scope: dict[str, Any], body: bytes) -> tuple[int, bytes]:
@@ -220,6 +312,76 @@ async def _send(app: Any, scope: dict[str, Any], body: bytes) -> tuple[int, byte
     except HTTPException as exc:  # the router's own answers (no route), which the app's middleware would write
         return exc.status_code, b""
     return status, b"".join(chunks)
+
+
+class _MetricListsContext(ExecutionContext):
+    """graphql-core's execution, with lists of metrics completed in one pass.
+
+    graphql-core completes a list item by item and field by field, through the middleware, with a resolve info
+    per field: profiled on a run with 5,000 metric keys, that was two thirds of a GetRun. A metric's fields are
+    scalars without arguments, so a list of them is answered here with the same resolvers, the same infinity
+    clamp as `_Resolvers` and the same serializers. Anything unexpected (an error, a null, another type) goes
+    back to graphql-core's own path, which then answers exactly as it always did, errors included.
+    """
+
+    def complete_list_value(
+        self,
+        return_type: GraphQLList[GraphQLOutputType],
+        field_nodes: list[FieldNode],
+        info: GraphQLResolveInfo,
+        path: Path,
+        result: Any,
+    ) -> Any:
+        completed = self._metrics(return_type, field_nodes, info, result)
+        if completed is None:
+            return super().complete_list_value(return_type, field_nodes, info, path, result)
+        return completed
+
+    def _metrics(
+        self, return_type: GraphQLList[GraphQLOutputType], field_nodes: list[FieldNode], info: Any, result: Any
+    ) -> list[dict[str, Any]] | None:
+        item_type = return_type.of_type
+        if isinstance(item_type, GraphQLNonNull):
+            item_type = item_type.of_type
+        if not isinstance(item_type, GraphQLObjectType) or item_type.name not in _METRIC_TYPES:
+            return None
+        if item_type.is_type_of is not None or not isinstance(result, Iterable) or isinstance(result, str | dict):
+            return None
+        items = list(result)
+        if not all(isinstance(item, Message) for item in items):
+            return None  # what the default resolvers read: message fields (a dict or awaitable they would not)
+        plan = []
+        for name, nodes in self.collect_subfields(item_type, field_nodes).items():
+            field_name = nodes[0].name.value
+            if field_name == "__typename":
+                plan.append((name, field_name, None, None))
+                continue
+            field = item_type.fields.get(field_name)
+            scalar = field.type.of_type if field is not None and isinstance(field.type, GraphQLNonNull) else None
+            if field is None or scalar is not None or field.resolve is None or not hasattr(field.type, "serialize"):
+                return None  # a non-null or unresolved field: graphql-core knows its errors
+            plan.append((name, field_name, field.resolve, field.type.serialize))
+        try:
+            return [
+                {
+                    name: item_type.name if resolve is None else _serialized(field_name, resolve(item, info), serialize)
+                    for name, field_name, resolve, serialize in plan
+                }
+                for item in items
+            ]
+        except Exception:  # graphql-core's own path answers it, with its located error
+            return None
+
+
+def _serialized(field_name: str, value: Any, serialize: Callable[[Any], Any]) -> Any:
+    if value is None:
+        return None
+    if field_name == "value" and isinstance(value, float) and math.isinf(value):
+        value = math.copysign(_DOUBLE_MAX, value)  # as `_Resolvers` does on graphql-core's path
+    serialized = serialize(value)
+    if serialized is Undefined:
+        raise ValueError(f"{field_name} does not serialize")
+    return serialized
 
 
 def _error(status: int, payload: Any) -> MlflowException:

@@ -14,10 +14,13 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 import requests
+from graphql import ExecutionContext
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
+from mlflow.utils.proto_json_utils import parse_dict
 from starlette.applications import Starlette
 
 from tests.conftest import RunningServer
@@ -25,6 +28,8 @@ from tests.stock import stock_server
 from trackhouse.compat import graphql
 from trackhouse.compat.graphql import GraphQlApi
 from trackhouse.compat.ui import BUILD_DIR, ui_routes
+from trackhouse.ingest.batch import Batch, ExperimentRow, Metrics, RunRow
+from trackhouse.ingest.sink import ClickHouseSink
 
 #: Fields holding the ids each server assigns.
 _ID_FIELDS = {"runUuid", "runId", "experimentId"}
@@ -196,3 +201,84 @@ def test_model_versions_are_empty_where_no_registry_is_served() -> None:
     status, answer = asyncio.run(graphql._send(app, scope, body))
     assert status == 200
     assert json.loads(answer) == {"data": {"mlflowSearchModelVersions": {"modelVersions": []}}, "errors": None}
+
+
+#: Every special value a metric can hold, spread over the keys of the wide run.
+_SPECIAL = [0.5, math.nan, math.inf, -math.inf, -0.0, 5e-324, 2.5e16, -1.7976931348623157e308]
+WIDE_QUERIES = [
+    # Aliases, a fragment, a skipped field and a metric list twice: the fast path collects fields as graphql-core.
+    """query Wide($id: String) { mlflowGetRun(input: {runId: $id}) { run { data {
+         metrics { k: key ...M step @skip(if: true) __typename }
+         again: metrics { value timestamp v2: value } } } } }
+       fragment M on MlflowMetricExtension { value timestamp }""",
+    """mutation Search($ids: [String]) { mlflowSearchRuns(input: {experimentIds: $ids, maxResults: 5}) {
+         runs { info { runId } data { metrics { key value step timestamp } } } } }""",
+    # A NaN in a history is an error on stock's schema (its type has no null for NaN); the answer keeps that error.
+    """query History($id: String) { mlflowGetMetricHistoryBulkInterval(
+         input: {runIds: [$id], metricKey: "k.0", maxResults: 20}) { metrics { key value step timestamp runId } } }""",
+]
+
+
+def _wide_run(server: RunningServer, keys: int) -> str:
+    """One run with `keys` metric keys of two steps each, loaded through the real sink."""
+    assert server.sql is not None
+    run_id = "w" * 32
+    sink = ClickHouseSink(server.sql, "trackhouse")
+    sink.write(Batch(experiments=(ExperimentRow("77", "wide", 1_700_000_000_000),)))
+    sink.write(Batch(runs=(RunRow(run_id, "77", "wide", "FINISHED", 1_700_000_000_000, 1_700_000_001_000, "u", 1),)))
+    n = keys * 2
+    sink.write(
+        Batch(
+            metrics=Metrics(
+                run_ids=(run_id,),
+                keys=tuple(f"k.{i}" for i in range(keys)),
+                run_index=np.zeros(n, np.int32),
+                key_index=np.repeat(np.arange(keys, dtype=np.int32), 2),
+                step=np.tile(np.array([-3, 2**40], np.int64), keys),
+                timestamp=1_700_000_000_000 + np.arange(n, dtype=np.int64),
+                value=np.resize(np.array(_SPECIAL), n),
+            )
+        )
+    )
+    return run_id
+
+
+def test_a_run_with_many_metrics_answers_as_graphql_cores_own_path(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GetRun on 2,000 metric keys: the metrics are runs/get's, and every answer is byte for byte the one that
+    graphql-core's item-by-item completion and json_format's parse_dict give (the code path before the fast one)."""
+    run_id = _wide_run(server, 2_000)
+    get_run: tuple[str, dict[str, Any]] = (
+        ui_query("GetRun"),
+        {"operationName": "GetRun", "variables": {"data": {"runId": run_id}}},
+    )
+    requests_ = [get_run, *((q, {"variables": {"id": run_id, "ids": ["77"]}}) for q in WIDE_QUERIES)]
+
+    def answers() -> list[bytes]:
+        url = f"{server.http_url}/graphql"
+        return [requests.post(url, json={"query": q, **extra}, timeout=60).content for q, extra in requests_]
+
+    fast = answers()
+    rest = requests.get(f"{server.http_url}/api/2.0/mlflow/runs/get", params={"run_id": run_id}, timeout=60).json()
+    metrics = json.loads(fast[0])["data"]["mlflowGetRun"]["run"]["data"]["metrics"]
+    assert len(metrics) == 2_000
+    assert metrics == [
+        {
+            "key": m["key"],
+            "value": None if m["value"] == "NaN" else _clamped(m["value"]),
+            "step": str(m["step"]),
+            "timestamp": str(m["timestamp"]),
+        }
+        for m in rest["run"]["data"]["metrics"]
+    ]
+    assert {m["step"] for m in metrics} == {str(2**40)}
+    assert json.loads(fast[3])["errors"]  # the NaN history point is an error, as on graphql-core's own path
+    monkeypatch.setattr(graphql, "_MetricListsContext", ExecutionContext)
+    monkeypatch.setattr(graphql, "_parse_answer", parse_dict)
+    assert answers() == fast
+
+
+def _clamped(value: float | str) -> float:
+    number = float(value)
+    return math.copysign(1.7976931348623157e308, number) if math.isinf(number) else number
