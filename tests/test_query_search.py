@@ -513,6 +513,15 @@ def test_missing_values_sort_last_and_nan_before_them(sql: Client, shared: World
     assert run_ids(sql, db, "", ["attributes.end_time DESC"]) == ["r1", "r4", "r3", "r6", "r2", "r5"]
 
 
+def test_a_metric_filter_and_sort_by_the_same_key_match_mlflow(sql: Client, shared: World) -> None:
+    # The filter then tests the value the sort joined: runs without the metric must still never match.
+    db, runs = shared
+    for filter_string in ("metrics.acc <= 0.5", "metrics.acc != 0.25", "metrics.acc > -1e400"):
+        for order_by in (["metrics.acc"], ["metrics.acc DESC", "params.lr"]):
+            assert run_ids(sql, db, filter_string, order_by) == mlflow_run_ids(runs, filter_string, order_by)
+    assert "r6" not in run_ids(sql, db, "metrics.acc <= 0.5", ["metrics.acc"])  # r6 has no acc
+
+
 def test_pages_walk_every_run_exactly_once(sql: Client, db: str) -> None:
     # Ties in the ordered value: only the tie-breaks make the order total.
     specs = [RunSpec(f"r{i:02}", f"n{i}", start=i % 3, metrics={"m": float(i % 4)}) for i in range(23)]
@@ -899,7 +908,10 @@ ORDER_KEYS = [
         ).map("".join),
         max_size=3,
     ),
-    filter_string=st.sampled_from(["", "metrics.m > -1", "params.p LIKE '%a%'"]),
+    # Metric filters besides: with a sort by the same metric, they test the value the sort joins.
+    filter_string=st.sampled_from(
+        ["", "metrics.m > -1", "params.p LIKE '%a%'", "metrics.m != 0.5", "metrics.m <= 0", "metrics.m = 1e400"]
+    ),
 )
 def test_fuzzed_orderings_match_mlflow(sql: Client, fuzz_world: World, order_by: list[str], filter_string: str) -> None:
     database, runs = fuzz_world
