@@ -119,6 +119,24 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
             running.sql.close()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_mlflow_fluent_state() -> Iterator[None]:
+    """MLflow's fluent API keeps process-wide state: the active experiment (also exported as MLFLOW_EXPERIMENT_ID)
+    and the active-run stack. One test's experiment, on a server that is gone, must not become the next test's
+    default: with two pytest workers each process runs other tests before this one than a single process does."""
+    exported = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    yield
+    fluent = sys.modules.get("mlflow.tracking.fluent")
+    if fluent is None:
+        return
+    fluent._active_experiment_id = None
+    fluent._active_run_stack.reset()  # without end_run(): that would call a server the test may have stopped
+    if exported is None:
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    else:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = exported
+
+
 @pytest.fixture
 def server(start_server: Callable[..., RunningServer]) -> RunningServer:
     return start_server()
