@@ -126,11 +126,12 @@ def _fresh_mlflow_fluent_state() -> Iterator[None]:
     default: with two pytest workers each process runs other tests before this one than a single process does."""
     exported = os.environ.get("MLFLOW_EXPERIMENT_ID")
     yield
-    fluent = sys.modules.get("mlflow.tracking.fluent")
-    if fluent is None:
-        return
+    if "mlflow.tracking.fluent" not in sys.modules:
+        return  # this test never touched MLflow's fluent API: nothing to reset, and nothing worth importing
+    from mlflow.tracking import fluent
+
     fluent._active_experiment_id = None
-    fluent._active_run_stack.reset()  # without end_run(): that would call a server the test may have stopped
+    fluent._active_run_stack.reset()  # type: ignore[no-untyped-call]  # not end_run(): its server may be gone
     if exported is None:
         os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     else:
