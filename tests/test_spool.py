@@ -114,8 +114,12 @@ def test_a_full_spool_with_policy_raise_refuses_the_call_clearly(tmp_path: Path)
     assert sum(r.size for r in kept) >= spooled.spooled_points > 0
 
 
-def test_a_server_that_never_answers_the_handshake_does_not_stall_the_loop(tmp_path: Path) -> None:
-    """A host that takes the connection and says nothing: the first handshake hangs for its 10 s timeout."""
+def test_a_server_that_never_answers_the_handshake_stalls_neither_the_loop_nor_close(tmp_path: Path) -> None:
+    """A host that takes the connection and says nothing: the first handshake hangs for its 10 s deadline.
+
+    The loop must keep logging into the spool meanwhile, and close() must not wait on that handshake: it once
+    waited past its own 120 s join on a loaded machine, and left the spool locked with everything in it.
+    """
     listener = socket.create_server(("127.0.0.1", 0))
     held: list[socket.socket] = []
 
@@ -135,14 +139,18 @@ def test_a_server_that_never_answers_the_handshake_does_not_stall_the_loop(tmp_p
         stats = client.stats()
         # Logged while the first handshake is still waiting: the spool took what memory could not.
         assert stats.reconnects == 0 and stats.spooled_points > 0
+        # Closed while the silent host still holds the connection: the handshake is cut, not waited out.
+        began = time.monotonic()
+        client.close(timeout=0)
+        assert time.monotonic() - began < 8  # well inside the handshake's own 10 s deadline
     finally:
         listener.shutdown(socket.SHUT_RDWR)
         listener.close()
         holder.join(10)
         for connection in held:
             connection.close()
-    client.close(timeout=0)
-    kept, _ = Spool(tmp_path / "spool", 1 << 30).adopt()
+    kept, skipped = Spool(tmp_path / "spool", 1 << 30).adopt()
+    assert skipped == 0  # the closed client let go of its directory
     assert sum(r.size for r in kept) == 100_000 + 2  # the run and its name tag
 
 

@@ -78,6 +78,8 @@ FullPolicy = Literal["block", "raise", "drop"]
 _LATENCY_SAMPLES = 100_000
 #: With a spool: how long a first connection may take before points go to disk meanwhile.
 _AWAY_GRACE_S = 1.0
+#: Once close() has begun: how long the connection may take to end on its own before the sender cuts it.
+_CLOSE_GRACE_S = 2.0
 
 
 class BufferFullError(IngestError):
@@ -211,6 +213,7 @@ class Client:
             self._recover()
         self._loop = asyncio.new_event_loop()
         self._wake = asyncio.Event()
+        self._close_begun = asyncio.Event()  # set on the loop when close() begins; cuts a connection that hangs
         self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),), daemon=True)
         self._thread.name = f"trackhouse-client-{self.writer_id[:8]}"
         self._thread.start()
@@ -342,6 +345,8 @@ class Client:
             with self._lock:
                 self._closing = True
                 self._request_send()
+                if not self._loop.is_closed():
+                    self._loop.call_soon_threadsafe(self._close_begun.set)
             # With a spool, the sender writes what memory holds (at most max_buffer_points) before it stops.
             self._thread.join(timeout=5 if self._spool is None else 120)
             with self._lock:
@@ -581,7 +586,7 @@ class Client:
             attempt = 0
             while True:
                 try:
-                    await self._transport.run(self)
+                    await self._transport_until_closed()
                     return
                 except RetryLater as exc:
                     self._connected = False
@@ -618,6 +623,29 @@ class Client:
             with self._lock:
                 self._stopped = True
                 self._lock.notify_all()
+
+    async def _transport_until_closed(self) -> None:
+        """Run one connection; once close() has begun, let it end on its own for a grace period, then cut it.
+
+        A connection normally ends by itself when the client closes. But a handshake with a host that accepts and
+        never answers was seen to outlive its own 10 s deadline on a loaded machine, and close() must not wait on
+        the network longer than it was allowed to: what is left then goes to the spool, or is reported lost.
+        """
+        connection = asyncio.create_task(self._transport.run(self))
+        closing = asyncio.create_task(self._close_begun.wait())
+        try:
+            await asyncio.wait({connection, closing}, return_when=asyncio.FIRST_COMPLETED)
+            if not connection.done():
+                await asyncio.wait({connection}, timeout=_CLOSE_GRACE_S)
+            if not connection.done():
+                connection.cancel()
+                await asyncio.gather(connection, return_exceptions=True)
+                raise RetryLater(f"closed while the connection to {self._target} had not ended after {_CLOSE_GRACE_S}s")
+            connection.result()
+        finally:
+            closing.cancel()
+            if not connection.done():  # this coroutine itself was cancelled
+                connection.cancel()
 
     async def _spool_while_away(self) -> None:
         linger = self._config.linger_ms / 1000
