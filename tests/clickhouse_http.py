@@ -32,7 +32,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -154,7 +153,9 @@ class Engine:
         self.timezone = self._anchor.query("SELECT timezone()", "TabSeparated").bytes().decode().strip()
         self._sessions: OrderedDict[str, _Handle] = OrderedDict()
         self._sessions_lock = threading.Lock()
-        self._spool = Path(tempfile.mkdtemp(prefix="clickhouse_http-"))
+        # Inside the data directory, so it goes with the store (a mkdtemp beside it outlived every test run).
+        self._spool = data_dir / "http-inserts"
+        self._spool.mkdir(exist_ok=True)
 
     def execute(self, request: _Request, session_id: str) -> tuple[bytes, str | None, dict[str, str]]:
         """Run one request; return the body, its format (None for a statement without result) and its summary."""
