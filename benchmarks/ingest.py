@@ -79,8 +79,14 @@ class ServerUnderTest:
         return float("nan")
 
     def stop(self) -> None:
+        """SIGTERM (the server drains), and SIGKILL if it has not exited in 60 s, so no server outlives a run."""
         self.process.terminate()
-        self.process.wait(60)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
 
 
 def send_bulk(target: str, points: int) -> int:

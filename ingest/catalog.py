@@ -36,7 +36,7 @@ from clickhouse_connect.driver import exceptions as ch_errors
 
 from trackhouse.ingest.batch import ACTIVE, Batch, ExperimentRow, ParamRow, RunRow, TagRow
 from trackhouse.ingest.config import DEFAULT_CATALOG_CACHE_SECONDS
-from trackhouse.ingest.errors import InvalidArgumentError, RetryableError, UnknownRunError
+from trackhouse.ingest.errors import InvalidArgumentError, RetryableError, UnavailableError, UnknownRunError
 from trackhouse.query import catalog, schema
 from trackhouse.query.connection import Client
 from trackhouse.query.runs import RUN_NAME_TAG
@@ -132,10 +132,15 @@ class Catalog:
         Creating experiments by name happens under `names_lock`. `remember` runs right after, with no await
         in between (see WritePipeline.accept), so the cache knows a new name before the lock can change hands.
         """
-        if any(r.experiment_name and r.experiment_name not in self._experiment_ids for r in batch.runs):
-            async with self.names_lock:
-                return await self._resolve(batch)
-        return await self._resolve(batch)
+        try:
+            if any(r.experiment_name and r.experiment_name not in self._experiment_ids for r in batch.runs):
+                async with self.names_lock:
+                    return await self._resolve(batch)
+            return await self._resolve(batch)
+        except (ch_errors.ClickHouseError, OSError) as exc:
+            # A lookup reads the store, not the batch: whatever failed is the store's state, so the writer retries
+            # (a Kafka worker backs off) rather than having valid data refused or dead-lettered.
+            raise UnavailableError(f"storage unavailable during the catalog's lookup: {exc}") from exc
 
     async def _resolve(self, batch: Batch) -> Batch:
         runs, experiments = await self._resolve_experiments(batch.runs)

@@ -12,6 +12,7 @@ process, started once for the module:
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
@@ -34,6 +35,7 @@ from tests.serving import wait_until_ready
 from tests.tansu import KafkaBroker, free_port
 from trackhouse import Client, ClientConfig
 from trackhouse.ingest.batch import Batch, ParamRow
+from trackhouse.ingest.catalog import Catalog
 from trackhouse.ingest.errors import PermanentError, RetryableError
 from trackhouse.ingest.sink import ClickHouseSink
 from trackhouse.query.connection import Client as SqlClient
@@ -322,7 +324,11 @@ def test_storage_errors_over_http_map_to_permanent_and_retryable(topology: Topol
     spare = ClickHouseHttp(tmp_path / "spare", tmp_path / "spare.log")
     spare.start()
     sink = ClickHouseSink(connect(StoreConfig(spare.url)), "trackhouse")
+    node = Catalog(connect(StoreConfig(spare.url)), "trackhouse", 100)
     spare.stop()
     with pytest.raises(RetryableError, match="storage unavailable"):
         sink.write(run_param)
     sink.close()
+    # The catalog's lookups before a write (does the run exist?) fail the same way: retry, never refuse the data.
+    with pytest.raises(RetryableError, match="storage unavailable during the catalog's lookup"):
+        asyncio.run(node.resolve(run_param))
