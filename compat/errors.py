@@ -20,7 +20,7 @@ from starlette.responses import Response
 
 from trackhouse.compat.limits import BodyTooLarge
 from trackhouse.ingest.errors import PermanentError, RetryableError
-from trackhouse.query.errors import InvalidQueryError, NotFoundError
+from trackhouse.query.errors import ContendedError, InvalidQueryError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def as_mlflow(exc: Exception) -> MlflowException:
             return invalid(str(exc))
         case BodyTooLarge():  # the body-limit middleware answers 413 in place of this
             return invalid("request body over the limit")
-        case RetryableError():
+        case RetryableError() | ContendedError():
             # 503: the MLflow client retries it with backoff, which is what a full queue wants.
             return MlflowException(str(exc), error_code=TEMPORARILY_UNAVAILABLE)
     log.exception("unexpected error in the MLflow API", exc_info=exc)

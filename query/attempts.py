@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import Any
 
 from trackhouse.query import schema
 from trackhouse.query.connection import Client
+from trackhouse.query.errors import ContendedError
 
 #: The longest chain of forks a read follows (a fork of a fork of ...); deeper ancestors are not shown.
 MAX_LINEAGE = 16
@@ -291,14 +293,41 @@ def known_attempts(client: Client, database: str, run_ids: Collection[str]) -> d
     return {str(r): int(a) for r, a in rows}
 
 
+#: Claims one resume makes before it gives up: each lost claim means another resume of the run took that number.
+MAX_ATTEMPT_CLAIMS = 16
+
+
 def start_attempt(client: Client, database: str, run_id: str, now_ms: int) -> int:
-    """Record the run's next attempt and return its number. Callers serialise resumes of one run."""
-    attempt = current_attempt(client, database, run_id) + 1
-    client.insert(
-        schema.RUN_ATTEMPTS, [[run_id, attempt, now_ms]], ["run_id", "attempt", "started_at"], database=database
-    )
-    forget(run_id)
-    return attempt
+    """Record the run's next attempt and return its number, unique across nodes.
+
+    One node serialises its own resumes of a run; another node resuming it at the same moment picks the same
+    number, so each claim is read back and the earliest wins (schema.ATTEMPT_WINNER). The loser claims the next
+    number. Both claims stay stored, which is harmless: an attempt's rows are read by number.
+    """
+    claimant = uuid.uuid4().hex
+    attempt = current_attempt(client, database, run_id)
+    for _ in range(MAX_ATTEMPT_CLAIMS):
+        attempt += 1
+        client.insert(
+            schema.RUN_ATTEMPTS,
+            [[run_id, attempt, now_ms, claimant]],
+            ["run_id", "attempt", "started_at", "claimed_by"],
+            database=database,
+        )
+        if attempt_holder(client, database, run_id, attempt) == claimant:
+            forget(run_id)
+            return attempt
+        attempt = max(attempt, current_attempt(client, database, run_id))
+    raise ContendedError(f"run {run_id!r}: {MAX_ATTEMPT_CLAIMS} attempt numbers in a row were taken by other resumes")
+
+
+def attempt_holder(client: Client, database: str, run_id: str, attempt: int) -> str:
+    rows = client.query(
+        f"SELECT {schema.ATTEMPT_WINNER} FROM {database}.{schema.RUN_ATTEMPTS}"
+        " WHERE run_id = {run:String} AND attempt = {attempt:UInt32}",
+        parameters={"run": run_id, "attempt": attempt},
+    ).result_rows
+    return str(rows[0][0]) if rows else ""
 
 
 def record_fork(client: Client, database: str, run_id: str, parent_run_id: str, fork_step: int, now_ms: int) -> None:

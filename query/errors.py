@@ -13,3 +13,7 @@ class InvalidQueryError(QueryError, ValueError):
 
 class NotFoundError(QueryError, LookupError):
     """The experiment or run the caller named does not exist."""
+
+
+class ContendedError(QueryError):
+    """Other writers kept winning a race for the same thing (an attempt number). The same call may succeed later."""

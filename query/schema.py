@@ -32,6 +32,8 @@ PARAMS = "params"
 #: A (run, key)'s param value: the earliest claim's (migration 13). Params are immutable; when nodes log different
 #: values at once, every claim is stored and this picks the same winner on every node (ties: the smaller value).
 PARAM_VALUE = "argMin(value, (claimed_at, value))"
+#: Who holds an attempt number when two nodes claimed it (migration 14): the earliest claim, as for params.
+ATTEMPT_WINNER = "argMin(claimed_by, (claimed_at, claimed_by))"
 TAGS = "tags"
 EXPERIMENT_TAGS = "experiment_tags"
 #: Datasets logged as run inputs, one per (experiment, name, digest), and each run's dataset inputs (migration 7).
@@ -539,6 +541,19 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "ALTER TABLE {db}.params ADD COLUMN IF NOT EXISTS claimed_at DateTime64(9),"
             " MODIFY ORDER BY (run_id, key, claimed_at)",
             "ALTER TABLE {db}.params MODIFY COLUMN claimed_at DateTime64(9) DEFAULT now64(9)",
+        ),
+    ),
+    (
+        14,
+        (
+            # Attempt numbers across nodes, claimed as params are: two nodes resuming one run at once both pick
+            # the next number, both rows are kept (claimed_at and claimed_by join the sorting key), and the
+            # earliest claim wins (ATTEMPT_WINNER); the loser takes the number after. Rows stored before this
+            # read as claimed now (as params' do): nothing contests them, as a resume claims past the highest
+            # number stored.
+            "ALTER TABLE {db}.run_attempts ADD COLUMN IF NOT EXISTS claimed_at DateTime64(9),"
+            " ADD COLUMN IF NOT EXISTS claimed_by String, MODIFY ORDER BY (run_id, attempt, claimed_at, claimed_by)",
+            "ALTER TABLE {db}.run_attempts MODIFY COLUMN claimed_at DateTime64(9) DEFAULT now64(9)",
         ),
     ),
 )

@@ -13,7 +13,7 @@ from trackhouse.ingest.batch import Batch, ParamRow, RunRow
 from trackhouse.ingest.catalog import Catalog, ParamChangedError
 from trackhouse.ingest.errors import UnknownRunError
 from trackhouse.ingest.sink import ClickHouseSink
-from trackhouse.query import catalog, schema
+from trackhouse.query import attempts, catalog, schema
 from trackhouse.query.connection import Client
 
 DB = "trackhouse"
@@ -121,3 +121,30 @@ def test_params_stored_before_migration_13_keep_their_value_and_stay_immutable(s
     assert catalog.param_values(sql, "legacy", ["r"], ["lr", "seed"]) == {("r", "lr"): "old", ("r", "seed"): "1"}
     with pytest.raises(ParamChangedError):
         asyncio.run(Catalog(sql, "legacy", 100).resolve(_params("r", lr="new")))
+
+
+def test_an_attempt_number_two_nodes_claimed_goes_to_the_earlier_claim_and_the_next_resume_skips_it(
+    sql: Client,
+) -> None:
+    """Rows as two nodes' simultaneous resumes leave them (both read attempt 0, both claimed 1), on a store
+    upgraded through migration 14 (applied twice: re-runs are harmless). tests/test_topology.py races real nodes."""
+    db = "trackhouse"
+    sql.command(f"DROP TABLE {db}.run_attempts")  # back to migration 11's table, with a row from before 14
+    sql.command(
+        f"CREATE TABLE {db}.run_attempts (run_id String, attempt UInt32, started_at Int64)"
+        " ENGINE = ReplacingMergeTree ORDER BY (run_id, attempt)"
+    )
+    sql.command(f"INSERT INTO {db}.run_attempts VALUES ('old', 1, 1)")
+    statements = dict(schema.MIGRATIONS)[14]
+    for statement in [*statements, *statements]:
+        sql.command(statement.format(db=db))
+    sql.command(
+        f"INSERT INTO {db}.run_attempts (run_id, attempt, started_at, claimed_at, claimed_by) VALUES"
+        " ('r', 1, 1, '2026-01-01 00:00:00.000000002', 'later'), ('r', 1, 1, '2026-01-01 00:00:00.000000001', 'first')"
+    )
+    sql.command(f"OPTIMIZE TABLE {db}.run_attempts FINAL")  # merges keep every claim, not the last inserted
+    assert attempts.attempt_holder(sql, db, "r", 1) == "first"
+    assert attempts.start_attempt(sql, db, "r", 2) == 2
+    assert attempts.start_attempt(sql, db, "old", 2) == 2  # a row from before claims still holds its number
+    assert attempts.known_attempts(sql, db, ["r", "old"]) == {"r": 2, "old": 2}
+    assert attempts.attempts_of(sql, db, "r") == [(1, 1), (2, 2)]

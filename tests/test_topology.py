@@ -247,6 +247,31 @@ def test_one_experiment_name_created_on_two_nodes_at_once_is_one_experiment(topo
     assert [e.experiment_id for e in live] == sorted(set(ids.values()))
 
 
+def test_one_run_resumed_on_two_nodes_at_once_gets_two_attempt_numbers(topology: Topology) -> None:
+    """Both nodes read the same highest attempt and claim the next; the earlier claim keeps it (migration 14), the
+    other node takes the one after, so two jobs resuming one run never write under one attempt."""
+    worker = topology.mlflow(topology.worker)
+    run_id = worker.create_run(worker.create_experiment("topology-resume")).info.run_id
+    attempts: dict[str, int] = {}
+
+    def resume(node: str, url: str) -> None:
+        answer = requests.post(f"{url}/api/2.0/trackhouse/runs/resume", json={"run_id": run_id}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        attempts[node] = int(answer.json()["attempt"])
+
+    numbers: list[int] = []
+    for _ in range(4):
+        outcomes = _at_once(
+            {
+                "worker": partial(resume, "worker", topology.worker.http_url),
+                "writer": partial(resume, "writer", topology.writer.http_url),
+            }
+        )
+        assert outcomes == {"worker": "ok", "writer": "ok"}, outcomes
+        numbers += attempts.values()
+    assert sorted(numbers) == list(range(1, 9))
+
+
 def _at_once(calls: dict[str, Callable[[], object]]) -> dict[str, str]:
     """Run the calls at the same moment, one thread each: name -> "ok" or the MLflow error code."""
     outcomes: dict[str, str] = {}
