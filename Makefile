@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser serve test check lint typecheck proto bench bench-ingest bench-compat bench-uimix clean
+.PHONY: install browser serve test check lint typecheck proto bench bench-ingest bench-compat bench-uimix bench-uiwalk clean
 
 install: $(STAMP)
 
@@ -59,6 +59,10 @@ bench-compat: install
 # The MLflow UI's call mix beside stock MLflow. FULL=1: 10^5 runs and 1,000 runs x 5,000 keys (loads for minutes).
 bench-uimix: install
 	$(BIN)/python -m benchmarks.uimix $(if $(FULL),--full) $(ARGS)
+
+# MLflow's single-metric page for a 2M-point series, walked in headless Chromium (needs `make browser`).
+bench-uiwalk: install browser
+	$(BIN)/python -m benchmarks.uiwalk $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache test-artifacts
