@@ -45,6 +45,7 @@ from graphql import (
 )
 from graphql.language import DocumentNode, FieldNode
 from graphql.pyutils import Path
+from graphql.type.scalars import serialize_float, serialize_string
 from mlflow.exceptions import MlflowException
 from mlflow.protos import model_registry_pb2 as registry_pb
 from mlflow.protos import service_pb2 as pb
@@ -415,7 +416,36 @@ class _MetricListsContext(ExecutionContext):
             values = [getattr(item, attname, default) for item in items]
         else:
             values = [resolve(item, info) for item in items]
+        serialized = _serialized_column(field_name, values, serialize)
+        if serialized is not None:
+            return serialized
         return [_serialized(field_name, value, serialize) for value in values]
+
+
+def _serialized_column(field_name: str, values: list[Any], serialize: Callable[[Any], Any]) -> list[Any] | None:
+    """`_serialized` of each value, for the scalars of a metric's fields whose serializers are known, where a
+    whole column is answered at once: String of str is the str itself, Float of a finite float is the float
+    (infinities clamped first, as `_serialized` does), and MLflow's LongString of an int is its str(). None means
+    "value by value" (another serializer, or a value these shortcuts do not cover)."""
+    types = set(map(type, values))
+    present = [v for v in values if v is not None] if type(None) in types else values
+    if serialize is serialize_string and types <= {str, type(None)}:
+        return values
+    if serialize is serialize_float and types <= {float, type(None)}:
+        if field_name == "value" and not all(map(math.isfinite, present)):
+            values = [math.copysign(_DOUBLE_MAX, v) if v is not None and math.isinf(v) else v for v in values]
+            present = [v for v in values if v is not None]
+        return values if all(map(math.isfinite, present)) else None
+    if _is_long_string(serialize) and types <= {int, type(None)}:
+        return [None if v is None else str(v) for v in values] if len(present) < len(values) else list(map(str, values))
+    return None
+
+
+def _is_long_string(serialize: Callable[[Any], Any]) -> bool:
+    """MLflow's LongString (mlflow.server.graphql.graphql_custom_scalars: str() of an int64), named here rather
+    than imported, because importing mlflow.server takes seconds (handlers.preload does it off the event loop)."""
+    qualified = (getattr(serialize, "__module__", None), getattr(serialize, "__qualname__", None))
+    return qualified == ("mlflow.server.graphql.graphql_custom_scalars", "LongString.serialize")
 
 
 def _serialized(field_name: str, value: Any, serialize: Callable[[Any], Any]) -> Any:
