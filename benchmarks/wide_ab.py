@@ -84,9 +84,11 @@ def main() -> None:
     started = provenance()
     scenario = uimix.trackhouse_scenarios(argparse.Namespace(runs=1, wide_runs=args.wide_runs, wide_keys=5_000))
     calls = [c for c in uimix.calls(scenario["wide"]) if c.name in CALLS]
+    parsed = subprocess.run(["git", "rev-parse", args.baseline], cwd=ROOT, check=True, capture_output=True, text=True)
+    commit = parsed.stdout.strip()
     with tempfile.TemporaryDirectory(prefix="wide-ab-", dir=args.data_dir.parent) as tmp:
         work = Path(tmp)
-        trees = {"baseline": baseline_tree(args.baseline, work / "tree"), "this": ROOT}
+        trees = {"baseline": baseline_tree(commit, work / "tree"), "this": ROOT}
         servers: dict[str, Served] = {}
         try:
             for name, tree in trees.items():
@@ -97,6 +99,7 @@ def main() -> None:
             for server in servers.values():
                 server.stop()
     results["args"] = {**vars(args), "data_dir": str(args.data_dir)}
+    results["baseline_commit"] = commit
     out = save_results("wide-ab", results, started)
     print(f"results in {out}")
 
