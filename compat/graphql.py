@@ -16,6 +16,8 @@ anything executes.
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import math
 import sys
 from collections.abc import Awaitable, Callable, Iterable
@@ -25,6 +27,7 @@ from urllib.parse import urlencode
 import orjson
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
+from graphene.types.resolver import dict_or_attr_resolver  # type: ignore[import-untyped]
 from graphql import (
     ExecutionContext,
     ExecutionResult,
@@ -40,8 +43,9 @@ from graphql import (
     parse,
     validate,
 )
-from graphql.language import FieldNode
+from graphql.language import DocumentNode, FieldNode
 from graphql.pyutils import Path
+from graphql.type.scalars import serialize_float, serialize_string
 from mlflow.exceptions import MlflowException
 from mlflow.protos import model_registry_pb2 as registry_pb
 from mlflow.protos import service_pb2 as pb
@@ -61,6 +65,9 @@ MAX_QUERY_TOKENS = 20_000
 _MAX_ANSWER_BYTES = 256 * 1024 * 1024
 #: Stock stores ±Inf metric values as ±DBL_MAX (its SQL store clamps them), so that is what its GraphQL answers.
 _DOUBLE_MAX = sys.float_info.max
+#: Prepared (parsed, checked, validated) queries kept: the UI's pages send a few dozen distinct ones.
+_CACHED_QUERIES = 128
+_MAX_CACHED_QUERY_CHARS = 16 * 1024
 _METRIC_TYPES = frozenset({"MlflowMetricExtension", "MlflowMetricWithRunId", "MlflowModelMetric", "MlflowMetric"})
 
 Resolver = Callable[..., Awaitable[Any]]
@@ -78,17 +85,38 @@ class GraphQlApi:
         wrong_types = not isinstance(variables, dict | None) or not isinstance(operation, str | None)
         if not isinstance(query, str) or wrong_types:
             return _failure("A GraphQL request needs a string 'query', and optionally 'variables' and 'operationName'")
+        schema = await asyncio.to_thread(_schema)
         try:
-            document = parse(query, max_tokens=MAX_QUERY_TOKENS)
+            document, refused = _prepared(schema, query)
         except GraphQLError as exc:
             # Stock answers a syntax error with an HTML 500 page; a client can act on this instead.
             return _failure(exc.message)
-        schema = await asyncio.to_thread(_schema)
-        result = _check_query_safety(document) or await _execute(
-            schema, document, variables, operation, request, self._middleware
-        )
+        result = refused or await _execute(schema, document, variables, operation, request, self._middleware)
         errors = [error.message for error in result.errors] if result.errors else None
         return wire.ok({"data": result.data, "errors": errors})
+
+
+def _prepared(schema: GraphQLSchema, query: str) -> tuple[DocumentNode, ExecutionResult | None]:
+    """The parsed document, and the answer that refuses it (stock's safety check, then validation) if any.
+
+    Both depend on the query's text and the schema alone, and the UI sends the same few queries again and again:
+    profiled on GetRun, validating its document was a sixth of the call. So short queries are prepared once.
+    """
+    if len(query) > _MAX_CACHED_QUERY_CHARS:
+        return _prepare(schema, query)
+    return _prepare_cached(schema, query)
+
+
+def _prepare(schema: GraphQLSchema, query: str) -> tuple[DocumentNode, ExecutionResult | None]:
+    document = parse(query, max_tokens=MAX_QUERY_TOKENS)
+    refused = _check_query_safety(document)
+    if refused is None:
+        problems = validate(schema, document)
+        refused = ExecutionResult(data=None, errors=problems) if problems else None
+    return document, refused
+
+
+_prepare_cached = functools.lru_cache(maxsize=_CACHED_QUERIES)(_prepare)
 
 
 async def _execute(
@@ -99,9 +127,6 @@ async def _execute(
     request: Request,
     middleware: _Resolvers,
 ) -> ExecutionResult:
-    problems = validate(schema, document)
-    if problems:
-        return ExecutionResult(data=None, errors=problems)
     result = execute(
         schema,
         document,
@@ -259,29 +284,31 @@ def _runs_of(payload: Any, response: Message) -> list[Any]:
 #: How json_format reads a double given as a string.
 _SPECIAL_DOUBLES = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _INT64 = (-(2**63), 2**63 - 1)
+_METRIC_FIELDS = frozenset({"key", "value", "timestamp", "step"})
 
 
 def _plain_metrics(entries: Any) -> list[tuple[str, float, int, int]] | None:
-    """(key, value, timestamp, step) of each metric, or None where one is not of that plain shape."""
-    if not isinstance(entries, list):
+    """(key, value, timestamp, step) of each metric, or None where one is not of that plain shape.
+
+    Checked a column at a time (a run may have thousands of metrics): keys are strings; values numbers or the
+    strings json_format reads as NaN and infinities; timestamps and steps int64. A missing field is its default."""
+    if not isinstance(entries, list) or not all(type(e) is dict and e.keys() <= _METRIC_FIELDS for e in entries):
         return None
-    plain = []
-    for entry in entries:
-        if not isinstance(entry, dict) or not entry.keys() <= {"key", "value", "timestamp", "step"}:
-            return None
-        key, value = entry.get("key", ""), entry.get("value", 0.0)
-        timestamp, step = entry.get("timestamp", 0), entry.get("step", 0)
-        if isinstance(value, str):
-            value = _SPECIAL_DOUBLES.get(value)
-        numbers = (value, timestamp, step)
-        if not isinstance(key, str) or any(isinstance(n, bool) for n in numbers) or not isinstance(value, float | int):
-            return None
-        if not (type(timestamp) is int and type(step) is int and _INT64[0] <= min(timestamp, step)):
-            return None
-        if max(timestamp, step) > _INT64[1]:
-            return None
-        plain.append((key, float(value), timestamp, step))
-    return plain
+    keys = [e.get("key", "") for e in entries]
+    values = [e.get("value", 0.0) for e in entries]
+    timestamps = [e.get("timestamp", 0) for e in entries]
+    steps = [e.get("step", 0) for e in entries]
+    value_types = set(map(type, values))
+    if str in value_types:
+        values = [_SPECIAL_DOUBLES.get(v) if type(v) is str else v for v in values]
+        value_types = set(map(type, values))
+    if not set(map(type, keys)) <= {str} or not value_types <= {float, int}:
+        return None
+    if not set(map(type, timestamps)) | set(map(type, steps)) <= {int}:
+        return None
+    if entries and (min(min(timestamps), min(steps)) < _INT64[0] or max(max(timestamps), max(steps)) > _INT64[1]):
+        return None
+    return list(zip(keys, map(float, values), timestamps, steps, strict=True))
 
 
 async def _send(app: Any, scope: dict[str, Any], body: bytes) -> tuple[int, bytes]:
@@ -361,16 +388,64 @@ class _MetricListsContext(ExecutionContext):
             if field is None or scalar is not None or field.resolve is None or not hasattr(field.type, "serialize"):
                 return None  # a non-null or unresolved field: graphql-core knows its errors
             plan.append((name, field_name, field.resolve, field.type.serialize))
+        if not plan:
+            return None
         try:
-            return [
-                {
-                    name: item_type.name if resolve is None else _serialized(field_name, resolve(item, info), serialize)
-                    for name, field_name, resolve, serialize in plan
-                }
-                for item in items
-            ]
+            columns = [self._column(item_type.name, items, info, *planned) for planned in plan]
         except Exception:  # graphql-core's own path answers it, with its located error
             return None
+        names = [name for name, *_ in plan]
+        return [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
+
+    @staticmethod
+    def _column(
+        type_name: str,
+        items: list[Message],
+        info: Any,
+        name: str,
+        field_name: str,
+        resolve: Callable[..., Any] | None,
+        serialize: Callable[[Any], Any] | None,
+    ) -> Iterable[Any]:
+        """One field of every item, resolved and serialized: a column at a time, which costs a third of item
+        by item. graphene's default resolver of a message field is getattr, so that is read directly."""
+        if resolve is None or serialize is None:
+            return itertools.repeat(type_name, len(items))
+        if isinstance(resolve, functools.partial) and resolve.func is dict_or_attr_resolver and not resolve.keywords:
+            attname, default = resolve.args
+            values = [getattr(item, attname, default) for item in items]
+        else:
+            values = [resolve(item, info) for item in items]
+        serialized = _serialized_column(field_name, values, serialize)
+        if serialized is not None:
+            return serialized
+        return [_serialized(field_name, value, serialize) for value in values]
+
+
+def _serialized_column(field_name: str, values: list[Any], serialize: Callable[[Any], Any]) -> list[Any] | None:
+    """`_serialized` of each value, for the scalars of a metric's fields whose serializers are known, where a
+    whole column is answered at once: String of str is the str itself, Float of a finite float is the float
+    (infinities clamped first, as `_serialized` does), and MLflow's LongString of an int is its str(). None means
+    "value by value" (another serializer, or a value these shortcuts do not cover)."""
+    types = set(map(type, values))
+    present = [v for v in values if v is not None] if type(None) in types else values
+    if serialize is serialize_string and types <= {str, type(None)}:
+        return values
+    if serialize is serialize_float and types <= {float, type(None)}:
+        if field_name == "value" and not all(map(math.isfinite, present)):
+            values = [math.copysign(_DOUBLE_MAX, v) if v is not None and math.isinf(v) else v for v in values]
+            present = [v for v in values if v is not None]
+        return values if all(map(math.isfinite, present)) else None
+    if _is_long_string(serialize) and types <= {int, type(None)}:
+        return [None if v is None else str(v) for v in values] if len(present) < len(values) else list(map(str, values))
+    return None
+
+
+def _is_long_string(serialize: Callable[[Any], Any]) -> bool:
+    """MLflow's LongString (mlflow.server.graphql.graphql_custom_scalars: str() of an int64), named here rather
+    than imported, because importing mlflow.server takes seconds (handlers.preload does it off the event loop)."""
+    qualified = (getattr(serialize, "__module__", None), getattr(serialize, "__qualname__", None))
+    return qualified == ("mlflow.server.graphql.graphql_custom_scalars", "LongString.serialize")
 
 
 def _serialized(field_name: str, value: Any, serialize: Callable[[Any], Any]) -> Any:

@@ -163,6 +163,20 @@ def test_the_ui_run_query_renders_nan_and_infinities_as_stock(server: RunningSer
     assert values["big"] == 1.7976931348623157e308 and values["small"] == -1.7976931348623157e308
 
 
+def test_a_prepared_query_is_refused_or_answered_each_time_as_the_first(server: RunningServer) -> None:
+    # Queries are parsed, checked and validated once (compat.graphql._prepared); their answers must not be.
+    unknown = {"query": '{ test(inputString: "a") { output nosuchfield } }'}
+    deep = {"query": "{ " + "test { output } " * 11 + "}"}  # more root fields than stock's safety check allows
+    echo = {"query": "query Echo($s: String) { test(inputString: $s) { output } }"}
+    for _ in range(2):
+        refused = [requests.post(f"{server.http_url}/graphql", json=b, timeout=30).json() for b in (unknown, deep)]
+        assert [a["data"] for a in refused] == [None, None] and all(a["errors"] for a in refused)
+        assert "nosuchfield" in refused[0]["errors"][0]
+        for text in ("x", "y"):
+            answer = requests.post(f"{server.http_url}/graphql", json={**echo, "variables": {"s": text}}, timeout=30)
+            assert answer.json() == {"data": {"test": {"output": text}}, "errors": None}
+
+
 @pytest.mark.parametrize(
     "body",
     [

@@ -99,3 +99,16 @@ def test_random_points_render_their_latest_value(sql: Client, points: list[tuple
         )
     )
     _same(json.loads(runs.latest_metrics_json(sql, DB, [run_id])[run_id]), _expected(sql, [run_id])[run_id])
+
+
+def test_a_key_spread_over_unmerged_parts_renders_its_latest_once(sql: Client) -> None:
+    # Each write is a part of its own; with merges stopped, the read itself must combine a key's rows.
+    sql.command(f"SYSTEM STOP MERGES {DB}.metric_latest")
+    _write(sql, "p", ["loss", "acc"], [5.0, 0.5], [3, 3])
+    _write(sql, "p", ["loss", "acc"], [9.0, 0.9], [2, 7])  # loss: an older step; acc: a newer one
+    _write(sql, "p", ["loss"], [math.nan], [3])  # the same step and timestamp: NaN is the largest value
+    parts = f"SELECT count() FROM system.parts WHERE database = '{DB}' AND table = 'metric_latest' AND active"
+    assert sql.query(parts).result_rows[0][0] == 3
+    got = json.loads(runs.latest_metrics_json(sql, DB, ["p"])["p"])
+    assert [(m["key"], m["value"], m["step"]) for m in got] == [("acc", 0.9, 7), ("loss", "NaN", 3)]
+    _same(got, _expected(sql, ["p"])["p"])
