@@ -1045,14 +1045,19 @@ def test_leading_key_pages_are_the_full_sorts_pages(
                 return pages
         raise AssertionError("too many pages")
 
-    leading = walk()
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(search, "_LEADING_KEY_TYPES", {"metric", "parameter", "tag"})  # metrics too (off by default)
+        leading = walk()
     with pytest.MonkeyPatch.context() as patched:
         patched.setattr(search, "_MAX_LEADING_ROWS", 0)  # the full sort only
         assert leading == walk()
 
 
-def test_leading_key_pages_come_from_the_candidates(sql: Client, stale_world: str) -> None:
+def test_leading_key_pages_come_from_the_candidates(
+    sql: Client, stale_world: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Not a vacuous check above: with stale rows present, the candidates still answer most pages.
+    monkeypatch.setattr(search, "_LEADING_KEY_TYPES", {"metric", "parameter", "tag"})
     answered = 0
     for key_type, key, ascending in (("metric", "m", False), ("parameter", "p", True), ("tag", "t", True)):
         query = search._RunQuery(stale_world)
