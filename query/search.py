@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from mlflow.entities import LifecycleStage
 from mlflow.exceptions import MlflowException
@@ -88,6 +88,8 @@ _WITHIN = "/*within*/"
 _MAX_LEADING_ROWS = 10_000
 #: Rows tied with a page's last beyond this many send it to the whole sort too.
 _MAX_LEADING_TIES = 1_000
+#: _scan reads 2 x the page's depth and this many more of the key's rows, for runs that fail the filters.
+_SCAN_EXTRA = 100
 #: The sorts _leading_page answers. A metric sort over 10^5 runs measured no faster that way (its stored rows,
 #: restricted to the passing runs, cost as much as the whole sort; benchmarks/search_ab.py), so it sorts all.
 _LEADING_KEY_TYPES = frozenset({"parameter", "tag"})
@@ -336,21 +338,29 @@ class _RunQuery:
                 where.append(f"run_id IN (SELECT run_id FROM ({self._latest(key)}) WHERE {_LATEST_VALUE} {comparison})")
         return where
 
-    def leading_sql(self, rows: str, cap: str) -> str | None:
-        """The first `rows` rows (and their ties, up to `cap` rows in all) of the leading key's stored rows, for the
-        runs that pass every filter, in the leading key's order: (run_id, rank, sort value, cutoff value).
+    def has_leading(self) -> bool:
+        """Whether _leading_page may answer: a leading key of a kind it answers, and no artifact_uri filter
+        (which needs the experiment)."""
+        return self.leading is not None and self.leading.key_type in _LEADING_KEY_TYPES and not self.needs_experiment
+
+    def passing_sql(self, within: str = "") -> str:
+        """The runs passing every filter but those on the leading metric's own value."""
+        where = " AND ".join(self._runs_where())
+        return f"SELECT run_id FROM {self.database}.{schema.RUNS} FINAL WHERE {where}{within}".replace(_WITHIN, within)
+
+    def leading_sql(self, rows: str, cap: str | None) -> str:
+        """The leading key's stored rows in its order, as (run_id, rank, sort value, cutoff value): with `cap`, the
+        first `rows` of the runs passing every filter and their ties (at most `cap` in all); without, the first
+        `rows` of every run.
 
         The rows are read as stored, without merging each run's versions (the saving: no GROUP BY, FINAL or join
         over every run). A run's true value is one of its stored rows, so a run missing from these rows sorts
-        after the last of them; _leading_page checks the rest. None when the query has no leading key, or
-        filters on artifact_uri (which needs the experiment).
+        no earlier than the last of them; _leading_page checks the rest.
         """
         lead = self.leading
-        if lead is None or lead.key_type not in _LEADING_KEY_TYPES or self.needs_experiment:
-            return None
+        assert lead is not None
         bound = self.params.bind(lead.key, "String")
-        passing = f"SELECT run_id FROM {self.database}.{schema.RUNS} FINAL WHERE {' AND '.join(self._runs_where())}"
-        where = [f"run_id IN ({passing})"]
+        where = [f"run_id IN ({self.passing_sql()})"] if cap is not None else []
         if lead.key_type == "metric":
             table = f"{self.database}.{schema.LATEST_METRICS}"
             source = f"SELECT run_id, {_LATEST_VALUE} AS value FROM {table} WHERE key = {bound}"
@@ -365,10 +375,12 @@ class _RunQuery:
             source = f"SELECT run_id, value FROM {self.database}.{table} WHERE key = {bound}{tombstone}"
             rank, sort_value, cutoff = "0", "value", "hex(value)"
         order = f"ORDER BY rank ASC, sort_value {lead.direction}"
-        return (
-            f"SELECT * FROM (SELECT run_id, {rank} AS rank, {sort_value} AS sort_value, {cutoff} FROM ({source})"
-            f" WHERE {' AND '.join(where)} {order} LIMIT {rows} WITH TIES) {order} LIMIT {cap}"
-        )
+        statement = f"SELECT run_id, {rank} AS rank, {sort_value} AS sort_value, {cutoff} FROM ({source})"
+        if where:
+            statement += f" WHERE {' AND '.join(where)}"
+        if cap is None:
+            return f"{statement} {order} LIMIT {rows}"
+        return f"SELECT * FROM ({statement} {order} LIMIT {rows} WITH TIES) {order} LIMIT {cap}"
 
     def within_cutoff(self, rank: int, value: object) -> str:
         """Whether a run's leading value sorts no later than the phase-one cutoff (rank, value)."""
@@ -434,9 +446,9 @@ class _Leading:
 def _leading_page(client: Client, query: _RunQuery, offset: int, max_results: int) -> Page | None:
     """A page of a search led by a param or tag sort, from the runs that can be on it; None to sort all.
 
-    Sorting every matching run by a joined param cost about 200 ms over 10^5 runs (measured). Instead:
-    1. Read the leading key's stored rows for the runs passing every filter, and keep the first `need` in its
-       order, with ties (LIMIT WITH TIES): no merge of versions, no join. Their runs are the candidates.
+    Sorting every matching run by a joined param cost about 120-200 ms over 10^5 runs (measured). Instead:
+    1. Find candidates among the leading key's stored rows, read as stored (no merge of versions, no join): the
+       first `need` rows of passing runs, and the rows tied with the last of them (see _scan, _filtered).
     2. Run the full statement over the candidates only, with each run's true (merged) values, and flag the runs
        that sort no later than the last row of step 1 (the cutoff).
     A run that is not a candidate has every stored row, so its true value too, strictly after the cutoff. So when
@@ -445,30 +457,74 @@ def _leading_page(client: Client, query: _RunQuery, offset: int, max_results: in
     answers, unless every matching run must have the key (a filter on the same metric): then step 1 saw them all.
     """
     need = offset + max_results + 1
-    if need > _MAX_LEADING_ROWS:
+    if need > _MAX_LEADING_ROWS or not query.has_leading():
         return None
-    # Ties may be many (a tag every run has alike): beyond the cap, they are better sorted whole.
+    found = _scan(client, query, need)
+    if found == "tied":
+        return None
+    if found is None:
+        found = _filtered(client, query, need)
+        if found is None:
+            return None
+    candidates, cutoff = found
+    within = f" AND run_id IN {query.params.bind(candidates, 'Array(String)')}"
+    flag = "1" if cutoff is None else query.within_cutoff(*cutoff)
+    limit = query.params.bind(need, "UInt64")
+    rows = client.query(
+        f"{query.sql(within, f'r.run_id, {flag}')} LIMIT {limit}", parameters=query.params.values
+    ).result_rows
+    if cutoff is not None and (len(rows) < need or not all(row[1] for row in rows)):
+        return None
+    ids = [str(row[0]) for row in rows[offset:]]
+    return Page(ids[:max_results], _token(offset + max_results) if len(ids) > max_results else None)
+
+
+#: Candidate runs, and the cutoff (rank, value) they were chosen by; no cutoff when they are every matching run.
+_Candidates = tuple[list[str], tuple[int, object] | None]
+
+
+def _scan(client: Client, query: _RunQuery, need: int) -> _Candidates | Literal["tied"] | None:
+    """Candidates from the first rows of the key over all runs, kept when their run passes the filters.
+
+    The cheap way when most runs pass (the UI's usual filters): the first rows come off a top-N sort of the key's
+    rows alone, and the filters are checked on their runs only. None when too few pass; "tied" when the ties of the
+    cutoff run past the rows read (a tag every run has alike), which the whole sort answers better.
+    """
+    scan = 2 * need + _SCAN_EXTRA
+    rows = client.query(
+        query.leading_sql(query.params.bind(scan, "UInt64"), None), parameters=query.params.values
+    ).result_rows
+    ids = list(dict.fromkeys(str(row[0]) for row in rows))
+    within = f" AND run_id IN {query.params.bind(ids, 'Array(String)')}"
+    passing = {
+        str(row[0]) for row in client.query(query.passing_sql(within), parameters=query.params.values).result_rows
+    }
+    kept = [row for row in rows if str(row[0]) in passing]
+    every_row = len(rows) < scan
+    if len(kept) < need:
+        if every_row and query.requires_leading_key():
+            return list(dict.fromkeys(str(row[0]) for row in kept)), None
+        return None
+    last = kept[need - 1]
+    tied = [i for i, row in enumerate(kept) if (row[1], row[2]) == (last[1], last[2])]
+    if not every_row and (rows[-1][1], rows[-1][2]) == (last[1], last[2]):
+        return "tied"
+    chosen = kept[: tied[-1] + 1]
+    return list(dict.fromkeys(str(row[0]) for row in chosen)), (last[1], last[3])
+
+
+def _filtered(client: Client, query: _RunQuery, need: int) -> _Candidates | None:
+    """Candidates from the first rows of the key among the runs passing the filters (a selective filter)."""
+    # Ties may be many: beyond the cap, they are better sorted whole than sent to Python.
     cap = need + _MAX_LEADING_TIES
     statement = query.leading_sql(query.params.bind(need, "UInt64"), query.params.bind(cap, "UInt64"))
-    if statement is None:
-        return None
     rows = client.query(statement, parameters=query.params.values).result_rows
     if len(rows) >= cap:
         return None
-    complete = len(rows) < need
-    if complete and not query.requires_leading_key():
-        return None
-    candidates = list(dict.fromkeys(str(row[0]) for row in rows))
-    within = f" AND run_id IN {query.params.bind(candidates, 'Array(String)')}"
-    flag = "1" if complete else query.within_cutoff(rows[-1][1], rows[-1][3])
-    limit = query.params.bind(need, "UInt64")
-    found = client.query(
-        f"{query.sql(within, f'r.run_id, {flag}')} LIMIT {limit}", parameters=query.params.values
-    ).result_rows
-    if not complete and (len(found) < need or not all(row[1] for row in found)):
-        return None
-    ids = [str(row[0]) for row in found[offset:]]
-    return Page(ids[:max_results], _token(offset + max_results) if len(ids) > max_results else None)
+    ids = list(dict.fromkeys(str(row[0]) for row in rows))
+    if len(rows) < need:
+        return (ids, None) if query.requires_leading_key() else None
+    return ids, (rows[-1][1], rows[-1][3])
 
 
 #: As query.runs derives it: the experiment's artifact location, or the proxied default, then the run.
