@@ -101,6 +101,22 @@ def lineages(client: Client, database: str, run_ids: Collection[str]) -> dict[st
     return {**result, **found}
 
 
+def resumed_or_forked(client: Client, database: str, experiment_ids: Collection[str]) -> list[str]:
+    """The runs of `experiment_ids` that were ever resumed or forked: the runs whose latest values a lineage decides
+    (metric_latest holds their latest *stored* points, superseded ones included, and a fork's none of its parent's).
+    Both tables hold a row per resume or fork, so this reads little however many runs the experiments hold."""
+    if not experiment_ids:
+        return []
+    rows = client.query(
+        f"SELECT run_id FROM {database}.{schema.RUNS} FINAL WHERE run_id IN"
+        f" (SELECT run_id FROM {database}.{schema.RUN_ATTEMPTS}"
+        f" UNION DISTINCT SELECT run_id FROM {database}.{schema.RUN_FORKS})"
+        " AND experiment_id IN {experiments:Array(String)}",
+        parameters={"experiments": sorted(experiment_ids)},
+    ).result_rows
+    return sorted(str(r) for (r,) in rows)
+
+
 def forget(run_id: str) -> None:
     """Drop what this process cached of the run's lineage (it was just resumed or forked)."""
     with _cache_lock:

@@ -260,6 +260,35 @@ def test_fork_shows_the_parents_prefix_then_its_own_points_and_forks_of_forks_ch
     assert not math.isnan(chart(server, child.run_id, "loss", max_results=3)[0][1])
 
 
+def test_search_filters_and_sorts_resumed_and_forked_runs_by_the_latest_points_reads_show(
+    server: RunningServer, mlflow_at: MlflowClient
+) -> None:
+    """metric_latest keeps a resumed run's superseded later step, and no row for a fork's parent's points; runs/search
+    must compare the latest point runs/get shows, as it does for every other run."""
+    experiment = mlflow_at.create_experiment("search-lineages")
+    plain = mlflow_at.create_run(experiment, run_name="plain").info.run_id
+    log_steps(mlflow_at, plain, range(10), lambda s: 5 * s)  # latest (9, 45)
+    resumed = mlflow_at.create_run(experiment, run_name="resumed").info.run_id
+    log_steps(mlflow_at, resumed, range(10), lambda s: 1)  # stored latest (9, 1), superseded below
+    mlflow_at.set_terminated(resumed)
+    mlflow_at.update_run(resumed, status="RUNNING")  # MLflow's resume: a new attempt
+    log_steps(mlflow_at, resumed, range(5, 8), lambda s: 200)  # shown latest (7, 200)
+    with Client(server.target) as client:
+        forked = client.fork_run(plain, at_step=4, name="forked").run_id  # no points of its own: (4, 20)
+    assert latest(mlflow_at, resumed)["loss"] == (7, 200.0)
+    assert latest(mlflow_at, forked)["loss"] == (4, 20.0)
+
+    def names(filter_string: str = "", order_by: list[str] | None = None) -> list[str]:
+        found = mlflow_at.search_runs([experiment], filter_string, order_by=order_by)
+        return [run.info.run_name for run in found]
+
+    assert names("metrics.loss > 100") == ["resumed"]
+    assert names("metrics.loss < 30") == ["forked"]
+    assert names(order_by=["metrics.loss DESC"]) == ["resumed", "plain", "forked"]
+    assert names("metrics.loss > 0", order_by=["metrics.loss ASC"]) == ["forked", "plain", "resumed"]
+    assert names("attributes.run_name != 'x'", order_by=["metrics.loss ASC"]) == ["forked", "plain", "resumed"]
+
+
 PLUGIN_RESUME = """
 import json, mlflow
 from mlflow import MlflowClient
