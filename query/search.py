@@ -97,6 +97,7 @@ _MAX_LEADING_TIES = 1_000
 _SCAN_EXTRA = 100
 #: The sorts _leading_page answers. A metric sort over 10^5 runs measured no faster that way (its stored rows,
 #: restricted to the passing runs, cost as much as the whole sort; benchmarks/search_ab.py), so it sorts all.
+#: Adding "metric" would also need leading_sql to read resumed and forked runs' shown points (use_lineages).
 _LEADING_KEY_TYPES = frozenset({"parameter", "tag"})
 
 
@@ -388,7 +389,8 @@ class _RunQuery:
     def passing_sql(self, within: str = "") -> str:
         """The runs passing every filter but those on the leading metric's own value."""
         where = " AND ".join(self._runs_where())
-        return f"SELECT run_id FROM {self.database}.{schema.RUNS} FINAL WHERE {where}{within}".replace(_WITHIN, within)
+        statement = f"SELECT run_id FROM {self.database}.{schema.RUNS} FINAL WHERE {where}{within}"
+        return self._place_lineages(statement.replace(_WITHIN, within))
 
     def leading_sql(self, rows: str, cap: str | None) -> str:
         """The leading key's stored rows in its order, as (run_id, rank, sort value, cutoff value): with `cap`, the

@@ -278,8 +278,8 @@ def test_search_filters_and_sorts_resumed_and_forked_runs_by_the_latest_points_r
     assert latest(mlflow_at, resumed)["loss"] == (7, 200.0)
     assert latest(mlflow_at, forked)["loss"] == (4, 20.0)
 
-    def names(filter_string: str = "", order_by: list[str] | None = None) -> list[str]:
-        found = mlflow_at.search_runs([experiment], filter_string, order_by=order_by)
+    def names(filter_string: str = "", order_by: list[str] | None = None, max_results: int = 100) -> list[str]:
+        found = mlflow_at.search_runs([experiment], filter_string, order_by=order_by, max_results=max_results)
         return [run.info.run_name for run in found]
 
     assert names("metrics.loss > 100") == ["resumed"]
@@ -287,6 +287,12 @@ def test_search_filters_and_sorts_resumed_and_forked_runs_by_the_latest_points_r
     assert names(order_by=["metrics.loss DESC"]) == ["resumed", "plain", "forked"]
     assert names("metrics.loss > 0", order_by=["metrics.loss ASC"]) == ["forked", "plain", "resumed"]
     assert names("attributes.run_name != 'x'", order_by=["metrics.loss ASC"]) == ["forked", "plain", "resumed"]
+    # A param sort answers from candidate runs first (query.search._leading_page), the metric filter included.
+    for run_id, lr in ((plain, "1"), (resumed, "2"), (forked, "3")):
+        mlflow_at.log_param(run_id, "lr", lr)
+    assert names("metrics.loss > 100", order_by=["params.lr ASC"], max_results=1) == ["resumed"]
+    assert names("metrics.loss < 30", order_by=["params.lr DESC"], max_results=1) == ["forked"]
+    assert names("metrics.loss > 30", order_by=["params.lr DESC"], max_results=1) == ["resumed"]
 
 
 PLUGIN_RESUME = """
