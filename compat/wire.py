@@ -135,10 +135,14 @@ def metric_objects(
         _column(step),
         _constant(tail),
     )
-    rows = np.empty((n, sum(part.shape[-1] for part in parts)), np.uint8)
+    # Every row starts as a copy of one template holding the constant parts (one contiguous tile); then only
+    # the three columns are written in: strided copies of narrow parts cost more than the whole tile (measured).
+    template = np.concatenate([part if part.ndim == 1 else np.zeros(part.shape[-1], np.uint8) for part in parts])
+    rows = np.tile(template, n).reshape(n, len(template))
     at = 0
     for part in parts:
-        rows[:, at : at + part.shape[-1]] = part
+        if part.ndim == 2:
+            rows[:, at : at + part.shape[-1]] = part
         at += part.shape[-1]
     rows[0, 0] = ord(lead)
     return rows.tobytes()
