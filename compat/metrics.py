@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import json
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from trackhouse.compat.errors import invalid
 from trackhouse.compat.routing import Endpoint
 from trackhouse.compat.runs import RunsApi
 from trackhouse.query import metrics
+from trackhouse.query.connection import Client
 from trackhouse.query.metrics import Point
 
 #: MLflow's limits for the chart call (mlflow/server/handlers.py).
@@ -64,40 +66,39 @@ class MetricsApi:
     ) -> AsyncIterator[_Chunk]:
         """The runs' histories in turn as JSON chunks, `limit` points in all (None: every point), the first run's
         from `after`. Without max_results MLflow answers a whole series in one response, so it is read
-        HISTORY_READ points a query and written HISTORY_WRITE points a chunk, both in worker threads; the next
-        page is read while the current one is written."""
+        HISTORY_READ points a query and written HISTORY_WRITE points a chunk. A page is read and rendered in one
+        worker thread (one hand-off per page, not one per chunk), and the next page is read while the current
+        one is written."""
         remaining = limit
         opened = False
         runs = iter(run_ids)
 
-        def read(run_id: str, after: Point | None) -> asyncio.Future[tuple[str, metrics.HistoryPage]]:
+        def read(run_id: str, after: Point | None) -> asyncio.Future[_Rendered]:
             size = HISTORY_READ if remaining is None else min(HISTORY_READ, remaining)
-            return asyncio.ensure_future(self._page(run_id, key, size, after))
+            shown = run_id if with_run_id else None
+            return asyncio.ensure_future(self._backend.read(_rendered, run_id, key, size, after, shown))
 
         first = next(runs, None)
         pending = read(first, after) if first is not None else None
         try:
             while pending is not None:
-                run_id, page = await pending
+                page = await pending
                 pending = None
                 if remaining is not None:
-                    remaining -= len(page)
+                    remaining -= page.points
                 if remaining != 0 and page.next_after is not None:
-                    pending = read(run_id, page.next_after)
+                    pending = read(page.run_id, page.next_after)
                 elif remaining != 0 and (following := next(runs, None)) is not None:
                     pending = read(following, None)
-                for begin in range(0, max(len(page), 1), HISTORY_WRITE):
-                    shown = run_id if with_run_id else None
-                    written = await asyncio.to_thread(_json, page, begin, key, shown, opened)
-                    opened = opened or bool(written)
-                    last = begin + HISTORY_WRITE >= len(page)
-                    yield _Chunk(written, page.next_after if last else None)
+                while page.chunks:  # each chunk is dropped as it is sent: the server holds about a page of JSON
+                    written = page.chunks.popleft()
+                    if written and not opened:  # the response's first metric object opens the list
+                        written = b"[" + written[1:]
+                        opened = True
+                    yield _Chunk(written, None if page.chunks else page.next_after)
         finally:
             if pending is not None:  # the client went away: let the read finish on its pooled client, unobserved
                 pending.add_done_callback(_ignore)
-
-    async def _page(self, run_id: str, key: str, size: int, after: Point | None) -> tuple[str, metrics.HistoryPage]:
-        return run_id, await self._backend.read(metrics.history, run_id, key, size, after)
 
     async def bulk_interval(self, request: Request) -> Response:
         message = await wire.parse(request, pb.GetMetricHistoryBulkInterval())
@@ -146,11 +147,34 @@ class _Chunk:
     next_after: Point | None
 
 
-def _json(page: metrics.HistoryPage, begin: int, key: str, run_id: str | None, opened: bool) -> bytes:
-    """HISTORY_WRITE of the page's points from `begin` as metric objects, opening the list unless `opened`."""
-    end = begin + HISTORY_WRITE
-    step, timestamp, value = page.step[begin:end], page.timestamp[begin:end], page.value[begin:end]
-    return wire.metric_objects(key, step, timestamp, value, run_id, lead=b"," if opened else b"[")
+@dataclass(frozen=True, slots=True)
+class _Rendered:
+    """One history page, read and written as JSON chunks in a worker thread."""
+
+    run_id: str
+    points: int
+    #: HISTORY_WRITE points each, as metric objects after `,`; one empty chunk for a page without points.
+    chunks: deque[bytes]
+    next_after: Point | None
+
+
+def _rendered(
+    client: Client, database: str, run_id: str, key: str, size: int, after: Point | None, shown: str | None
+) -> _Rendered:
+    """A page of `size` points of the series from `after`, as JSON chunks (`shown`: the run_id each object
+    carries, or None)."""
+    page = metrics.history(client, database, run_id, key, size, after)
+    chunks = deque(
+        wire.metric_objects(
+            key,
+            page.step[begin : begin + HISTORY_WRITE],
+            page.timestamp[begin : begin + HISTORY_WRITE],
+            page.value[begin : begin + HISTORY_WRITE],
+            shown,
+        )
+        for begin in range(0, max(len(page), 1), HISTORY_WRITE)
+    )
+    return _Rendered(run_id, len(page), chunks, page.next_after)
 
 
 async def _history_body(chunks: AsyncIterator[_Chunk]) -> AsyncIterator[bytes]:
