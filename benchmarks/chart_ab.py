@@ -12,7 +12,6 @@ benchmarks/reports/chart-ab-<time>-<commit>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 import requests
 
-from benchmarks.history_ab import serve
+from benchmarks.history_ab import alternate
 from benchmarks.ingest import save_results
 from benchmarks.uimix import calls, check, send, trackhouse_scenarios
 
@@ -54,18 +53,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "rounds": []}
-    for _ in range(args.rounds):
-        measured = {}
-        for tree in args.trees:
-            process, http = serve(tree, args.data_dir)
-            try:
-                measured[str(tree)] = measure(http, args)
-            finally:
-                process.terminate()
-                process.wait(60)
-            print(str(tree), json.dumps(measured[str(tree)]), flush=True)
-        results["rounds"].append(measured)
+    rounds = alternate(args, lambda http, _pid: measure(http, args))
+    results = {"args": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds}
     print(f"results in {save_results('chart-ab', results)}")
 
 

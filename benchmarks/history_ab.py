@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,19 +50,30 @@ def main() -> None:
     args = parser.parse_args()
     if not args.data_dir.exists():
         load_all(args.data_dir, {"long": args.points, **({"huge": args.rss_points} if args.rss_points else {})})
-    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "rounds": []}
+
+    def measure(http: str, pid: int) -> dict[str, Any]:
+        return {"load_average": os.getloadavg(), **measure_trackhouse(http, pid, args)}
+
+    results = {"args": {k: str(v) for k, v in vars(args).items()}, "rounds": alternate(args, measure)}
+    print(f"results in {save_results('history-ab', results)}")
+
+
+def alternate(args: argparse.Namespace, measure: Callable[[str, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Serve args.data_dir from each of args.trees in turn, args.rounds times, and measure each server (given its
+    URL and pid): load on a shared machine falls on every tree alike. One {tree: measured} per round."""
+    rounds = []
     for _ in range(args.rounds):
         measured = {}
         for tree in args.trees:
             process, http = serve(tree, args.data_dir)
             try:
-                measured[str(tree)] = {"load_average": os.getloadavg(), **measure_trackhouse(http, process.pid, args)}
+                measured[str(tree)] = measure(http, process.pid)
             finally:
                 process.terminate()
                 process.wait(60)
             print(str(tree), json.dumps(measured[str(tree)]), flush=True)
-        results["rounds"].append(measured)
-    print(f"results in {save_results('history-ab', results)}")
+        rounds.append(measured)
+    return rounds
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from benchmarks.ingest import ServerUnderTest, save_results
 from benchmarks.provenance import provenance
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-#: As tests/test_compat_ui.py: without them Chromium keeps dialling Google's hosts, which this network refuses.
+#: Without them Chromium keeps dialling Google's hosts, which this network refuses (tests/test_compat_ui.py uses them).
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",

@@ -26,9 +26,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from playwright.sync_api import Page
 
+from benchmarks.uiwalk import CHROMIUM
 from tests.conftest import RunningServer
 from tests.tansu import free_port
-from tests.test_compat_ui import ARTIFACTS, CHROMIUM, no_error_notification, settle
+from tests.test_compat_ui import ARTIFACTS, no_error_notification, settle
 from tests.test_compat_ui import page as page  # the Chromium fixture, shared
 from trackhouse.ingest.batch import Batch, Metrics, RunRow
 from trackhouse.ingest.sink import ClickHouseSink

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,21 +20,11 @@ import requests
 from mlflow.tracking import MlflowClient
 from playwright.sync_api import HttpCredentials, Page, Response, sync_playwright
 
+from benchmarks.uiwalk import CHROMIUM, CHROMIUM_ARGS
 from tests.conftest import ROOT, RunningServer
 from trackhouse import Client
 from trackhouse.ingest import auth
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# Without the networking flags Chromium keeps dialling Google's hosts, which this network refuses.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ARTIFACTS = Path(os.environ.get("TRACKHOUSE_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 LONG_RUN_POINTS = 1_000_000
 # A stock server answers this 404 too (no auth configured); the UI expects it.

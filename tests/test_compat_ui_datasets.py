@@ -11,8 +11,9 @@ from mlflow.entities import Dataset, DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
 from playwright.sync_api import Page
 
+from benchmarks.uiwalk import CHROMIUM
 from tests.conftest import RunningServer
-from tests.test_compat_ui import ARTIFACTS, CHROMIUM, no_error_notification, watched_page
+from tests.test_compat_ui import ARTIFACTS, no_error_notification, watched_page
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (make test installs it)")
 

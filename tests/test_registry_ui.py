@@ -16,8 +16,9 @@ from mlflow.tracking import MlflowClient
 from playwright.sync_api import Page
 from sklearn.linear_model import LinearRegression
 
+from benchmarks.uiwalk import CHROMIUM
 from tests.conftest import RunningServer, wait_until
-from tests.test_compat_ui import ARTIFACTS, CHROMIUM, no_error_notification, page, settle
+from tests.test_compat_ui import ARTIFACTS, no_error_notification, page, settle
 
 __all__ = ["page"]  # the fixture, shared with test_compat_ui
 
