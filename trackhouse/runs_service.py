@@ -6,16 +6,20 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE, ErrorCode
 
 from trackhouse.compat.attempts import AttemptsApi
+from trackhouse.compat.errors import as_mlflow
 from trackhouse.ingest.batch import RunRow
-from trackhouse.ingest.errors import IngestError, PermanentError, RetryableError
+from trackhouse.ingest.errors import IngestError, RetryableError
 from trackhouse.v1 import runs_pb2
 
 SERVICE_NAME = "trackhouse.v1.Runs"
-_NOT_FOUND = ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+_GRPC_CODES = {
+    ErrorCode.Name(RESOURCE_DOES_NOT_EXIST): grpc.StatusCode.NOT_FOUND,
+    ErrorCode.Name(TEMPORARILY_UNAVAILABLE): grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.Name(INTERNAL_ERROR): grpc.StatusCode.INTERNAL,
+}
 
 
 def runs_service(attempts: AttemptsApi) -> grpc.GenericRpcHandler[Any, Any]:
@@ -63,13 +67,10 @@ def _ref(row: RunRow) -> runs_pb2.RunRef:
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
-    """The one mapping of this service's errors to gRPC codes (abort raises, ending the call)."""
-    match exc:
-        case MlflowException() if exc.error_code == _NOT_FOUND:
-            await context.abort(grpc.StatusCode.NOT_FOUND, exc.message)
-        case MlflowException():
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
-        case RetryableError():
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        case PermanentError() | IngestError():
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    """Map this service's errors to gRPC codes through the MLflow API's one mapping (compat.errors.as_mlflow), so
+    query errors (a run not found, an attempt number contended) answer here as they do over HTTP. Abort raises,
+    ending the call."""
+    if isinstance(exc, IngestError) and not isinstance(exc, RetryableError):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    error = as_mlflow(exc)
+    await context.abort(_GRPC_CODES.get(error.error_code, grpc.StatusCode.INVALID_ARGUMENT), error.message)
