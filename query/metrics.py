@@ -519,12 +519,15 @@ def _order_value(order: Int64Array) -> Float64Array:
     return bits.view(np.float64)
 
 
-def latest(client: Client, database: str, run_ids: Collection[str]) -> dict[str, dict[str, Point]]:
-    """Each run's latest point per key: the maximum by (step, timestamp, value), as MLflow defines it."""
+def latest(
+    client: Client, database: str, run_ids: Collection[str], keys: Collection[str] | None = None
+) -> dict[str, dict[str, Point]]:
+    """Each run's latest point per key: the maximum by (step, timestamp, value), as MLflow defines it. With `keys`,
+    resumed and forked runs answer those keys only (their reads cost a query or more per key; others answer all)."""
     result = _stored_latest(client, database, run_ids)
     special = attempts.lineages(client, database, run_ids)
     for run_id, lineage in special.items():
-        result[run_id] = _lineage_latest(client, database, lineage)
+        result[run_id] = _lineage_latest(client, database, lineage, keys)
     return result
 
 
@@ -796,12 +799,15 @@ def _view_whole(
     return sampling.Chart(points, points[:1, 0])
 
 
-def _lineage_latest(client: Client, database: str, lineage: attempts.Lineage) -> dict[str, Point]:
-    """A resumed or forked run's latest shown point per key: the latest point of the last piece of the series
-    that has one. Stored summaries answer it, except for a piece cut off above (a fork's parent up to the fork
-    step), whose latest is read from its stored buckets and the points of the bucket it ends in."""
+def _lineage_latest(
+    client: Client, database: str, lineage: attempts.Lineage, wanted: Collection[str] | None = None
+) -> dict[str, Point]:
+    """A resumed or forked run's latest shown point per key (of `wanted`, when given): the latest point of the last
+    piece of the series that has one. Stored summaries answer it, except for a piece cut off above (a fork's
+    parent up to the fork step), whose latest is read from its stored buckets and the points of the bucket it
+    ends in."""
     stored = _stored_latest(client, database, lineage.run_ids)
-    keys = sorted({key for points in stored.values() for key in points})
+    keys = sorted({key for points in stored.values() for key in points if wanted is None or key in wanted})
     if not keys:
         return {}
     shown = attempts.intervals_of_keys(client, database, lineage, keys)

@@ -135,10 +135,10 @@ def search_runs(
     if not experiments or not stages:
         return Page([], None)
     query.scope(experiments, stages)
-    if query.reads_metrics():
+    if keys := query.metric_keys():
         special = attempts.resumed_or_forked(client, database, experiments)
         if special:
-            query.use_lineages(special, metrics.latest(client, database, special))
+            query.use_lineages(special, metrics.latest(client, database, special, keys))
     return _leading_page(client, query, offset, max_results) or _page(
         client, query.sql(), query.params, offset, max_results
     )
@@ -272,8 +272,9 @@ class _RunQuery:
             f"/*lineage-rows:{bound}*/"
         )
 
-    def reads_metrics(self) -> bool:
-        return bool(self.metric_filters or self.metric_joins)
+    def metric_keys(self) -> set[str]:
+        """The metrics the search filters or sorts on."""
+        return {key for key, _ in self.metric_filters} | set(self.metric_joins)
 
     def use_lineages(self, run_ids: Sequence[str], shown: dict[str, dict[str, tuple[int, int, float]]]) -> None:
         """Compare resumed and forked runs by the latest points their reads show (query.metrics.latest), not by
