@@ -72,14 +72,20 @@ class ClusterRenderer:
     def on_cluster(self) -> str:
         return f"ON CLUSTER {self._cluster}"
 
-    def preamble(self, migrations_table: str) -> list[str]:
-        """The database and the replicated table of applied migrations (templates, like the migrations)."""
+    def preamble(self, migrations_table: str, locks: tuple[str, str, str]) -> list[str]:
+        """The database, the replicated table of applied migrations and the replicated table of migration lease
+        claims, `locks` = (name, columns, clauses) (templates, like the migrations). Both have a copy on every
+        server: every node reads its own."""
         path = SCHEMA_MIGRATIONS_PATH + migrations_table
+        locks_table, locks_columns, locks_clauses = locks
         return [
             f"CREATE DATABASE IF NOT EXISTS {{db}} {self.on_cluster}",
             f"CREATE TABLE IF NOT EXISTS {{db}}.{migrations_table} {self.on_cluster}"
             " (version UInt32, applied_at DateTime64(3))"
             f" ENGINE = ReplicatedReplacingMergeTree('{path}', '{{{{replica}}}}') ORDER BY version",
+            f"CREATE TABLE IF NOT EXISTS {{db}}.{locks_table} {self.on_cluster} {locks_columns}"
+            f" ENGINE = ReplicatedMergeTree('{SCHEMA_MIGRATIONS_PATH + locks_table}', '{{{{replica}}}}')"
+            f" {locks_clauses}",
         ]
 
     def render(self, template: str, version: int, index: int) -> list[str]:

@@ -1,7 +1,7 @@
 """The one owner of trackhouse's DDL. Both the write and the read side use these names.
 
-Migrations are append-only and idempotent (IF NOT EXISTS), so every node may
-apply them at start-up, concurrently, against embedded chDB or a server.
+Migrations are append-only and idempotent (IF NOT EXISTS). Every node may start on a store that needs them; the
+first to claim query.migration_lock's lease applies them while the others wait, against embedded chDB or a server.
 """
 
 from __future__ import annotations
@@ -10,6 +10,14 @@ import time
 
 from trackhouse.query.cluster_ddl import ClusterRenderer
 from trackhouse.query.connection import Client
+from trackhouse.query.migration_lock import (
+    DEFAULT_LEASE,
+    LOCKS_CLAUSES,
+    LOCKS_COLUMNS,
+    LOCKS_TABLE,
+    LeaseConfig,
+    MigrationLease,
+)
 
 METRICS = "metrics"
 #: Each (run, key)'s latest point, packed (see latest_point_sql). Replaced `latest_metrics` in migration 5.
@@ -756,10 +764,11 @@ def schema_statements(database: str, cluster: str = "", now: int | None = None) 
         "CREATE DATABASE IF NOT EXISTS {db}",
         f"CREATE TABLE IF NOT EXISTS {{db}}.{MIGRATIONS_TABLE} (version UInt32, applied_at DateTime64(3))"
         " ENGINE = ReplacingMergeTree ORDER BY version",
+        f"CREATE TABLE IF NOT EXISTS {{db}}.{LOCKS_TABLE} {LOCKS_COLUMNS} ENGINE = MergeTree {LOCKS_CLAUSES}",
     ]
     renderer = ClusterRenderer(cluster) if cluster else None
     if renderer is not None:
-        preamble = renderer.preamble(MIGRATIONS_TABLE)
+        preamble = renderer.preamble(MIGRATIONS_TABLE, (LOCKS_TABLE, LOCKS_COLUMNS, LOCKS_CLAUSES))
     rendered = [(0, preamble)]
     for version, statements in MIGRATIONS:
         templates = list(statements)
@@ -774,20 +783,34 @@ def record_sql(database: str, version: int) -> str:
     return f"INSERT INTO {database}.{MIGRATIONS_TABLE} VALUES ({version}, now64(3))"
 
 
-def migrate(client: Client, database: str, cluster: str = "") -> int:
+def migrate(
+    client: Client,
+    database: str,
+    cluster: str = "",
+    renewer: Client | None = None,
+    lease: LeaseConfig = DEFAULT_LEASE,
+) -> int:
     """Create or upgrade the schema. Safe to run concurrently and repeatedly. Returns the schema version.
 
-    On a cluster the table of applied migrations is replicated to every server, so a migration another node
-    applied is skipped here once replication has delivered its row; until then it is applied again, harmlessly,
-    as every statement is idempotent (see query.cluster_ddl for backfills)."""
+    A node with migrations to apply holds query.migration_lock's lease while it applies them (renewed from
+    `renewer`, a second client, when given), so nodes starting together never interleave migrations; the others
+    wait and find them applied. On a cluster the table of applied migrations is replicated to every server; a
+    migration whose row has not reached this server yet is applied again, in order and harmlessly, as every
+    statement is idempotent (see query.cluster_ddl for backfills)."""
     (_, preamble), *migrations = schema_statements(database, cluster)
     for statement in preamble:
         client.command(statement)
-    applied = {row[0] for row in client.query(f"SELECT version FROM {database}.{MIGRATIONS_TABLE}").result_rows}
-    for version, statements in migrations:
-        if version in applied:
-            continue
-        for statement in statements:
-            client.command(statement)
-        client.command(record_sql(database, version))
+
+    def pending() -> list[tuple[int, list[str]]]:
+        applied = {row[0] for row in client.query(f"SELECT version FROM {database}.{MIGRATIONS_TABLE}").result_rows}
+        return [(version, statements) for version, statements in migrations if version not in applied]
+
+    if pending():
+        with MigrationLease(client, database, lease, renewer, cluster=bool(cluster)) as held:
+            if held.acquire(lambda: bool(pending())):
+                for version, statements in pending():  # read again: the last holder may have applied some
+                    for statement in statements:
+                        client.command(statement)
+                        held.renew_if_due()
+                    client.command(record_sql(database, version))
     return MIGRATIONS[-1][0]

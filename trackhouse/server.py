@@ -234,7 +234,14 @@ class Server:
             integrity.verify(await asyncio.to_thread(integrity.inspect_directory, store.directory), where)
         client = await self._connect()
         integrity.verify(await asyncio.to_thread(integrity.inspect_store, client, database), where)
-        await asyncio.to_thread(schema.migrate, client, database, store.cluster)
+        # The migration lease is renewed from a second client while statements run (one client runs one query at a
+        # time); an embedded store belongs to this process alone, so it renews between statements.
+        renewer = None if store.embedded else await asyncio.to_thread(connect, store)
+        try:
+            await asyncio.to_thread(schema.migrate, client, database, store.cluster, renewer)
+        finally:
+            if renewer is not None:
+                renewer.close()
         return client
 
     async def stop(self) -> None:
