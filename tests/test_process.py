@@ -144,3 +144,20 @@ def test_sigterm_during_start_up_exits_promptly(tmp_path: Path) -> None:
                 process.kill()
                 process.wait()
     assert "stopping during start-up" in (tmp_path / "log").read_text()
+
+
+def test_the_server_is_ready_only_once_mlflow_server_is_imported(tmp_path: Path) -> None:
+    """mlflow.server's import holds the GIL for about a second; requests answered during it took 5-10x their time
+    (README, "The MLflow API"), so start-up finishes it before the ready line. In a fresh interpreter, where nothing
+    else imported it."""
+    script = (
+        "import asyncio, sys\n"
+        "from tests.conftest import start_in_process\n"
+        "from pathlib import Path\n"
+        f"running = start_in_process(Path({str(tmp_path / 'data')!r}))\n"
+        "print('imported' if 'mlflow.server.handlers' in sys.modules else 'not imported', flush=True)\n"
+        "running.stop()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "imported"

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from trackhouse.compat import handlers
 from trackhouse.compat.app import create_app
 from trackhouse.compat.artifact_roots import ArtifactRoots
 from trackhouse.compat.artifacts import ArtifactsConfig
@@ -199,6 +200,9 @@ class Server:
             app, config.http_host, config.http_port, config.tls_cert, config.tls_key, config.http_limits
         )
         await self._http.start()
+        if backend is not None:
+            # The app began importing mlflow.server (compat.handlers.preload); "ready" means answering at speed.
+            await asyncio.to_thread(handlers.load)
         self._serving = True
 
     async def _connect(self) -> Client:

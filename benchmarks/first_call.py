@@ -1,0 +1,71 @@
+"""Start-up to "ready", and the UI's first calls right after it, side by side for two source trees.
+
+    git archive <old-commit> | tar -x -C /tmp/old
+    python -m benchmarks.first_call --data-dir DIR --trees /tmp/old . [--rounds 5]
+
+DIR is a store benchmarks.uimix loaded (`--full` for 10^5 runs; pass its sizes here when they differ). Each round
+starts `trackhouse serve` from each tree in turn on DIR, takes the seconds from launch to the ready line, and then
+sends the sweep scenario's calls once each, in the order a browser opening the UI sends them: what a user who
+opens the UI just after a start waits. Results go to benchmarks/reports/first-call-<time>-<commit>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from benchmarks.history_ab import serve
+from benchmarks.ingest import save_results
+from benchmarks.uimix import calls, check, send, trackhouse_scenarios
+
+
+def measure(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
+    launched = time.perf_counter()
+    process, http = serve(tree, args.data_dir)
+    try:
+        results: dict[str, Any] = {"ready_s": time.perf_counter() - launched, "load_average": os.getloadavg()}
+        session = requests.Session()
+        scenario = trackhouse_scenarios(args)["sweep"]
+        for call in calls(scenario):
+            elapsed, body = send(session, http, call)
+            check(call, scenario, body)
+            results[call.name] = elapsed * 1000
+        return results
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--trees", type=Path, nargs="+", required=True)
+    parser.add_argument("--runs", type=int, default=100_000)
+    parser.add_argument("--wide-runs", type=int, default=1_000)
+    parser.add_argument("--wide-keys", type=int, default=5_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    rounds = []
+    for _ in range(args.rounds):  # alternating trees, so load on a shared machine falls on both alike
+        rounds.append({str(tree): measure(tree, args) for tree in args.trees})
+        print(rounds[-1], flush=True)
+    medians = {
+        str(tree): {
+            name: statistics.median(r[str(tree)][name] for r in rounds)
+            for name in rounds[0][str(tree)]
+            if name != "load_average"
+        }
+        for tree in args.trees
+    }
+    results = {"args": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds, "medians": medians}
+    print(f"results in {save_results('first-call', results)}")
+
+
+if __name__ == "__main__":
+    main()
