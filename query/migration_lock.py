@@ -81,7 +81,12 @@ class MigrationLease:
         self._renewed_at = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._insert_settings = {"insert_quorum": "auto"} if cluster else {}
+        # A renewal repeats the claim's row: it must never be dropped as a repeated insert (replicated tables
+        # deduplicate by default, and whether a block's hash covers the server-stamped claimed_at is not a thing to
+        # rely on).
+        self._insert_settings: dict[str, object] = {"insert_deduplicate": 0}
+        if cluster:
+            self._insert_settings["insert_quorum"] = "auto"
         self._read_settings = {"select_sequential_consistency": 1} if cluster else {}
 
     def acquire(self, still_needed: Callable[[], bool]) -> bool:

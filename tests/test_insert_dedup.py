@@ -24,6 +24,7 @@ from trackhouse.ingest.errors import RetryableError
 from trackhouse.ingest.sink import ClickHouseSink, flush_token
 from trackhouse.query import schema
 from trackhouse.query.connection import Client
+from trackhouse.query.migration_lock import LOCKS_TABLE
 from trackhouse.v1 import ingest_pb2
 
 DB = "trackhouse"
@@ -130,13 +131,18 @@ def test_every_table_remembers_tokens(sql: Client) -> None:
     """Migration 12 reached every MergeTree table; a table created later must declare the setting itself."""
     rows = sql.query(
         "SELECT name, create_table_query FROM system.tables WHERE database = {db:String} AND engine LIKE '%MergeTree'"
-        " AND name != {migrations:String}",
-        parameters={"db": DB, "migrations": schema.MIGRATIONS_TABLE},
+        " AND name NOT IN ({migrations:String}, {locks:String})",
+        parameters={"db": DB, "migrations": schema.MIGRATIONS_TABLE, "locks": LOCKS_TABLE},
     ).result_rows
     missing = [
         name for name, ddl in rows if f"non_replicated_deduplication_window = {schema.DEDUPLICATION_WINDOW}" not in ddl
     ]
     assert rows and not missing, f"tables without insert deduplication (add SETTINGS or to migration 12): {missing}"
+    # The migration lease's renewals insert the same claim again and again: they must all be stored.
+    locks = sql.query(
+        f"SELECT create_table_query FROM system.tables WHERE database = '{DB}' AND name = 'schema_migration_locks'"
+    )
+    assert "deduplication_window" not in locks.result_rows[0][0]
 
 
 def test_every_summary_aggregate_is_idempotent(sql: Client) -> None:
