@@ -22,7 +22,7 @@ import requests
 
 from benchmarks.history_ab import serve
 from benchmarks.ingest import save_results
-from benchmarks.uimix import calls, check, send, trackhouse_scenarios
+from benchmarks.uimix import add_full_store_arguments, calls, check, send, trackhouse_scenarios
 
 
 def measure(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -44,11 +44,7 @@ def measure(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, required=True)
-    parser.add_argument("--trees", type=Path, nargs="+", required=True)
-    parser.add_argument("--runs", type=int, default=100_000)
-    parser.add_argument("--wide-runs", type=int, default=1_000)
-    parser.add_argument("--wide-keys", type=int, default=5_000)
+    add_full_store_arguments(parser)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     rounds = []

@@ -206,6 +206,15 @@ def wide_keys(n: int) -> tuple[str, ...]:
     return tuple(f"layer.{k // 10}.{kinds[k % 10]}" for k in range(n))
 
 
+def add_full_store_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of a benchmark that serves a store this module loaded, from one or more source trees."""
+    parser.add_argument("--data-dir", type=Path, required=True, help="a store benchmarks.uimix loaded")
+    parser.add_argument("--trees", type=Path, nargs="+", required=True, help="source trees to serve it from, in turn")
+    parser.add_argument("--runs", type=int, default=100_000, help="runs of the store's sweep experiment")
+    parser.add_argument("--wide-runs", type=int, default=1_000, help="runs of the store's wide experiment")
+    parser.add_argument("--wide-keys", type=int, default=5_000, help="keys per wide run")
+
+
 def trackhouse_scenarios(args: argparse.Namespace) -> dict[str, Scenario]:
     return {
         "sweep": Scenario("sweep", "1", _run_ids("a", args.runs)[::-1], "loss"),

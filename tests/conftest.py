@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.clickhouse_http import ClickHouseHttp
 from tests.serving import wait_until_ready
 from tests.tansu import KafkaBroker, free_port
 from trackhouse.ingest.config import BatcherConfig, KafkaConfig, ReceiverConfig
@@ -188,6 +189,16 @@ def server_process(tmp_path: Path) -> Iterator[ServerProcess]:
     yield proc
     if proc.process is not None and proc.process.poll() is None:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def clickhouse_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClickHouseHttp]:
+    """A ClickHouse HTTP endpoint (chDB behind tests/clickhouse_http.py) in a child process, for one test module."""
+    root = tmp_path_factory.mktemp("clickhouse_http")
+    server = ClickHouseHttp(root / "data", root / "log")
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

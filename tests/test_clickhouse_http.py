@@ -3,7 +3,6 @@ topology tests rely on, one HTTP feature at a time."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +15,15 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 from tests.clickhouse_http import ClickHouseHttp
 
 
-@pytest.fixture(scope="module")
-def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClickHouseHttp]:
-    root = tmp_path_factory.mktemp("clickhouse_http")
-    server = ClickHouseHttp(root / "data", root / "log")
-    server.start()
-    yield server
-    server.stop()
-
-
-def _client(endpoint: ClickHouseHttp, **options: Any) -> Any:
-    return clickhouse_connect.get_client(host="127.0.0.1", port=endpoint.port, **options)
+def _client(clickhouse_endpoint: ClickHouseHttp, **options: Any) -> Any:
+    return clickhouse_connect.get_client(host="127.0.0.1", port=clickhouse_endpoint.port, **options)
 
 
 @pytest.mark.parametrize("compress", [True, "zstd", "gzip", False], ids=["lz4", "zstd", "gzip", "none"])
-def test_inserts_and_queries_round_trip_with_each_compression(endpoint: ClickHouseHttp, compress: object) -> None:
-    client = _client(endpoint, compress=compress)
+def test_inserts_and_queries_round_trip_with_each_compression(
+    clickhouse_endpoint: ClickHouseHttp, compress: object
+) -> None:
+    client = _client(clickhouse_endpoint, compress=compress)
     table = f"t_{str(compress).lower()}"
     client.command(
         f"CREATE TABLE IF NOT EXISTS default.{table} (k LowCardinality(String), n Int64, x Float64)"
@@ -48,16 +40,18 @@ def test_inserts_and_queries_round_trip_with_each_compression(endpoint: ClickHou
     client.close()
 
 
-def test_responses_are_compressed_only_when_asked_and_offered(endpoint: ClickHouseHttp, tmp_path: Path) -> None:
+def test_responses_are_compressed_only_when_asked_and_offered(
+    clickhouse_endpoint: ClickHouseHttp, tmp_path: Path
+) -> None:
     def encoding(url: str, params: str, accept: str) -> str | None:
         headers = {"Accept-Encoding": accept}
         response = urllib3.request("POST", f"{url}/?{params}", body=b"SELECT 1", headers=headers, decode_content=False)
         assert response.status == 200
         return response.headers.get("Content-Encoding")
 
-    assert encoding(endpoint.url, "enable_http_compression=1", "lz4,zstd") == "lz4"
-    assert encoding(endpoint.url, "enable_http_compression=1", "br, zstd") == "zstd"
-    assert encoding(endpoint.url, "", "lz4") is None  # not asked: as a server, identity
+    assert encoding(clickhouse_endpoint.url, "enable_http_compression=1", "lz4,zstd") == "lz4"
+    assert encoding(clickhouse_endpoint.url, "enable_http_compression=1", "br, zstd") == "zstd"
+    assert encoding(clickhouse_endpoint.url, "", "lz4") is None  # not asked: as a server, identity
     declining = ClickHouseHttp(tmp_path / "data", tmp_path / "log", compress=False)
     declining.start()
     try:
@@ -69,25 +63,25 @@ def test_responses_are_compressed_only_when_asked_and_offered(endpoint: ClickHou
         declining.stop()
 
 
-def test_settings_apply_to_their_query_only_and_sessions_keep_state(endpoint: ClickHouseHttp) -> None:
-    client = _client(endpoint)
+def test_settings_apply_to_their_query_only_and_sessions_keep_state(clickhouse_endpoint: ClickHouseHttp) -> None:
+    client = _client(clickhouse_endpoint)
     assert client.query("SELECT getSetting('max_threads')", settings={"max_threads": 1}).result_rows == [(1,)]
     assert client.query("SELECT getSetting('max_threads')").result_rows != [(1,)]
     client.command("CREATE TEMPORARY TABLE scratch (a Int8)")  # lives in the client's session
     client.command("INSERT INTO scratch VALUES (7)")
     assert client.query("SELECT a FROM scratch").result_rows == [(7,)]
-    other = _client(endpoint)
+    other = _client(clickhouse_endpoint)
     with pytest.raises(DatabaseError, match="UNKNOWN_TABLE"):
         other.query("SELECT a FROM scratch")
     other.close()
     client.close()
 
 
-def test_errors_carry_the_exception_code_header_status_and_text(endpoint: ClickHouseHttp) -> None:
-    response = urllib3.request("POST", f"{endpoint.url}/", body=b"SELECT * FROM nowhere.nothing")
+def test_errors_carry_the_exception_code_header_status_and_text(clickhouse_endpoint: ClickHouseHttp) -> None:
+    response = urllib3.request("POST", f"{clickhouse_endpoint.url}/", body=b"SELECT * FROM nowhere.nothing")
     assert response.status == 404
     assert response.headers["X-ClickHouse-Exception-Code"] == "81"
     assert response.data.decode().startswith("Code: 81. DB::Exception:")
-    response = urllib3.request("POST", f"{endpoint.url}/", body=b"SELEC 1")
+    response = urllib3.request("POST", f"{clickhouse_endpoint.url}/", body=b"SELEC 1")
     assert (response.status, response.headers["X-ClickHouse-Exception-Code"]) == (400, "62")
-    assert urllib3.request("GET", f"{endpoint.url}/ping").data == b"Ok.\n"
+    assert urllib3.request("GET", f"{clickhouse_endpoint.url}/ping").data == b"Ok.\n"

@@ -24,21 +24,12 @@ DROPPED = {"metric_rollups", "metric_rollups_mv", "metric_rollups_coarse", "late
 QUICK = LeaseConfig(lease_seconds=1.5, renew_seconds=0.2, poll_seconds=0.05, wait_seconds=60)
 
 
-@pytest.fixture(scope="module")
-def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClickHouseHttp]:
-    root = tmp_path_factory.mktemp("migration_lock")
-    server = ClickHouseHttp(root / "data", root / "log")
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
-def clients(endpoint: ClickHouseHttp) -> Iterator[Callable[[], Client]]:
+def clients(clickhouse_endpoint: ClickHouseHttp) -> Iterator[Callable[[], Client]]:
     opened: list[Client] = []
 
     def client() -> Client:
-        opened.append(connect(StoreConfig(endpoint.url)))
+        opened.append(connect(StoreConfig(clickhouse_endpoint.url)))
         return opened[-1]
 
     yield client
