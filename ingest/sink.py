@@ -259,7 +259,9 @@ class ClickHouseSink:
             dictionaries = _Dictionaries(batch.metrics)
             summaries = summarize(batch.metrics)
             self._insert_arrow(schema.METRICS, metrics_table(batch.metrics, dictionaries))
-            self._insert_arrow(schema.LATEST_METRICS, latest_table(summaries, dictionaries))
+            latest = latest_table(summaries, dictionaries)
+            self._insert_arrow(schema.LATEST_METRICS, latest)
+            self._insert_arrow(schema.LATEST_BY_KEY, latest)  # the same rows, ordered by key (migration 15)
             self._insert_arrow(schema.METRIC_BUCKETS, buckets_table(summaries, dictionaries))
             by_attempt = summarize_attempts(batch.metrics)
             if by_attempt is not None:  # only points of resumed runs' later attempts

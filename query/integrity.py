@@ -27,6 +27,7 @@ REQUIRED_TABLES: dict[int, tuple[str, ...]] = {
     6: ("logged_models", "logged_model_tags", "logged_model_params", "run_models"),
     7: ("datasets", "dataset_inputs"),
     8: ("metric_buckets",),
+    15: ("metric_latest_by_key",),
 }
 #: Detached for a harmless reason: ClickHouse keeps parts that a merged part already covers as `ignored_`.
 _HARMLESS_DETACH_REASONS = frozenset({"ignored"})

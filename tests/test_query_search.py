@@ -396,6 +396,20 @@ def test_metric_filters_use_the_latest_point(sql: Client, db: str) -> None:
     assert run_ids(sql, db, "", ["metrics.acc"]) == ["a", "b"]
 
 
+def test_migration_15_orders_stored_latest_points_by_key_and_searches_read_them(sql: Client, db: str) -> None:
+    """A store that stored its latest points before migration 15 searches by metric as before, once migrated."""
+    write_runs(sql, db, [RunSpec("a", "a", start=2), RunSpec("b", "b", start=1), RunSpec("c", "c", start=3)])
+    write_points(sql, db, [["a", "acc", 0, 100, 0.5], ["b", "acc", 0, 100, 0.9], ["c", "loss", 0, 100, 1.0]])
+    assert run_ids(sql, db, "metrics.acc > 0.1", ["metrics.acc DESC"]) == ["b", "a"]
+    # As before migration 15: the points and metric_latest, and no by-key copy of it.
+    sql.command(f"TRUNCATE TABLE {db}.{schema.LATEST_BY_KEY}")
+    sql.command(f"DELETE FROM {db}.{schema.MIGRATIONS_TABLE} WHERE version = 15")
+    assert run_ids(sql, db, "metrics.acc > 0.1", ["metrics.acc DESC"]) == []  # searches read the by-key copy
+    assert schema.migrate(sql, db) == schema.MIGRATIONS[-1][0]
+    assert run_ids(sql, db, "metrics.acc > 0.1", ["metrics.acc DESC"]) == ["b", "a"]
+    assert run_ids(sql, db, "", ["metrics.loss ASC"]) == ["c", "a", "b"]  # runs without the key: last, by start
+
+
 def test_params_and_tags_reject_list_comparisons_as_mlflow_does(sql: Client, shared: World) -> None:
     db = shared[0]
     for filter_string in ("params.lr IN ('0.1')", "tags.team NOT IN ('nlp')", "attributes.status IN ('RUNNING')"):
