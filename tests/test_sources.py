@@ -115,8 +115,15 @@ def test_points_stored_before_migration_9_read_as_rank_0_of_attempt_0(
     database = "before9"
     monkeypatch.setattr(schema, "MIGRATIONS", tuple(m for m in schema.MIGRATIONS if m[0] < 9))
     schema.migrate(sql, database)
-    # A sink of that time wrote no rank summaries (migration 10 added them, and backfills them below).
+    # A sink of that time wrote no rank summaries (migration 10 added them, and backfills them below), and no
+    # by-key copy of the latest points (migration 15, which copies them below).
     monkeypatch.setattr(ClickHouseSink, "_write_rank_summaries", lambda *_: None)
+    insert_arrow = ClickHouseSink._insert_arrow
+    monkeypatch.setattr(
+        ClickHouseSink,
+        "_insert_arrow",
+        lambda self, table, data: None if table == schema.LATEST_BY_KEY else insert_arrow(self, table, data),
+    )
     sink = ClickHouseSink(sql, database)
     old = decode_request(encode_request(ingest_pb2.WriteRequest(), [block(RUN, 2)]), LIMIT).batch.metrics
     sink.write(Batch(metrics=old))
@@ -127,3 +134,10 @@ def test_points_stored_before_migration_9_read_as_rank_0_of_attempt_0(
     ClickHouseSink(sql, database).write(Batch(metrics=new))
     rows = sql.query(f"SELECT step, rank, node, attempt FROM {database}.metrics ORDER BY rank, step").result_rows
     assert rows == [(0, 0, "", 0), (1, 0, "", 0), (0, 4, "n", 1), (1, 4, "n", 1)]
+    # Migration 15 copied the old latest points and the new sink wrote its own: the copy agrees with metric_latest.
+    latest = "SELECT key, max(latest) FROM {}.{} WHERE run_id = {{r:String}} GROUP BY key ORDER BY key"
+    by_key, by_run = (
+        sql.query(latest.format(database, table), parameters={"r": RUN}).result_rows
+        for table in (schema.LATEST_BY_KEY, schema.LATEST_METRICS)
+    )
+    assert by_key == by_run and by_run
