@@ -96,7 +96,7 @@ class MigrationLease:
         deadline = time.monotonic() + config.wait_seconds
         reported = 0.0
         while still_needed():
-            if time.monotonic() - self._renewed_at >= config.renew_seconds:
+            if self._due():
                 self._claim(self._client, released=False)
             holder = self.holder()
             if holder == self.token:
@@ -130,7 +130,7 @@ class MigrationLease:
 
     def renew_if_due(self) -> None:
         """Renew from the caller's thread, when there is no renewing thread and a renewal is due."""
-        if self._renewer is None and time.monotonic() - self._renewed_at >= self._config.renew_seconds:
+        if self._renewer is None and self._due():
             self._claim(self._client, released=False)
 
     def release(self) -> None:
@@ -141,7 +141,7 @@ class MigrationLease:
             self._thread.join()
             self._thread = None
         if self._claimed:
-            self._claimed = False
+            self._claimed = False  # before the insert: a release that fails is not tried again
             try:
                 self._claim(self._client, released=True)
             except Exception:  # the claim lapses by itself; the migration's own error is the one to report
@@ -163,8 +163,12 @@ class MigrationLease:
             database=self._database,
             settings=self._insert_settings,
         )
-        self._claimed = True
-        self._renewed_at = time.monotonic()
+        if not released:
+            self._claimed = True
+            self._renewed_at = time.monotonic()
+
+    def _due(self) -> bool:
+        return time.monotonic() - self._renewed_at >= self._config.renew_seconds
 
     def _renew_until_released(self) -> None:
         assert self._renewer is not None

@@ -7,6 +7,7 @@ first to claim query.migration_lock's lease applies them while the others wait, 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from trackhouse.query.cluster_ddl import ClusterRenderer
 from trackhouse.query.connection import Client
@@ -815,16 +816,16 @@ def migrate(
     client: Client,
     database: str,
     cluster: str = "",
-    renewer: Client | None = None,
+    renewer: Callable[[], Client] | None = None,
     lease: LeaseConfig = DEFAULT_LEASE,
 ) -> int:
     """Create or upgrade the schema. Safe to run concurrently and repeatedly. Returns the schema version.
 
-    A node with migrations to apply holds query.migration_lock's lease while it applies them (renewed from
-    `renewer`, a second client, when given), so nodes starting together never interleave migrations; the others
-    wait and find them applied. On a cluster the table of applied migrations is replicated to every server; a
-    migration whose row has not reached this server yet is applied again, in order and harmlessly, as every
-    statement is idempotent (see query.cluster_ddl for backfills)."""
+    A node with migrations to apply holds query.migration_lock's lease while it applies them, renewed from a second
+    client that `renewer` opens (when given, and only then), so nodes starting together never interleave
+    migrations; the others wait and find them applied. On a cluster the table of applied migrations is replicated
+    to every server; a migration whose row has not reached this server yet is applied again, in order and
+    harmlessly, as every statement is idempotent (see query.cluster_ddl for backfills)."""
     (_, preamble), *migrations = schema_statements(database, cluster)
     for statement in preamble:
         client.command(statement)
@@ -833,12 +834,18 @@ def migrate(
         applied = {row[0] for row in client.query(f"SELECT version FROM {database}.{MIGRATIONS_TABLE}").result_rows}
         return [(version, statements) for version, statements in migrations if version not in applied]
 
-    if pending():
-        with MigrationLease(client, database, lease, renewer, cluster=bool(cluster)) as held:
+    if not pending():  # every start after the first: no lease, no second client
+        return MIGRATIONS[-1][0]
+    second = renewer() if renewer is not None else None
+    try:
+        with MigrationLease(client, database, lease, second, cluster=bool(cluster)) as held:
             if held.acquire(lambda: bool(pending())):
                 for version, statements in pending():  # read again: the last holder may have applied some
                     for statement in statements:
                         client.command(statement)
                         held.renew_if_due()
                     client.command(record_sql(database, version))
+    finally:
+        if second is not None:
+            second.close()
     return MIGRATIONS[-1][0]

@@ -21,6 +21,8 @@ LATEST = schema.MIGRATIONS[-1][0]
 #: Tables and views early migrations created and later ones dropped: a node that replayed an early migration after
 #: another node's later one would bring one back (or fail on it, as CI once saw).
 DROPPED = {"metric_rollups", "metric_rollups_mv", "metric_rollups_coarse", "latest_metrics", "latest_metrics_mv"}
+#: What a store's migrations table holds when one node applied every migration.
+EACH_ONCE = {version: 1 for version, _ in schema.MIGRATIONS}
 QUICK = LeaseConfig(lease_seconds=1.5, renew_seconds=0.2, poll_seconds=0.05, wait_seconds=60)
 
 
@@ -73,6 +75,16 @@ def preamble(client: Client, database: str) -> None:
         client.command(statement)
 
 
+def holding(clients: Callable[[], Client], database: str, renewing: bool = True) -> tuple[Client, MigrationLease]:
+    """A store with its preamble only, and a lease held on it (renewed from its own client unless not `renewing`,
+    as a process that died holding it). Returns the holder's client and lease."""
+    client = clients()
+    preamble(client, database)
+    lease = MigrationLease(client, database, QUICK, renewer=clients() if renewing else None)
+    assert lease.acquire(lambda: True)
+    return client, lease
+
+
 class SlowClient:
     """A real client whose statements each take `delay` longer: a node migrating a large store, or a slow one."""
 
@@ -93,43 +105,38 @@ def test_a_node_starting_while_another_is_midway_waits_and_applies_nothing_twice
     """What CI once saw: a node that reads the applied migrations while another is between migration 3 and 5 would
     apply 4 after the other's 5 dropped what 4 reads (UNKNOWN_TABLE), or bring back what 5 dropped."""
     slow = SlowClient(clients(), delay=0.05)
-    first, first_outcome = in_thread(lambda: schema.migrate(slow, database, renewer=clients(), lease=QUICK))
+    first, first_outcome = in_thread(lambda: schema.migrate(slow, database, renewer=clients, lease=QUICK))
     check = clients()
     preamble(check, database)  # (idempotent) so the migrations table can be watched from the start
     wait_until(lambda: 3 in applied_rows(check, database), what="the first node to apply migration 3")
-    assert schema.migrate(clients(), database, renewer=clients(), lease=QUICK) == LATEST
+    assert schema.migrate(clients(), database, renewer=clients, lease=QUICK) == LATEST
     first.join(120)
     assert first_outcome == [LATEST]
     # The first node applied and recorded every migration; the second waited and found them applied.
-    assert applied_rows(check, database) == {version: 1 for version, _ in schema.MIGRATIONS}
+    assert applied_rows(check, database) == EACH_ONCE
     assert not tables(check, database) & DROPPED
     assert schema.migrate(check, database) == LATEST  # and a later start touches nothing
-    assert applied_rows(check, database) == {version: 1 for version, _ in schema.MIGRATIONS}
+    assert applied_rows(check, database) == EACH_ONCE
 
 
 def test_a_node_waits_while_another_holds_the_lease_then_takes_it_when_released(
     clients: Callable[[], Client], database: str
 ) -> None:
-    holder_client = clients()
-    preamble(holder_client, database)
-    holder = MigrationLease(holder_client, database, QUICK, renewer=clients())
-    assert holder.acquire(lambda: True)
-    waiter, outcome = in_thread(lambda: schema.migrate(clients(), database, renewer=clients(), lease=QUICK))
+    holder_client, holder = holding(clients, database)
+    waiter, outcome = in_thread(lambda: schema.migrate(clients(), database, renewer=clients, lease=QUICK))
     time.sleep(3 * QUICK.lease_seconds)  # the holder renews from its own thread, so its lease never lapses
     assert waiter.is_alive() and outcome == []
     assert applied_rows(holder_client, database) == {}  # the waiter applied nothing while it waited
     holder.release()
     waiter.join(60)
     assert outcome == [LATEST]
-    assert applied_rows(holder_client, database) == {version: 1 for version, _ in schema.MIGRATIONS}
+    assert applied_rows(holder_client, database) == EACH_ONCE
 
 
 def test_a_waiter_finds_the_holders_work_done_and_applies_nothing(clients: Callable[[], Client], database: str) -> None:
-    holder_client = clients()
-    preamble(holder_client, database)
-    with MigrationLease(holder_client, database, QUICK, renewer=clients()) as holder:
-        assert holder.acquire(lambda: True)
-        waiter, outcome = in_thread(lambda: schema.migrate(clients(), database, renewer=clients(), lease=QUICK))
+    holder_client, holder = holding(clients, database)
+    with holder:
+        waiter, outcome = in_thread(lambda: schema.migrate(clients(), database, renewer=clients, lease=QUICK))
         time.sleep(0.5)
         assert waiter.is_alive()
         for version, statements in schema.schema_statements(database)[1:]:
@@ -139,26 +146,21 @@ def test_a_waiter_finds_the_holders_work_done_and_applies_nothing(clients: Calla
         waiter.join(60)  # returns while the holder still holds the lease: nothing is left to apply
         assert outcome == [LATEST]
         assert holder.holder() == holder.token
-    assert applied_rows(holder_client, database) == {version: 1 for version, _ in schema.MIGRATIONS}
+    assert applied_rows(holder_client, database) == EACH_ONCE
 
 
 def test_a_holder_that_died_is_taken_over_one_lease_later(clients: Callable[[], Client], database: str) -> None:
-    client = clients()
-    preamble(client, database)
-    dead = MigrationLease(client, database, QUICK)  # no renewer and never released: a process that died holding it
-    assert dead.acquire(lambda: True)
+    client, dead = holding(clients, database, renewing=False)  # and never released: a process that died holding it
     began = time.monotonic()
-    assert schema.migrate(clients(), database, renewer=clients(), lease=QUICK) == LATEST
+    assert schema.migrate(clients(), database, renewer=clients, lease=QUICK) == LATEST
     assert time.monotonic() - began >= QUICK.lease_seconds - 0.5  # it waited for the lapse (server clock: slack)
-    assert applied_rows(client, database) == {version: 1 for version, _ in schema.MIGRATIONS}
+    assert applied_rows(client, database) == EACH_ONCE
     assert dead.holder() == ""  # the new holder released it
 
 
 def test_a_waiter_gives_up_with_a_clear_error_after_its_wait(clients: Callable[[], Client], database: str) -> None:
-    client = clients()
-    preamble(client, database)
-    with MigrationLease(client, database, QUICK, renewer=clients()) as holder:
-        assert holder.acquire(lambda: True)
+    client, holder = holding(clients, database)
+    with holder:
         impatient = LeaseConfig(lease_seconds=1.5, renew_seconds=0.2, poll_seconds=0.05, wait_seconds=0.5)
         with pytest.raises(ContendedError, match=f"held the schema migration lease of {database}"):
             schema.migrate(clients(), database, lease=impatient)
@@ -168,11 +170,8 @@ def test_a_waiter_gives_up_with_a_clear_error_after_its_wait(clients: Callable[[
 def test_the_earliest_live_claim_holds_and_a_later_claim_never_displaces_it(
     clients: Callable[[], Client], database: str
 ) -> None:
-    client = clients()
-    preamble(client, database)
-    first = MigrationLease(client, database, QUICK, renewer=clients())
+    _, first = holding(clients, database)
     second = MigrationLease(clients(), database, QUICK)
-    assert first.acquire(lambda: True)
     waiting, outcome = in_thread(lambda: second.acquire(lambda: True))
     deadline = time.monotonic() + 3 * QUICK.lease_seconds
     while time.monotonic() < deadline:  # the second renews its claim all along, later than the first's each time
@@ -188,7 +187,7 @@ def test_the_earliest_live_claim_holds_and_a_later_claim_never_displaces_it(
 
 def test_an_embedded_store_migrates_under_the_lease_without_a_renewer(sql: Client) -> None:
     """The `sql` fixture migrated a fresh embedded store, renewing between statements, and released the lease."""
-    assert applied_rows(sql, "trackhouse") == {version: 1 for version, _ in schema.MIGRATIONS}
+    assert applied_rows(sql, "trackhouse") == EACH_ONCE
     claims = sql.query(f"SELECT countIf(released = 1), uniqExact(claimed_by) FROM trackhouse.{LOCKS_TABLE}")
     assert claims.result_rows == [(1, 1)]  # claimed, then released
     assert schema.migrate(sql, "trackhouse") == LATEST

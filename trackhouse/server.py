@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import signal
@@ -240,12 +241,8 @@ class Server:
         integrity.verify(await asyncio.to_thread(integrity.inspect_store, client, database), where)
         # The migration lease is renewed from a second client while statements run (one client runs one query at a
         # time); an embedded store belongs to this process alone, so it renews between statements.
-        renewer = None if store.embedded else await asyncio.to_thread(connect, store)
-        try:
-            await asyncio.to_thread(schema.migrate, client, database, store.cluster, renewer)
-        finally:
-            if renewer is not None:
-                renewer.close()
+        renewer = None if store.embedded else functools.partial(connect, store)
+        await asyncio.to_thread(schema.migrate, client, database, store.cluster, renewer)
         return client
 
     async def stop(self) -> None:
