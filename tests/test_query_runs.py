@@ -112,3 +112,16 @@ def test_a_key_spread_over_unmerged_parts_renders_its_latest_once(sql: Client) -
     got = json.loads(runs.latest_metrics_json(sql, DB, ["p"])["p"])
     assert [(m["key"], m["value"], m["step"]) for m in got] == [("acc", 0.9, 7), ("loss", "NaN", 3)]
     _same(got, _expected(sql, ["p"])["p"])
+
+
+def test_a_page_of_runs_with_different_keys_renders_each_run_by_itself(sql: Client) -> None:
+    # Keys with a comma or a quote inside, a wide one that escapes to 6 bytes a character, and runs of one page
+    # with different key sets, asked for in an order that is not the store's.
+    _write(sql, "w1", ["a,b", 'q"uote', "\x01" * 250, "x", "é,ü"], [0.5, -1.0, 2.0, 3.0, math.nan], [1, 2, 3, 4, 5])
+    _write(sql, "w2", ["x", "loss"], [7.0, 0.25], [9, 9])
+    _write(sql, "w3", [f"layer.{i}.norm" for i in range(300)], [i / 7 for i in range(300)], list(range(300)))
+    rendered = runs.latest_metrics_json(sql, DB, ["w3", "w1", "missing", "w2"])
+    expected = _expected(sql, ["w1", "w2", "w3"])
+    for run_id in ("w1", "w2", "w3"):
+        _same(json.loads(rendered[run_id]), expected[run_id])
+    assert rendered["missing"] == "[]"
