@@ -161,6 +161,13 @@ class ClusterRenderer:
             statements.append(f"ALTER TABLE {{db}}.{name} {self.on_cluster} {', '.join(columns)}")
         return statements
 
+    def insert(self, template: str, token: str) -> str:
+        """The cluster form of an INSERT ... SELECT outside a migration (schema.repair), deduplicated by `token`."""
+        insert = _INSERT.match(template)
+        if not insert:
+            raise ClusterDdlError(f"not an INSERT ... SELECT: {template.strip()[:80]!r}")
+        return self._insert(insert, token)
+
     def _insert(self, match: re.Match[str], token: str) -> str:
         name, columns, query = match.groups()
         target = f"{{db}}.{name}" + (f" {columns}" if columns else "")

@@ -140,6 +140,15 @@ DEFAULT_EXPERIMENT_NAME = "Default"
 # DROP TABLE/VIEW IF EXISTS; CREATE [MATERIALIZED] VIEW IF NOT EXISTS; INSERT INTO {db}.T ... SELECT/VALUES
 # (a backfill: it runs once, through the Distributed tables, so target only tables where a repeat is harmless:
 # ReplacingMergeTree, min/max aggregates). tests/test_cluster_ddl.py parses every rendered statement.
+#: Tables the sink writes as copies of another, each with the statement that copies its source into it. A node of
+#: an older version, still writing during a rolling upgrade, writes the source only; `trackhouse repair` (`repair`)
+#: runs these once every node runs this version. Each copy is an AggregatingMergeTree of maxima, so a row copied
+#: again merges with itself: the statements are idempotent.
+COPIES = {
+    LATEST_BY_KEY: "INSERT INTO {db}.metric_latest_by_key (key, run_id, latest)"
+    " SELECT key, run_id, latest FROM {db}.metric_latest",
+}
+
 MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (
         1,
@@ -588,9 +597,8 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             ORDER BY (key, run_id)"""
             + _DEDUPLICATED,
             # Latest points stored before this migration. A node of an older version still writing during a
-            # rolling upgrade writes metric_latest only: restart every node on this version before relying on it.
-            "INSERT INTO {db}.metric_latest_by_key (key, run_id, latest)"
-            " SELECT key, run_id, latest FROM {db}.metric_latest",
+            # rolling upgrade writes metric_latest only: `trackhouse repair` copies what it wrote (COPIES).
+            COPIES[LATEST_BY_KEY],
         ),
     ),
 )
@@ -810,6 +818,35 @@ def schema_statements(database: str, cluster: str = "", now: int | None = None) 
 def record_sql(database: str, version: int) -> str:
     """The statement that marks migration `version` applied."""
     return f"INSERT INTO {database}.{MIGRATIONS_TABLE} VALUES ({version}, now64(3))"
+
+
+class OutdatedSchemaError(RuntimeError):
+    """The store's schema is older than this version's: a node of this version must start (and migrate) first."""
+
+
+def repair(client: Client, database: str, cluster: str = "", now: int | None = None) -> list[str]:
+    """Copy into every table of COPIES what its source holds, and return those tables. For after a rolling
+    upgrade, once every node runs this version (a node still on an older one goes on writing the source only).
+
+    Refuses a store whose schema is behind this version's (OutdatedSchemaError): the copies may not exist yet.
+    On a cluster each copy is one distributed INSERT ... SELECT, with a deduplication token of its own (`now`),
+    so that it is not mistaken for the migration's backfill, or for an earlier repair, and skipped."""
+    recorded = client.query(f"SELECT DISTINCT version FROM {database}.{MIGRATIONS_TABLE}").result_rows
+    applied = {row[0] for row in recorded}
+    missing = sorted({version for version, _ in MIGRATIONS} - applied)
+    if missing:
+        raise OutdatedSchemaError(
+            f"schema migrations {', '.join(map(str, missing))} are not applied to {database}:"
+            " start a node of this version first (it applies them), then repair"
+        )
+    stamp = int(time.time() * 1000) if now is None else now
+    arguments = _format_arguments(database, stamp)
+    renderer = ClusterRenderer(cluster) if cluster else None
+    for table, statement in COPIES.items():
+        if renderer is not None:
+            statement = renderer.insert(statement, f"trackhouse-repair-{table}-{stamp}")
+        client.command(statement.format(**arguments))
+    return list(COPIES)
 
 
 def migrate(

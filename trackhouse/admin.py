@@ -1,5 +1,6 @@
 """Operator commands beside `serve`: `trackhouse auth ...` manages the users-and-tokens file, so nobody writes
-a hash by hand; `trackhouse check` reports whether a store is safe to serve, without serving it."""
+a hash by hand; `trackhouse check` reports whether a store is safe to serve, without serving it; `trackhouse repair`
+fills the copies a node of an older version did not write during a rolling upgrade."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import getpass
 import os
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +49,20 @@ def add_admin_commands(commands: Any) -> None:
     check = commands.add_parser(
         "check", help="report whether a data directory or ClickHouse database is safe to serve (exit 1 if not)"
     )
-    check.add_argument(
-        "--data-dir", type=Path, default=Path(os.environ.get("TRACKHOUSE_DATA_DIR", "data")), help="chDB directory"
-    )
-    check.add_argument(
-        "--clickhouse-url", default=os.environ.get("TRACKHOUSE_CLICKHOUSE_URL"), help="overrides --data-dir"
-    )
+    _add_store_arguments(check)
     check.add_argument(
         "--deep", action="store_true", help="also read every part back against its checksums (reads all the data)"
+    )
+    repair = commands.add_parser(
+        "repair",
+        help="after a rolling upgrade, once every node runs this version: copy what older nodes wrote to tables"
+        " they did not know (idempotent)",
+    )
+    _add_store_arguments(repair)
+    repair.add_argument(
+        "--cluster",
+        default=os.environ.get("TRACKHOUSE_CLUSTER", ""),
+        help="the cluster the schema was created ON (as serve's --cluster) [env TRACKHOUSE_CLUSTER]",
     )
     _add_schema_command(commands)
     add_replay_command(commands)
@@ -69,6 +77,8 @@ def run_admin_command(args: argparse.Namespace) -> int:
             return _check(args)
         if args.command == "schema":
             return _schema(args)
+        if args.command == "repair":
+            return _repair(args)
         if args.command == "replay":
             return run_replay(args)
         if args.command == "ranks":
@@ -101,12 +111,43 @@ def _auth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path(os.environ.get("TRACKHOUSE_DATA_DIR", "data")), help="chDB directory"
+    )
+    parser.add_argument(
+        "--clickhouse-url", default=os.environ.get("TRACKHOUSE_CLICKHOUSE_URL"), help="overrides --data-dir"
+    )
+
+
+def _store(args: argparse.Namespace) -> StoreConfig:
+    return StoreConfig(args.clickhouse_url) if args.clickhouse_url else StoreConfig.for_data_dir(args.data_dir)
+
+
+def _repair(args: argparse.Namespace) -> int:
+    """schema.repair on the store; a store whose schema is behind this version is refused (exit 1)."""
+    store = replace(_store(args), cluster=args.cluster) if args.cluster else _store(args)
+    if store.embedded and not store.directory.is_dir():
+        print(f"{store.display_url}: no data yet, nothing to repair")
+        return 0
+    client = connect(store)
+    try:
+        repaired = schema.repair(client, store.resolved_database, args.cluster)
+    except schema.OutdatedSchemaError as exc:
+        print(f"trackhouse: {store.display_url}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    print(f"{store.display_url}: copied again into {', '.join(repaired)}")
+    return 0
+
+
 def _check(args: argparse.Namespace) -> int:
     """Files first (an embedded directory), then SQL; as `serve` does before it migrates or serves anything.
 
     Opening a chDB directory is chDB's own start-up: it moves parts it cannot load to `detached/`,
     which is how they are found. Nothing else is written, and no schema is created."""
-    store = StoreConfig(args.clickhouse_url) if args.clickhouse_url else StoreConfig.for_data_dir(args.data_dir)
+    store = _store(args)
     redact = Redactor(url_secrets(store.url))
     where = store.display_url
     if store.embedded and not store.directory.is_dir():
