@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    rounds = alternate(args, lambda http, _pid: measure(http, args))
+    rounds = alternate(args, lambda started: measure(started.http, args))
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds}
     print(f"results in {save_results('chart-ab', results)}")
 

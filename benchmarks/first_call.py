@@ -14,32 +14,24 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
-from pathlib import Path
 from typing import Any
 
 import requests
 
-from benchmarks.history_ab import serve
+from benchmarks.history_ab import Started, alternate
 from benchmarks.ingest import save_results
 from benchmarks.uimix import add_full_store_arguments, calls, check, send, trackhouse_scenarios
 
 
-def measure(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
-    launched = time.perf_counter()
-    process, http = serve(tree, args.data_dir)
-    try:
-        results: dict[str, Any] = {"ready_s": time.perf_counter() - launched, "load_average": os.getloadavg()}
-        session = requests.Session()
-        scenario = trackhouse_scenarios(args)["sweep"]
-        for call in calls(scenario):
-            elapsed, body = send(session, http, call)
-            check(call, scenario, body)
-            results[call.name] = elapsed * 1000
-        return results
-    finally:
-        process.terminate()
-        process.wait(60)
+def measure(started: Started, args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"ready_s": started.ready_s, "load_average": os.getloadavg()}
+    session = requests.Session()
+    scenario = trackhouse_scenarios(args)["sweep"]
+    for call in calls(scenario):
+        elapsed, body = send(session, started.http, call)
+        check(call, scenario, body)
+        results[call.name] = elapsed * 1000
+    return results
 
 
 def main() -> None:
@@ -47,10 +39,7 @@ def main() -> None:
     add_full_store_arguments(parser)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    rounds = []
-    for _ in range(args.rounds):  # alternating trees, so load on a shared machine falls on both alike
-        rounds.append({str(tree): measure(tree, args) for tree in args.trees})
-        print(rounds[-1], flush=True)
+    rounds = alternate(args, lambda started: measure(started, args))
     medians = {
         str(tree): {
             name: statistics.median(r[str(tree)][name] for r in rounds)

@@ -16,7 +16,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,23 +53,33 @@ def main() -> None:
     if not args.data_dir.exists():
         load_all(args.data_dir, {"long": args.points, **({"huge": args.rss_points} if args.rss_points else {})})
 
-    def measure(http: str, pid: int) -> dict[str, Any]:
-        return {"load_average": os.getloadavg(), **measure_trackhouse(http, pid, args)}
+    def measure(started: Started) -> dict[str, Any]:
+        return {"load_average": os.getloadavg(), **measure_trackhouse(started.http, started.pid, args)}
 
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "rounds": alternate(args, measure)}
     print(f"results in {save_results('history-ab', results)}")
 
 
-def alternate(args: argparse.Namespace, measure: Callable[[str, int], dict[str, Any]]) -> list[dict[str, Any]]:
-    """Serve args.data_dir from each of args.trees in turn, args.rounds times, and measure each server (given its
-    URL and pid): load on a shared machine falls on every tree alike. One {tree: measured} per round."""
+@dataclass(frozen=True, slots=True)
+class Started:
+    """A server `alternate` started: its URL, its pid, and the seconds from launch to its ready line."""
+
+    http: str
+    pid: int
+    ready_s: float
+
+
+def alternate(args: argparse.Namespace, measure: Callable[[Started], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Serve args.data_dir from each of args.trees in turn, args.rounds times, and measure each server: load on a
+    shared machine falls on every tree alike. One {tree: measured} per round."""
     rounds = []
     for _ in range(args.rounds):
         measured = {}
         for tree in args.trees:
+            launched = time.perf_counter()
             process, http = serve(tree, args.data_dir)
             try:
-                measured[str(tree)] = measure(http, process.pid)
+                measured[str(tree)] = measure(Started(http, process.pid, time.perf_counter() - launched))
             finally:
                 process.terminate()
                 process.wait(60)
