@@ -10,11 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import pytest
 
+from tests.older_nodes import falling_loss, sink_before_migration_15
 from trackhouse.cli import _parser, build_config, main
-from trackhouse.ingest.batch import Batch, Metrics
 from trackhouse.ingest.sink import ClickHouseSink
 from trackhouse.query import metrics, schema
 from trackhouse.query.cluster_ddl import ClusterDdlError, ClusterRenderer
@@ -214,19 +213,7 @@ def test_the_cluster_schema_run_on_one_server_is_the_single_node_schema(parser: 
         t: k for t, k in clustered_keys.items() if t not in (schema.MIGRATIONS_TABLE, LOCKS_TABLE)
     }
     # The sink and the reads use the usual names, which on a cluster are the Distributed tables.
-    ClickHouseSink(parser, "clustered").write(
-        Batch(
-            metrics=Metrics(
-                run_ids=("r",),
-                keys=("loss",),
-                run_index=np.zeros(300, np.int32),
-                key_index=np.zeros(300, np.int32),
-                step=np.arange(300, dtype=np.int64),
-                timestamp=np.full(300, 5, np.int64),
-                value=np.linspace(1, 0, 300),
-            )
-        )
-    )
+    ClickHouseSink(parser, "clustered").write(falling_loss("r", 300))
     assert metrics.latest(parser, "clustered", ["r"]) == {"r": {"loss": (299, 5, 0.0)}}
     assert len(metrics.sampled(parser, "clustered", ["r"], "loss", max_points=320)["r"]) == 300
 
@@ -246,9 +233,7 @@ class Recording:
         return self.client.query(*args, **kwargs)
 
 
-def test_repair_on_a_cluster_copies_through_the_distributed_tables(
-    parser: Client, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_repair_on_a_cluster_copies_through_the_distributed_tables(parser: Client) -> None:
     """`trackhouse repair --cluster`: the copy reads and writes the Distributed tables (stand-ins here), with a
     deduplication token of each repair's own, so that a second repair after more writes is not skipped as a
     repeat of the first (or of migration 15's backfill)."""
@@ -257,28 +242,10 @@ def test_repair_on_a_cluster_copies_through_the_distributed_tables(
             parser.command(single_server_stand_in(statement))
         if version:
             parser.command(schema.record_sql("repaired", version))
-    insert = ClickHouseSink._insert_arrow
     latest = "SELECT run_id, key, max(latest) FROM repaired.{} GROUP BY run_id, key ORDER BY run_id, key"
     for run_id, stamp in (("a", 1), ("b", 2)):
-        with monkeypatch.context() as older_node:  # writes metric_latest only, as before migration 15
-            older_node.setattr(
-                ClickHouseSink,
-                "_insert_arrow",
-                lambda self, table, data: None if table == schema.LATEST_BY_KEY else insert(self, table, data),
-            )
-            ClickHouseSink(parser, "repaired").write(
-                Batch(
-                    metrics=Metrics(
-                        run_ids=(run_id,),
-                        keys=("loss",),
-                        run_index=np.zeros(3, np.int32),
-                        key_index=np.zeros(3, np.int32),
-                        step=np.arange(3, dtype=np.int64),
-                        timestamp=np.full(3, 5, np.int64),
-                        value=np.linspace(1, 0, 3),
-                    )
-                )
-            )
+        with sink_before_migration_15():
+            ClickHouseSink(parser, "repaired").write(falling_loss(run_id, 3))
         recorded = Recording(parser)
         assert schema.repair(cast(Client, recorded), "repaired", CLUSTER, now=stamp) == [schema.LATEST_BY_KEY]
         # Buffer stand-ins forget tokens, so the token is checked as sent: not the migration's, nor the last repair's.

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.older_nodes import sink_before_migration_15
 from trackhouse.cli import main
 from trackhouse.ingest.batch import Batch, Metrics
 from trackhouse.ingest.sink import ClickHouseSink
@@ -34,15 +35,8 @@ def points(run_id: str, values: list[float], first_step: int = 0) -> Batch:
     )
 
 
-def write_as_an_older_node(sql: Client, batch: Batch, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Write as a node of the version before migration 15 does: no by-key copy of the latest points."""
-    insert = ClickHouseSink._insert_arrow
-    with monkeypatch.context() as patched:
-        patched.setattr(
-            ClickHouseSink,
-            "_insert_arrow",
-            lambda self, table, data: None if table == schema.LATEST_BY_KEY else insert(self, table, data),
-        )
+def write_as_an_older_node(sql: Client, batch: Batch) -> None:
+    with sink_before_migration_15():
         ClickHouseSink(sql, DB).write(batch)
 
 
@@ -52,11 +46,11 @@ def copies_agree(sql: Client, database: str = DB) -> bool:
     return bool(by_key == by_run)
 
 
-def test_repair_copies_what_an_older_node_wrote_and_is_idempotent(sql: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_repair_copies_what_an_older_node_wrote_and_is_idempotent(sql: Client) -> None:
     ClickHouseSink(sql, DB).write(points("new", [0.9, 0.8]))
     # An older node, during the rolling upgrade: a run of its own, and later points of the upgraded node's run.
-    write_as_an_older_node(sql, points("old", [0.5, 0.4]), monkeypatch)
-    write_as_an_older_node(sql, points("new", [0.1, 0.2], first_step=10), monkeypatch)
+    write_as_an_older_node(sql, points("old", [0.5, 0.4]))
+    write_as_an_older_node(sql, points("new", [0.1, 0.2], first_step=10))
     assert not copies_agree(sql)
     assert schema.repair(sql, DB) == [schema.LATEST_BY_KEY]
     assert copies_agree(sql)
@@ -80,9 +74,9 @@ def test_repair_refuses_a_store_whose_schema_is_behind_this_version(
 
 
 def test_trackhouse_repair_fills_the_copies_and_says_so(
-    tmp_path: Path, sql: Client, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, sql: Client, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    write_as_an_older_node(sql, points("old", [0.5, 0.4]), monkeypatch)
+    write_as_an_older_node(sql, points("old", [0.5, 0.4]))
     with pytest.raises(SystemExit) as exited:
         main(["repair", "--data-dir", str(tmp_path / "data")])
     assert exited.value.code == 0

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import RunningServer
+from tests.older_nodes import sink_before_migration_15
 from trackhouse import Client
 from trackhouse.ingest.batch import Batch, Metrics
 from trackhouse.ingest.client.api import launcher_source
@@ -118,15 +119,9 @@ def test_points_stored_before_migration_9_read_as_rank_0_of_attempt_0(
     # A sink of that time wrote no rank summaries (migration 10 added them, and backfills them below), and no
     # by-key copy of the latest points (migration 15, which copies them below).
     monkeypatch.setattr(ClickHouseSink, "_write_rank_summaries", lambda *_: None)
-    insert_arrow = ClickHouseSink._insert_arrow
-    monkeypatch.setattr(
-        ClickHouseSink,
-        "_insert_arrow",
-        lambda self, table, data: None if table == schema.LATEST_BY_KEY else insert_arrow(self, table, data),
-    )
-    sink = ClickHouseSink(sql, database)
     old = decode_request(encode_request(ingest_pb2.WriteRequest(), [block(RUN, 2)]), LIMIT).batch.metrics
-    sink.write(Batch(metrics=old))
+    with sink_before_migration_15():
+        ClickHouseSink(sql, database).write(Batch(metrics=old))
     monkeypatch.undo()
     assert schema.migrate(sql, database) >= 9
     assert schema.migrate(sql, database) >= 9  # idempotent
