@@ -6,7 +6,6 @@ from typing import Any
 
 import numpy as np
 
-from trackhouse.compat.backend import Backend
 from trackhouse.compat.errors import invalid
 from trackhouse.ingest.batch import NO_LINK, Int32Array, Link
 from trackhouse.query import logged_models
@@ -39,13 +38,13 @@ def _field(entry: dict[str, Any], name: str, i: int, count: int) -> str:
     return raw
 
 
-async def with_run_models(backend: Backend, runs: list[dict[str, Any]]) -> None:
-    """Add each run's model inputs and outputs to its wire shape (runs/get, runs/search), as stock has them."""
-    if not runs:
-        return
-    linked = await backend.read(logged_models.run_models, [r["info"]["run_id"] for r in runs])
+def with_run_models(runs: list[dict[str, Any]], linked: dict[str, logged_models.RunModels]) -> None:
+    """Add each run's model inputs and outputs (logged_models.run_models, read beside the run's other parts) to its
+    wire shape (runs/get, runs/search), as stock has them."""
     for run in runs:
-        found = linked[run["info"]["run_id"]]
+        found = linked.get(run["info"]["run_id"])
+        if found is None:
+            continue
         if found.inputs:
             run.setdefault("inputs", {})["model_inputs"] = [{"model_id": m} for m in found.inputs]
         if found.outputs:

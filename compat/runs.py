@@ -49,7 +49,7 @@ from trackhouse.ingest.batch import (
 )
 from trackhouse.ingest.catalog import ParamChangedError
 from trackhouse.ingest.errors import UnknownRunError
-from trackhouse.query import datasets, runs, search
+from trackhouse.query import datasets, logged_models, runs, search
 from trackhouse.query.runs import RUN_NAME_TAG, RunInfo
 
 DEFAULT_SEARCH_RESULTS = 1000
@@ -117,18 +117,19 @@ class RunsApi:
     async def get(self, request: Request) -> Response:
         message = await wire.parse(request, pb.GetRun())
         run_id = wire.required(message.run_id or message.run_uuid, "run_id")
-        found, params, tags, latest, inputs = await asyncio.gather(
+        found, params, tags, latest, inputs, models = await asyncio.gather(
             self._backend.read(runs.infos, [run_id]),
             self._backend.read(runs.params_of, [run_id]),
             self._backend.read(runs.tags_of, [run_id]),
             self._backend.read(runs.latest_metrics_json, [run_id]),
             self._backend.read(datasets.inputs_of, [run_id]),
+            self._backend.read(logged_models.run_models, [run_id]),
         )
         if run_id not in found:
             raise not_found(f"Run with id={run_id} not found")
         (assembled,) = runs.assemble([run_id], found, params, tags, {}, inputs)
         run = wire.run(assembled, latest[run_id])
-        await with_run_models(self._backend, [run])
+        with_run_models([run], models)
         return wire.ok({"run": run})
 
     async def update(self, request: Request) -> Response:
@@ -169,17 +170,18 @@ class RunsApi:
             message.page_token or None,
         )
         # A search page holds up to 50,000 runs: its parts are read concurrently, on separate clients.
-        found, params, tags, latest, inputs = await asyncio.gather(
+        found, params, tags, latest, inputs, models = await asyncio.gather(
             self._backend.read(runs.infos, page.ids),
             self._backend.read(runs.params_of, page.ids),
             self._backend.read(runs.tags_of, page.ids),
             # Rendered by ClickHouse: a page of runs with thousands of keys each holds 10^5+ metrics.
             self._backend.read(runs.latest_metrics_json, page.ids),
             self._backend.read(datasets.inputs_of, page.ids),
+            self._backend.read(logged_models.run_models, page.ids),
         )
         matched = runs.assemble(page.ids, found, params, tags, {}, inputs)
         payload: dict[str, Any] = {"runs": [wire.run(r, latest[r.info.run_id]) for r in matched]}
-        await with_run_models(self._backend, payload["runs"])
+        with_run_models(payload["runs"], models)
         if page.next_page_token:
             payload["next_page_token"] = page.next_page_token
         return wire.ok(payload)

