@@ -1083,3 +1083,22 @@ def test_leading_key_pages_come_from_the_candidates(
         query.scope(["1", "2"], ["active"])
         answered += search._leading_page(sql, query, 0, 2) is not None
     assert answered >= 2
+
+
+def test_leading_cutoff_in_python_is_the_statements(sql: Client, stale_world: str) -> None:
+    # _scan flags runs within the cutoff in Python (sorts_within), where the candidates' statement flags them in
+    # SQL (within_cutoff): both must agree for every run, cutoff, key and direction, NaN, -0, missing values included.
+    for key_type, key in (("metric", "m"), ("parameter", "p"), ("tag", "t")):
+        for ascending in (True, False):
+            query = search._RunQuery(stale_world)
+            query.add_order(key_type, key, ascending)
+            query.scope(["1", "2"], ["active", "deleted"])
+            stored = sql.query(query.leading_sql("1000", None), parameters=query.params.values).result_rows
+            cutoffs = {(int(row[1]), row[3]) for row in stored} | {(1, stored[0][3]), (2, stored[0][3])}
+            assert len(cutoffs) >= 5
+            for cutoff in sorted(cutoffs, key=repr):
+                columns = f"r.run_id, {query.within_cutoff(*cutoff)}, {query.leading_columns()}"
+                rows = sql.query(query.sql("", columns), parameters=query.params.values).result_rows
+                assert len(rows) > 30
+                for run_id, flagged, rank, value in rows:
+                    assert query.sorts_within(int(rank), value, cutoff) == bool(flagged), (key_type, cutoff, run_id)
