@@ -537,7 +537,8 @@ def _leading_page(client: Client, query: _RunQuery, offset: int, max_results: in
         limit = query.params.bind(need, "UInt64")
         statement = f"{query.sql(within, f'r.run_id, {flag}')} LIMIT {limit}"
         rows = [
-            (str(row[0]), bool(row[1])) for row in client.query(statement, parameters=query.params.values).result_rows
+            (str(row[0]), bool(row[1]))
+            for row in client.query(statement, parameters=query.params.values, settings=JOINS).result_rows
         ]
     else:
         # _scan ordered a superset of the candidates: the statement's order is total, so the candidates' rows keep
@@ -570,7 +571,7 @@ def _scan(client: Client, query: _RunQuery, need: int) -> _Candidates | Literal[
     """
     scan = 2 * need + _SCAN_EXTRA
     rows = client.query(
-        query.leading_sql(query.params.bind(scan, "UInt64"), None), parameters=query.params.values
+        query.leading_sql(query.params.bind(scan, "UInt64"), None), parameters=query.params.values, settings=JOINS
     ).result_rows
     every_row = len(rows) < scan
     if not every_row and (rows[need - 1][1], rows[need - 1][2]) == (rows[-1][1], rows[-1][2]):
@@ -582,7 +583,7 @@ def _scan(client: Client, query: _RunQuery, need: int) -> _Candidates | Literal[
     ordered = [
         (str(run_id), int(rank), value)
         for run_id, rank, value in client.query(
-            query.sql(within, f"r.run_id, {query.leading_columns()}"), parameters=query.params.values
+            query.sql(within, f"r.run_id, {query.leading_columns()}"), parameters=query.params.values, settings=JOINS
         ).result_rows
     ]
     passing = {run_id for run_id, _, _ in ordered}
@@ -604,7 +605,7 @@ def _filtered(client: Client, query: _RunQuery, need: int) -> _Candidates | None
     # Ties may be many: beyond the cap, they are better sorted whole than sent to Python.
     cap = need + _MAX_LEADING_TIES
     statement = query.leading_sql(query.params.bind(need, "UInt64"), query.params.bind(cap, "UInt64"))
-    rows = client.query(statement, parameters=query.params.values).result_rows
+    rows = client.query(statement, parameters=query.params.values, settings=JOINS).result_rows
     if len(rows) >= cap:
         return None
     ids = list(dict.fromkeys(str(row[0]) for row in rows))
@@ -678,11 +679,18 @@ def _experiment_order(order_by: Sequence[str]) -> list[str]:
     return order
 
 
+#: Search statements join each sorted or filtered key's values to the runs by run_id, 10^5 rows a side in a large
+#: experiment. A merge join that sorts the right side ran them 10-35% faster than the default hash join over the
+#: UI's searches on the uimix --full store (a metric filter + sort over 10^5 runs: 88 -> 55 ms median; alternated in
+#: one process), and no slower on any other search measured. Each side is at most the scope's runs.
+JOINS = {"join_algorithm": "partial_merge"}
+
+
 def _page(client: Client, sql: str, params: _Params, offset: int, max_results: int) -> Page:
     # One row beyond the page tells whether another page follows.
     limit = params.bind(max_results + 1, "UInt64")
     skip = params.bind(offset, "UInt64")
-    rows = client.query(f"{sql} LIMIT {limit} OFFSET {skip}", parameters=params.values).result_rows
+    rows = client.query(f"{sql} LIMIT {limit} OFFSET {skip}", parameters=params.values, settings=JOINS).result_rows
     ids = [str(row[0]) for row in rows[:max_results]]
     return Page(ids, _token(offset + max_results) if len(rows) > max_results else None)
 
