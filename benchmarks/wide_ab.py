@@ -1,13 +1,14 @@
-"""The wide experiment's slow UI calls at this commit against another revision, side by side in one run.
+"""The UI calls that missed 100 ms at this commit against another revision, side by side in one run.
 
-    python -m benchmarks.uimix --full --data-dir DIR --skip-stock --scenarios wide --repeats 1   # loads DIR once
-    python -m benchmarks.wide_ab --data-dir DIR --baseline main --repeats 20
+    python -m benchmarks.uimix --full --data-dir DIR --skip-stock --repeats 1   # loads DIR once
+    python -m benchmarks.wide_ab --data-dir DIR --baseline main --repeats 20 [--scenario sweep]
 
 Two `trackhouse serve` processes, one from this tree and one from the baseline revision (`git archive`), each on
 its own copy of DIR (chDB opens a directory in one process only), answer benchmarks.uimix's calls on the wide
-experiment (1,000 runs x 5,000 keys at --full). Each call is sent once to each (reported as "first"), then
---repeats more times, alternating between the two so that load on a shared machine falls on both alike; every
-call is timed until its whole answer has arrived, and the two answers must be byte-identical.
+experiment (1,000 runs x 5,000 keys at --full), or with --scenario sweep its two sorted searches over 10^5 runs.
+Each call is sent once to each (reported as "first"), then --repeats more times, alternating between the two so
+that load on a shared machine falls on both alike; every call is timed until its whole answer has arrived, and the
+two answers must be byte-identical.
 """
 
 from __future__ import annotations
@@ -32,16 +33,19 @@ from benchmarks.ingest import ROOT, save_results
 from benchmarks.provenance import provenance
 from tests.serving import wait_until_ready
 
-#: The wide experiment's calls that missed 100 ms in the uimix report of 2026-12-04.
-CALLS = (
-    "runs/search (table, 50)",
-    "runs/search (table, 100)",
-    "runs/search (metric filter, metric sort)",
-    "runs/search (param sort, name filter)",
-    "graphql GetRun",
-    "runs/get",
-    "runs/search (compare, 3 runs)",
-)
+#: Per scenario, the calls that missed 100 ms in the uimix reports of 2026-12-04 and -05.
+CALLS = {
+    "sweep": ("runs/search (metric filter, metric sort)", "runs/search (param sort, name filter)"),
+    "wide": (
+        "runs/search (table, 50)",
+        "runs/search (table, 100)",
+        "runs/search (metric filter, metric sort)",
+        "runs/search (param sort, name filter)",
+        "graphql GetRun",
+        "runs/get",
+        "runs/search (compare, 3 runs)",
+    ),
+}
 
 
 class Served:
@@ -77,13 +81,18 @@ def baseline_tree(revision: str, into: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, required=True, help="a store benchmarks.uimix loaded (not changed)")
+    parser.add_argument("--scenario", choices=sorted(CALLS), default="wide", help="which experiment's calls")
+    parser.add_argument("--runs", type=int, default=100_000, help="runs of the store's sweep experiment")
     parser.add_argument("--wide-runs", type=int, default=1_000, help="runs of the store's wide experiment")
     parser.add_argument("--baseline", default="main", help="the revision to compare with")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     started = provenance()
-    scenario = uimix.trackhouse_scenarios(argparse.Namespace(runs=1, wide_runs=args.wide_runs, wide_keys=5_000))
-    calls = [c for c in uimix.calls(scenario["wide"]) if c.name in CALLS]
+    scenarios = uimix.trackhouse_scenarios(
+        argparse.Namespace(runs=args.runs, wide_runs=args.wide_runs, wide_keys=5_000)
+    )
+    scenario = scenarios[args.scenario]
+    calls = [c for c in uimix.calls(scenario) if c.name in CALLS[args.scenario]]
     parsed = subprocess.run(["git", "rev-parse", args.baseline], cwd=ROOT, check=True, capture_output=True, text=True)
     commit = parsed.stdout.strip()
     with tempfile.TemporaryDirectory(prefix="wide-ab-", dir=args.data_dir.parent) as tmp:
@@ -94,7 +103,7 @@ def main() -> None:
             for name, tree in trees.items():
                 shutil.copytree(args.data_dir, work / name, symlinks=True)  # chDB links its metadata
                 servers[name] = Served(tree, work / name)
-            results = measure(servers, calls, scenario["wide"], args.repeats)
+            results = measure(servers, calls, scenario, args.repeats)
         finally:
             for server in servers.values():
                 server.stop()
