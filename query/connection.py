@@ -72,6 +72,11 @@ class StoreConfig:
     def for_data_dir(data_dir: Path) -> StoreConfig:
         return StoreConfig(url=f"chdb://{data_dir.resolve()}")
 
+    @staticmethod
+    def from_flags(clickhouse_url: str | None, data_dir: Path, cluster: str = "") -> StoreConfig:
+        """The store the command line names: the ClickHouse server's URL when given, else the embedded directory."""
+        return StoreConfig(url=clickhouse_url or StoreConfig.for_data_dir(data_dir).url, cluster=cluster)
+
 
 def connect(config: StoreConfig) -> Client:
     """A new client. Embedded clients on one directory share one chDB engine in this process."""

@@ -85,3 +85,21 @@ def test_trackhouse_repair_fills_the_copies_and_says_so(
     with pytest.raises(SystemExit) as exited:
         main(["repair", "--data-dir", str(tmp_path / "nothing")])
     assert exited.value.code == 0 and "no data yet" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (["repair", "--cluster", "prod"], "--cluster needs a ClickHouse server"),
+        (["repair", "--clickhouse-url", "ftp://admin:s3cret@ch:21"], "must start with chdb://, http:// or https://"),
+        (["check", "--clickhouse-url", "ftp://admin:s3cret@ch:21"], "must start with chdb://, http:// or https://"),
+    ],
+)
+def test_bad_store_flags_are_one_line_and_exit_status_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--data-dir", str(tmp_path / "data")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and message in err
+    assert len(err.strip().splitlines()) == 1 and "s3cret" not in err

@@ -9,7 +9,6 @@ import getpass
 import os
 import sys
 import textwrap
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +82,7 @@ def run_admin_command(args: argparse.Namespace) -> int:
             return run_replay(args)
         if args.command == "ranks":
             return run_ranks_command(args)
-    except auth.AuthFileError as exc:
+    except (auth.AuthFileError, _BadStoreFlags) as exc:
         print(f"trackhouse: {exc}", file=sys.stderr)
         return 2
     raise AssertionError(args.command)
@@ -120,19 +119,26 @@ def _add_store_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _store(args: argparse.Namespace) -> StoreConfig:
-    return StoreConfig(args.clickhouse_url) if args.clickhouse_url else StoreConfig.for_data_dir(args.data_dir)
+class _BadStoreFlags(Exception):
+    """The store flags name no store trackhouse can open (a bad URL or cluster name): one line, exit 2, as serve."""
+
+
+def _store(args: argparse.Namespace, cluster: str = "") -> StoreConfig:
+    try:
+        return StoreConfig.from_flags(args.clickhouse_url, args.data_dir, cluster)
+    except ValueError as exc:  # StoreConfig's messages redact the URL's password
+        raise _BadStoreFlags(str(exc)) from None
 
 
 def _repair(args: argparse.Namespace) -> int:
     """schema.repair on the store; a store whose schema is behind this version is refused (exit 1)."""
-    store = replace(_store(args), cluster=args.cluster) if args.cluster else _store(args)
+    store = _store(args, args.cluster)
     if store.embedded and not store.directory.is_dir():
         print(f"{store.display_url}: no data yet, nothing to repair")
         return 0
     client = connect(store)
     try:
-        repaired = schema.repair(client, store.resolved_database, args.cluster)
+        repaired = schema.repair(client, store.resolved_database, store.cluster)
     except schema.OutdatedSchemaError as exc:
         print(f"trackhouse: {store.display_url}: {exc}", file=sys.stderr)
         return 1

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from traceback import format_exception
 from typing import Any, NoReturn
@@ -349,9 +349,7 @@ def _missing(module: str) -> bool:
 
 
 def build_config(args: argparse.Namespace) -> ServerConfig:
-    store = StoreConfig(args.clickhouse_url) if args.clickhouse_url else StoreConfig.for_data_dir(args.data_dir)
-    if args.cluster:
-        store = replace(store, cluster=args.cluster)
+    store = StoreConfig.from_flags(args.clickhouse_url, args.data_dir, args.cluster)
     batcher = BatcherConfig(
         flush_points=args.flush_points, flush_interval_ms=args.flush_interval_ms, max_queue_points=args.max_queue_points
     )
