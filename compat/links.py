@@ -42,9 +42,7 @@ def with_run_models(runs: list[dict[str, Any]], linked: dict[str, logged_models.
     """Add each run's model inputs and outputs (logged_models.run_models, read beside the run's other parts) to its
     wire shape (runs/get, runs/search), as stock has them."""
     for run in runs:
-        found = linked.get(run["info"]["run_id"])
-        if found is None:
-            continue
+        found = linked[run["info"]["run_id"]]  # run_models has an entry for every run it was asked about
         if found.inputs:
             run.setdefault("inputs", {})["model_inputs"] = [{"model_id": m} for m in found.inputs]
         if found.outputs:

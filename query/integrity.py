@@ -17,7 +17,7 @@ from pathlib import Path
 
 from trackhouse.query.connection import Client
 from trackhouse.query.errors import QueryError
-from trackhouse.query.schema import MIGRATIONS_TABLE
+from trackhouse.query.schema import MIGRATIONS_TABLE, applied_versions
 
 #: Tables each applied migration guarantees; a store that applied it and lacks one lost it.
 REQUIRED_TABLES: dict[int, tuple[str, ...]] = {
@@ -160,8 +160,7 @@ def inspect_store(client: Client, database: str) -> list[Finding]:
                 )
             )
     else:
-        applied = client.query(f"SELECT DISTINCT version FROM {database}.{MIGRATIONS_TABLE}").result_rows
-        required = {t for (version,) in applied for t in REQUIRED_TABLES.get(version, ())}
+        required = {t for version in applied_versions(client, database) for t in REQUIRED_TABLES.get(version, ())}
         # Listed again after reading what is recorded: another node may be migrating the same store right now,
         # and a migration records itself only after creating its tables, so this order never reports a table
         # that was created between the two reads as missing.

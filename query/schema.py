@@ -820,6 +820,11 @@ def record_sql(database: str, version: int) -> str:
     return f"INSERT INTO {database}.{MIGRATIONS_TABLE} VALUES ({version}, now64(3))"
 
 
+def applied_versions(client: Client, database: str) -> set[int]:
+    """The migrations recorded as applied to `database` (its table of migrations must exist)."""
+    return {int(row[0]) for row in client.query(f"SELECT version FROM {database}.{MIGRATIONS_TABLE}").result_rows}
+
+
 class OutdatedSchemaError(RuntimeError):
     """The store's schema is older than this version's: a node of this version must start (and migrate) first."""
 
@@ -831,9 +836,7 @@ def repair(client: Client, database: str, cluster: str = "", now: int | None = N
     Refuses a store whose schema is behind this version's (OutdatedSchemaError): the copies may not exist yet.
     On a cluster each copy is one distributed INSERT ... SELECT, with a deduplication token of its own (`now`),
     so that it is not mistaken for the migration's backfill, or for an earlier repair, and skipped."""
-    recorded = client.query(f"SELECT DISTINCT version FROM {database}.{MIGRATIONS_TABLE}").result_rows
-    applied = {row[0] for row in recorded}
-    missing = sorted({version for version, _ in MIGRATIONS} - applied)
+    missing = sorted({version for version, _ in MIGRATIONS} - applied_versions(client, database))
     if missing:
         raise OutdatedSchemaError(
             f"schema migrations {', '.join(map(str, missing))} are not applied to {database}:"
@@ -868,7 +871,7 @@ def migrate(
         client.command(statement)
 
     def pending() -> list[tuple[int, list[str]]]:
-        applied = {row[0] for row in client.query(f"SELECT version FROM {database}.{MIGRATIONS_TABLE}").result_rows}
+        applied = applied_versions(client, database)
         return [(version, statements) for version, statements in migrations if version not in applied]
 
     if not pending():  # every start after the first: no lease, no second client
