@@ -59,6 +59,11 @@ class MetricsApi:
             raise invalid(f"Invalid value {limit} for parameter 'max_results' supplied. It must be a positive integer.")
         after = decode_page_token(message.page_token) if message.page_token else None
         # An unknown run has an empty history, as in stock MLflow.
+        if limit is not None and limit <= HISTORY_READ:
+            # One read answers a page (the UI's are 25,000 points): written whole, with its length, rather than
+            # streamed, it skips chunked framing and three copies of its first chunk (about 2 ms of a page's 30).
+            page = await self._backend.read(_rendered, run_id, key, limit, after, None)
+            return Response(_page_body(page), media_type="application/json")
         return await _json_stream(_history_body(self._chunks([run_id], key, limit, after, with_run_id=False)))
 
     async def _chunks(
@@ -186,8 +191,22 @@ async def _history_body(chunks: AsyncIterator[_Chunk]) -> AsyncIterator[bytes]:
             yield chunk.json if opened else b'{"metrics":' + chunk.json
             opened = True
         after = chunk.next_after
+    yield _history_end(opened, after)
+
+
+def _page_body(page: _Rendered) -> bytes:
+    """One page as _history_body writes it, joined once: its first chunk's leading `,` becomes the list's `[`."""
+    chunks = [memoryview(chunk) for chunk in page.chunks if chunk]
+    if not chunks:
+        return _history_end(False, page.next_after)
+    chunks[0] = chunks[0][1:]
+    return b"".join([b'{"metrics":[', *chunks, _history_end(True, page.next_after)])
+
+
+def _history_end(opened: bool, after: Point | None) -> bytes:
+    """What follows a history's metric objects (`opened`: there were some): the list's end and the page token."""
     token = b'"next_page_token":' + orjson.dumps(encode_page_token(after)) if after is not None else b""
-    yield (b"]" + (b"," + token if token else b"") if opened else b"{" + token) + b"}"
+    return (b"]" + (b"," + token if token else b"") if opened else b"{" + token) + b"}"
 
 
 async def _bulk_body(chunks: AsyncIterator[_Chunk]) -> AsyncIterator[bytes]:

@@ -94,8 +94,12 @@ def test_history_order_is_stocks_when_points_arrive_out_of_order(both: dict[str,
 
 def test_history_of_an_unknown_run_is_empty_as_in_stock(both: dict[str, str]) -> None:
     unknown = "0123456789abcdef0123456789abcdef"
-    answers = {name: get(url, "metrics/get-history", run_id=unknown, metric_key="loss") for name, url in both.items()}
-    assert answers["trackhouse"] == answers["stock"] == {}
+    for paged in ({}, {"max_results": 10}):  # streamed, and a page written whole
+        answers = {
+            name: get(url, "metrics/get-history", run_id=unknown, metric_key="loss", **paged)
+            for name, url in both.items()
+        }
+        assert answers["trackhouse"] == answers["stock"] == {}, paged
     for url in both.values():
         assert MlflowClient(tracking_uri=url).get_metric_history(unknown, "loss") == []
 
@@ -132,6 +136,14 @@ def test_long_histories_in_many_reads_and_chunks_answer_as_stock(
         name: get(url, "metrics/get-history", run_id=runs[name][0], metric_key="loss") for name, url in both.items()
     }
     assert points(unpaged["trackhouse"]) == points(unpaged["stock"])
+    # A page that one read answers is written whole, with its length; a longer one is streamed: the same bytes.
+    short = {"run_id": runs["trackhouse"][1], "metric_key": "loss"}
+    history = f"{both['trackhouse']}/api/2.0/mlflow/metrics/get-history"
+    whole = requests.get(history, params={**short, "max_results": 700}, timeout=60)
+    streamed = requests.get(history, params={**short, "max_results": 701}, timeout=60)
+    assert whole.headers["content-length"] == str(len(whole.content))
+    assert streamed.headers["transfer-encoding"] == "chunked"
+    assert whole.content == streamed.content and len(points(whole.json())) == 500
     for name, url in both.items():
         paged: list[tuple[Any, ...]] = []
         token = None
