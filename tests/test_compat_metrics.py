@@ -137,13 +137,13 @@ def test_long_histories_in_many_reads_and_chunks_answer_as_stock(
     }
     assert points(unpaged["trackhouse"]) == points(unpaged["stock"])
     # A page that one read answers is written whole, with its length; a longer one is streamed: the same bytes.
-    short = {"run_id": runs["trackhouse"][1], "metric_key": "loss"}
+    short: dict[str, Any] = {"run_id": runs["trackhouse"][1], "metric_key": "loss"}
     history = f"{both['trackhouse']}/api/2.0/mlflow/metrics/get-history"
-    whole = requests.get(history, params={**short, "max_results": 700}, timeout=60)
+    one_read = requests.get(history, params={**short, "max_results": 700}, timeout=60)
     streamed = requests.get(history, params={**short, "max_results": 701}, timeout=60)
-    assert whole.headers["content-length"] == str(len(whole.content))
+    assert one_read.headers["content-length"] == str(len(one_read.content))
     assert streamed.headers["transfer-encoding"] == "chunked"
-    assert whole.content == streamed.content and len(points(whole.json())) == 500
+    assert one_read.content == streamed.content and len(points(one_read.json())) == 500
     for name, url in both.items():
         paged: list[tuple[Any, ...]] = []
         token = None
