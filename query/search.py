@@ -307,7 +307,7 @@ class _RunQuery:
         if key_type == "parameter":
             # Each run's winning value (schema.PARAM_VALUE): a losing claim of another node never matches.
             return (
-                f"(SELECT run_id, {schema.PARAM_VALUE} AS value FROM {self.database}.{schema.PARAMS}"
+                f"(SELECT run_id, {schema.PARAM_VALUE} AS value FROM {self.database}.{schema.PARAMS_BY_KEY}"
                 f" WHERE key = {bound}{_WITHIN} GROUP BY run_id) WHERE 1"
             )
         # FINAL first, then the filter: the newest version of a tag decides, and a tombstone hides it.
@@ -322,8 +322,8 @@ class _RunQuery:
         bound = self.params.bind(key, "String")
         if key_type == "parameter":
             return (
-                f"SELECT run_id, {schema.PARAM_VALUE} AS value, 1 AS present FROM {self.database}.{schema.PARAMS}"
-                f" WHERE key = {bound}{_WITHIN} GROUP BY run_id"
+                f"SELECT run_id, {schema.PARAM_VALUE} AS value, 1 AS present"
+                f" FROM {self.database}.{schema.PARAMS_BY_KEY} WHERE key = {bound}{_WITHIN} GROUP BY run_id"
             )
         return (
             f"SELECT run_id, value, 1 AS present FROM {self.database}.{schema.TAGS} FINAL"
@@ -415,7 +415,7 @@ class _RunQuery:
             cutoff = "value"
             where += [f"value {comparison}" for key, comparison in self.metric_filters if key == lead.key]
         else:
-            table = schema.PARAMS if lead.key_type == "parameter" else schema.TAGS
+            table = schema.PARAMS_BY_KEY if lead.key_type == "parameter" else schema.TAGS
             tombstone = "" if lead.key_type == "parameter" else " AND deleted = 0"
             source = f"SELECT run_id, value FROM {self.database}.{table} WHERE key = {bound}{tombstone}"
             rank, sort_value, cutoff = "0", "value", "hex(value)"

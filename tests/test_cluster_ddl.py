@@ -201,7 +201,11 @@ def test_the_cluster_schema_run_on_one_server_is_the_single_node_schema(parser: 
         for statement in group:
             parser.command(single_server_stand_in(statement))
     single, clustered = columns(parser, "single"), columns(parser, "clustered")
-    tables = set(single) - {schema.MIGRATIONS_TABLE, LOCKS_TABLE}
+    views = "SELECT name FROM system.tables WHERE database = {db:String} AND engine = 'MaterializedView'"
+    single_views = {row[0] for row in parser.query(views, parameters={"db": "single"}).result_rows}
+    # A materialized view keeps its name on a cluster: each server's reads and writes its shard's tables.
+    assert {row[0] for row in parser.query(views, parameters={"db": "clustered"}).result_rows} == single_views
+    tables = set(single) - {schema.MIGRATIONS_TABLE, LOCKS_TABLE} - single_views
     assert {t for t in clustered if t.endswith("_local")} == {f"{t}_local" for t in tables}
     for table in tables:
         assert clustered[f"{table}_local"] == single[table], table
@@ -216,6 +220,10 @@ def test_the_cluster_schema_run_on_one_server_is_the_single_node_schema(parser: 
     ClickHouseSink(parser, "clustered").write(falling_loss("r", 300))
     assert metrics.latest(parser, "clustered", ["r"]) == {"r": {"loss": (299, 5, 0.0)}}
     assert len(metrics.sampled(parser, "clustered", ["r"], "loss", max_points=320)["r"]) == 300
+    # Through the view on the shard's params: a param inserted through the Distributed table reaches the copy.
+    parser.insert(schema.PARAMS, [["r", "lr", "0.1"]], ["run_id", "key", "value"], database="clustered")
+    copied = parser.query(f"SELECT run_id, key, value FROM clustered.{schema.PARAMS_BY_KEY}").result_rows
+    assert copied == [("r", "lr", "0.1")]
 
 
 class Recording:
