@@ -28,7 +28,7 @@ REQUIRED_TABLES: dict[int, tuple[str, ...]] = {
     7: ("datasets", "dataset_inputs"),
     8: ("metric_buckets",),
     15: ("metric_latest_by_key",),
-    16: ("params_by_key",),
+    16: ("params_by_key", "tags_by_key"),
 }
 #: Detached for a harmless reason: ClickHouse keeps parts that a merged part already covers as `ignored_`.
 _HARMLESS_DETACH_REASONS = frozenset({"ignored"})

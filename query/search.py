@@ -311,7 +311,7 @@ class _RunQuery:
                 f" WHERE key = {bound}{_WITHIN} GROUP BY run_id) WHERE 1"
             )
         # FINAL first, then the filter: the newest version of a tag decides, and a tombstone hides it.
-        return f"{self.database}.{schema.TAGS} FINAL WHERE key = {bound} AND deleted = 0{_WITHIN}"
+        return f"{self.database}.{schema.TAGS_BY_KEY} FINAL WHERE key = {bound} AND deleted = 0{_WITHIN}"
 
     def _key_values(self, key_type: str, key: str) -> str:
         """Each run's value of param or tag `key`, one row per run that has it, flagged `present`.
@@ -326,7 +326,7 @@ class _RunQuery:
                 f" FROM {self.database}.{schema.PARAMS_BY_KEY} WHERE key = {bound}{_WITHIN} GROUP BY run_id"
             )
         return (
-            f"SELECT run_id, value, 1 AS present FROM {self.database}.{schema.TAGS} FINAL"
+            f"SELECT run_id, value, 1 AS present FROM {self.database}.{schema.TAGS_BY_KEY} FINAL"
             f" WHERE key = {bound} AND deleted = 0{_WITHIN}"
         )
 
@@ -415,7 +415,7 @@ class _RunQuery:
             cutoff = "value"
             where += [f"value {comparison}" for key, comparison in self.metric_filters if key == lead.key]
         else:
-            table = schema.PARAMS_BY_KEY if lead.key_type == "parameter" else schema.TAGS
+            table = schema.PARAMS_BY_KEY if lead.key_type == "parameter" else schema.TAGS_BY_KEY
             tombstone = "" if lead.key_type == "parameter" else " AND deleted = 0"
             source = f"SELECT run_id, value FROM {self.database}.{table} WHERE key = {bound}{tombstone}"
             rank, sort_value, cutoff = "0", "value", "hex(value)"

@@ -410,23 +410,34 @@ def test_migration_15_orders_stored_latest_points_by_key_and_searches_read_them(
     assert run_ids(sql, db, "", ["metrics.loss ASC"]) == ["c", "a", "b"]  # runs without the key: last, by start
 
 
-def test_migration_16_orders_stored_params_by_key_and_searches_read_them(sql: Client, db: str) -> None:
-    """Params stored before migration 16 are searched as before once it ran; params stored after it reach the
-    by-key copy through its view, and a losing claim (a later one, from another node) loses in the copy too."""
+def test_migration_16_orders_stored_params_and_tags_by_key_and_searches_read_them(sql: Client, db: str) -> None:
+    """Params and tags stored before migration 16 are searched as before once it ran; those stored after it reach
+    the by-key copies through their views: a losing param claim (a later one, from another node) loses in the copy
+    too, and a tag's newer version and tombstone win there as they do in tags."""
     write_runs(sql, db, [RunSpec("a", "a", start=2), RunSpec("b", "b", start=1), RunSpec("c", "c", start=3)])
     sql.insert(schema.PARAMS, [["a", "lr", "0.1"], ["b", "lr", "0.3"]], ["run_id", "key", "value"], database=db)
-    # As before migration 16: params, and no by-key copy of them.
-    sql.command(f"TRUNCATE TABLE {db}.{schema.PARAMS_BY_KEY}")
+    write_tags(sql, db, [["a", "team", "x", 0, 1], ["b", "team", "y", 0, 1], ["c", "team", "z", 0, 1]])
+    # As before migration 16: params and tags, and no by-key copies of them.
+    for table in (schema.PARAMS_BY_KEY, schema.TAGS_BY_KEY):
+        sql.command(f"TRUNCATE TABLE {db}.{table}")
     sql.command(f"DELETE FROM {db}.{schema.MIGRATIONS_TABLE} WHERE version = 16")
-    assert run_ids(sql, db, "params.lr = '0.1'") == []  # searches read the by-key copy
+    # Searches read the copies: no run has the key there, so sorts fall back to the newest start first.
+    assert run_ids(sql, db, "params.lr = '0.1'") == run_ids(sql, db, "tags.team = 'x'") == []
+    assert run_ids(sql, db, "", ["params.lr ASC"]) == run_ids(sql, db, "", ["tags.team ASC"]) == ["c", "a", "b"]
     assert schema.migrate(sql, db) == schema.MIGRATIONS[-1][0]
     sql.insert(schema.PARAMS, [["c", "lr", "0.2"], ["a", "lr", "0.9"]], ["run_id", "key", "value"], database=db)
+    write_tags(sql, db, [["a", "team", "w", 0, 2], ["b", "team", "y", 1, 2]])  # a renamed, b's tag deleted
     assert run_ids(sql, db, "", ["params.lr ASC"]) == ["a", "c", "b"]
     assert run_ids(sql, db, "params.lr = '0.9'") == []  # a's later claim lost: its value is 0.1
     assert run_ids(sql, db, "params.lr != '0.1'", ["params.lr DESC"]) == ["b", "c"]
-    copied = f"SELECT run_id, key, value, claimed_at FROM {db}.{{}} ORDER BY run_id, claimed_at"
-    stored = [sql.query(copied.format(t)).result_rows for t in (schema.PARAMS, schema.PARAMS_BY_KEY)]
-    assert stored[0] == stored[1] and len(stored[0]) == 4
+    assert run_ids(sql, db, "", ["tags.team ASC"]) == ["a", "c", "b"]  # w, z, then b without the tag
+    assert run_ids(sql, db, "tags.team = 'x'") == run_ids(sql, db, "tags.team = 'y'") == []
+    for source, copy, columns, rows in (
+        (schema.PARAMS, schema.PARAMS_BY_KEY, "run_id, key, value, claimed_at", 4),
+        (schema.TAGS, schema.TAGS_BY_KEY, "run_id, key, value, deleted, version", 8),
+    ):
+        stored = [sql.query(f"SELECT {columns} FROM {db}.{t} ORDER BY {columns}").result_rows for t in (source, copy)]
+        assert stored[0] == stored[1] and len(stored[0]) == rows, source
 
 
 def test_params_and_tags_reject_list_comparisons_as_mlflow_does(sql: Client, shared: World) -> None:
