@@ -15,6 +15,7 @@ from trackhouse.compat.artifact_roots import ArtifactRoots
 from trackhouse.compat.artifacts import ArtifactsConfig, artifact_routes, is_upload
 from trackhouse.compat.attempts import AttemptsApi
 from trackhouse.compat.backend import Backend
+from trackhouse.compat.compression import Compression, CompressionConfig
 from trackhouse.compat.datasets import DatasetsApi
 from trackhouse.compat.experiments import ExperimentsApi
 from trackhouse.compat.graphql import GraphQlApi
@@ -40,6 +41,7 @@ def create_app(
     registry: RegistryStore | None = None,
     limits: HttpLimits | None = None,
     attempts: AttemptsApi | None = None,
+    compression: CompressionConfig | None = None,
 ) -> Starlette:
     async def health(_: Request) -> Response:
         if is_serving():
@@ -76,6 +78,11 @@ def create_app(
         routes += mlflow_routes((attempts or AttemptsApi(backend)).endpoints(runs), TRACKHOUSE_PREFIXES)
         routes += ui_routes(GraphQlApi())
     # The edge's policy, here and nowhere else, outermost first: Host, CORS and authentication (so nobody
-    # unauthenticated gets a body read), then the body caps (artifact uploads get their own, larger cap).
-    body_limit = Middleware(BodyLimit, limits=limits or HttpLimits(), is_upload=is_upload)
-    return Starlette(routes=routes, middleware=[*middleware(security or SecurityConfig()), body_limit])
+    # unauthenticated gets a body read), compression of the answers, then the body caps (artifact uploads get
+    # their own, larger cap).
+    stack = middleware(security or SecurityConfig())
+    compression = compression or CompressionConfig()
+    if compression.mode != "off":
+        stack.append(Middleware(Compression, config=compression))
+    stack.append(Middleware(BodyLimit, limits=limits or HttpLimits(), is_upload=is_upload))
+    return Starlette(routes=routes, middleware=stack)

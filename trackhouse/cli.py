@@ -19,6 +19,8 @@ from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from trackhouse.admin import add_admin_commands, run_admin_command
 from trackhouse.compat import limits
+from trackhouse.compat.compression import MODES as COMPRESSION_MODES
+from trackhouse.compat.compression import CompressionConfig
 from trackhouse.compat.limits import HttpLimits
 from trackhouse.compat.registry_store import RegistryConfig
 from trackhouse.ingest import config as defaults
@@ -67,6 +69,13 @@ def log_level(value: str) -> str:
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def compression_mode(value: str) -> str:
+    mode = value.lower()
+    if mode not in COMPRESSION_MODES:
+        raise ValueError(f"must be one of {', '.join(COMPRESSION_MODES)}")
+    return mode
 
 
 SERVE_OPTIONS = (
@@ -257,6 +266,14 @@ SERVE_OPTIONS = (
         limits.DEFAULT_MAX_CONNECTIONS,
         "open HTTP connections beyond this are refused with 503",
     ),
+    Option(
+        "--http-compression",
+        "TRACKHOUSE_HTTP_COMPRESSION",
+        compression_mode,
+        "auto",
+        "auto: compress large answers (zstd or gzip, as the client accepts) for clients on other hosts;"
+        " on: for every client (e.g. behind a same-host proxy that does not compress); off: never",
+    ),
 )
 
 
@@ -394,6 +411,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
         artifacts_destination=artifacts,
         artifacts_allowed_roots=tuple(r.strip() for r in args.artifacts_allowed_roots.split(",") if r.strip()),
         http_limits=http_limits,
+        http_compression=CompressionConfig(mode=args.http_compression),
         grpc=grpc,
         http_host=args.host,
         http_port=args.http_port,

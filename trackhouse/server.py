@@ -23,6 +23,7 @@ from trackhouse.compat.artifact_roots import ArtifactRoots
 from trackhouse.compat.artifacts import ArtifactsConfig
 from trackhouse.compat.attempts import AttemptsApi
 from trackhouse.compat.backend import Backend, BackendConfig
+from trackhouse.compat.compression import CompressionConfig
 from trackhouse.compat.http_server import HttpServer
 from trackhouse.compat.limits import HttpLimits
 from trackhouse.compat.registry_store import RegistryConfig, RegistryStore
@@ -63,6 +64,8 @@ class ServerConfig:
     artifacts_allowed_roots: tuple[str, ...] = ()
     #: Body caps, timeouts and the connection bound of the HTTP server.
     http_limits: HttpLimits = field(default_factory=HttpLimits)
+    #: Which HTTP answers are compressed, and how.
+    http_compression: CompressionConfig = field(default_factory=CompressionConfig)
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
     receiver: ReceiverConfig = field(default_factory=ReceiverConfig)
     #: all: gRPC in, storage out (through Kafka when configured). gateway: gRPC in, Kafka out.
@@ -196,6 +199,7 @@ class Server:
             registry=self._registry,
             limits=config.http_limits,
             attempts=attempts,
+            compression=config.http_compression,
         )
         self._http = HttpServer(
             app, config.http_host, config.http_port, config.tls_cert, config.tls_key, config.http_limits
