@@ -22,6 +22,8 @@ def _sample(option: Option, which: int) -> str:
         return ("http://u:p@ch:8123/envdb", "http://u:p@ch:8123/flagdb")[which]
     if option.flag == "--kafka-security-protocol":
         return ("SSL", "SASL_SSL")[which]
+    if option.flag == "--http-compression":
+        return ("off", "on")[which]
     if option.cast is _flag:  # a switch: false from the environment, the flag itself says true
         return ("false", "")[which]
     if option.cast is Path:
