@@ -21,6 +21,7 @@ import requests
 from backports import zstd
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
+from playwright.sync_api import Response as PlaywrightResponse
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -28,7 +29,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Message
 
+from benchmarks.uiwalk import CHROMIUM
 from tests.conftest import RunningServer, ServerProcess, start_in_process
+from tests.test_compat_ui import no_error_notification, watched_page
 from trackhouse import Client
 from trackhouse.cli import _parser, build_config
 from trackhouse.compat.app import create_app
@@ -403,6 +406,31 @@ def test_streamed_history_stays_streamed(compressing: tuple[RunningServer, str],
     assert decoded == expected
     assert len(json.loads(decoded)["metrics"]) == LONG_POINTS
     assert prefixes >= 3  # the answer was decodable piece by piece, before its end
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (make test installs it)")
+def test_the_ui_in_chromium_decodes_compressed_answers(compressing: tuple[RunningServer, str]) -> None:
+    """The browser the UI tests drive: it gets zstd (it offers it), the runs table loads from it without an
+    error, and a streamed history decodes to every point."""
+    server, experiment = compressing
+    encodings: dict[str, str | None] = {}
+    with watched_page(server.http_url) as (tab, problems):
+
+        def seen(response: PlaywrightResponse) -> None:
+            encodings.setdefault(response.url.split("?")[0], response.headers.get("content-encoding"))
+
+        tab.on("response", seen)
+        with tab.expect_response(lambda r: r.url.endswith("/runs/search"), timeout=60_000) as searched:
+            tab.goto(f"{server.http_url}/#/experiments/{experiment}")
+        assert searched.value.headers["content-encoding"] == "zstd"
+        assert len(searched.value.json()["runs"]) >= 3  # another test here adds a run with an artifact
+        history = f"{API}/metrics/get-history?run_id={LONG_RUN}&metric_key=loss"
+        points = tab.evaluate(f"fetch('{history}').then(r => r.json()).then(j => j.metrics.length)")
+        no_error_notification(tab)
+    assert points == LONG_POINTS
+    assert encodings[server.http_url + history.split("?")[0]] == "zstd"
+    assert any(url.endswith(".js") and coding == "zstd" for url, coding in encodings.items())  # the UI's code
+    assert problems == []
 
 
 # --- A real server with the default policy (auto) ---
