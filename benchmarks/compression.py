@@ -12,6 +12,7 @@ decoded, as urllib3 or a browser would; every decoded answer must equal the plai
 - the wide experiment's runs/search page of 50 runs (the UI's runs table; 22 MB at 1,000 runs x 5,000 keys);
 - a 25,000-point get-history page (the UI's metric page);
 - the unpaged get-history of the whole series (half the repeats: it is 166 MB plain at 2M points).
+Each of the two pages is also compressed whole in this process at gzip 1, 6, 9 and zstd 1, 3, 6 (time and ratio).
 Then the same calls over a link of each of --rates Mbit/s, shaped on `lo` for the server's port only: an HTB class
 with a u32 filter on the source port (other loopback traffic takes HTB's unshaped direct queue), removed afterwards.
 This kernel has no netem, so the link has bandwidth but no added latency. Needs root (CAP_NET_ADMIN).
@@ -28,8 +29,9 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -46,6 +48,10 @@ from trackhouse import Client
 CODINGS = ("identity", "gzip", "zstd")
 LONG_RUN = "c" * 32
 PAGE = 25_000
+LEVELS: dict[str, Callable[[bytes], bytes]] = {
+    **{f"gzip-{level}": partial(gzip.compress, compresslevel=level, mtime=0) for level in (1, 6, 9)},
+    **{f"zstd-{level}": partial(zstd.compress, level=level) for level in (1, 3, 6)},
+}
 
 
 def fetch(session: requests.Session, base: str, call: uimix.Call, coding: str) -> tuple[float, int, bytes]:
@@ -64,6 +70,26 @@ def fetch(session: requests.Session, base: str, call: uimix.Call, coding: str) -
     if answer.status_code != 200 or sent != (None if coding == "identity" else coding):
         raise RuntimeError(f"{call.name} ({coding}): {answer.status_code}, content-encoding {sent}")
     return elapsed, len(raw), body
+
+
+def levels(session: requests.Session, base: str, calls: list[uimix.Call]) -> dict[str, Any]:
+    """Per call, each level's time to compress the plain answer whole in this process (median of 3) and ratio:
+    what the server's defaults (level 1 of each) were chosen by."""
+    results: dict[str, Any] = {}
+    for call in calls:
+        body = fetch(session, base, call, "identity")[2]
+        row: dict[str, Any] = {"bytes": len(body)}
+        for name, compress in LEVELS.items():
+            samples = []
+            for _ in range(3):
+                started = time.perf_counter()
+                size = len(compress(body))
+                samples.append((time.perf_counter() - started) * 1000)
+            row[name] = {"median_ms": statistics.median(samples), "ratio": len(body) / size}
+        results[call.name] = row
+        print(f"  {call.name:32} " + "  ".join(f"{k} {v['median_ms']:6.1f} ms {v['ratio']:4.1f}x"
+                                               for k, v in row.items() if k != "bytes"), flush=True)  # fmt: skip
+    return results
 
 
 def measure(base: str, calls: list[uimix.Call], repeats: int) -> dict[str, Any]:
@@ -152,6 +178,8 @@ def main() -> None:
         server = ServerUnderTest(copy, "--http-compression", "on")
         try:
             log_history(server.target, args.history_points)
+            print("compression levels, whole answers in this process (median of 3)", flush=True)
+            results["levels"] = levels(requests.Session(), server.http, [search, page])
             port = int(server.http.rsplit(":", 1)[1])
             for rate in [0, *args.rates]:
                 link = f"{rate} Mbit/s" if rate else "loopback"
