@@ -1,7 +1,7 @@
 """Compressed HTTP answers: Accept-Encoding negotiation and one streaming compressor per response.
 
 MLflow's wire shapes are verbose JSON: a wide experiment's runs/search page is 22 MB and a 25,000-point history
-page 2 MB, 6-7x smaller compressed (zstd level 1 and gzip level 1 measured on those answers; see README
+page 2 MB, 5.6-7.4x smaller compressed (zstd level 1 and gzip level 1 measured on those answers; see README
 "Compressed answers"). Over loopback the bytes cost less than compressing them does, so by default (`auto`) only
 a peer on another host gets compressed answers; `on` compresses for every peer (e.g. behind a same-host proxy that
 does not compress), `off` never. uvicorn puts a same-host proxy's X-Forwarded-For client in `scope["client"]`, so
@@ -46,8 +46,9 @@ MODES = ("auto", "on", "off")
 #: A smaller answer fits in one TCP segment (1,460 bytes of payload on Ethernet) once headers are added:
 #: compressing it saves no packet and no round trip.
 DEFAULT_MIN_BYTES = 1400
-#: Level 1 of each: on the 22 MB wide runs/search page gzip-1 took 134 ms for a 6.1x ratio, gzip-6 342 ms for
-#: 6.5x and gzip-9 893 ms for 6.6x; zstd-1 took 38 ms for 7.4x (zstd-3: 81 ms for 6.3x). Measured here, one core.
+#: Level 1 of each: higher levels cost far more time than they save bytes. On the 22 MB wide runs/search page,
+#: compressed whole on this 2-core machine: gzip-1 266 ms for a 6.1x ratio, gzip-9 855 ms for 6.6x; zstd-1 37 ms
+#: for 7.4x, zstd-3 77 ms for 6.3x (benchmarks/compression.py, README "Compressed answers").
 DEFAULT_GZIP_LEVEL = 1
 DEFAULT_ZSTD_LEVEL = 1
 #: Pieces at least this large are compressed in the pool, not on the event loop (about 1 ms of gzip-1).
