@@ -621,7 +621,8 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                 value String,
                 claimed_at DateTime64(9)
             ) ENGINE = ReplacingMergeTree
-            ORDER BY (key, run_id, claimed_at)""",
+            ORDER BY (key, run_id, claimed_at)"""
+            + _DEDUPLICATED,
             """CREATE TABLE IF NOT EXISTS {db}.tags_by_key (
                 run_id String,
                 key String,
@@ -629,7 +630,8 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                 deleted UInt8,
                 version UInt64
             ) ENGINE = ReplacingMergeTree(version)
-            ORDER BY (key, run_id)""",
+            ORDER BY (key, run_id)"""
+            + _DEDUPLICATED,
             # Each view before its backfill: a row stored in between reaches the copy twice, which is harmless
             # (identical rows merge; PARAM_VALUE and FINAL ignore repeats). The other order would lose it.
             """CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.params_by_key_mv TO {db}.params_by_key AS
