@@ -536,10 +536,7 @@ def _leading_page(client: Client, query: _RunQuery, offset: int, max_results: in
         flag = "1" if cutoff is None else query.within_cutoff(*cutoff)
         limit = query.params.bind(need, "UInt64")
         statement = f"{query.sql(within, f'r.run_id, {flag}')} LIMIT {limit}"
-        rows = [
-            (str(row[0]), bool(row[1]))
-            for row in client.query(statement, parameters=query.params.values, settings=JOINS).result_rows
-        ]
+        rows = [(str(row[0]), bool(row[1])) for row in _rows(client, statement, query.params)]
     else:
         # _scan ordered a superset of the candidates: the statement's order is total, so the candidates' rows keep
         # theirs, as the statement over the candidates alone would give them.
@@ -570,9 +567,7 @@ def _scan(client: Client, query: _RunQuery, need: int) -> _Candidates | Literal[
     answers better.
     """
     scan = 2 * need + _SCAN_EXTRA
-    rows = client.query(
-        query.leading_sql(query.params.bind(scan, "UInt64"), None), parameters=query.params.values, settings=JOINS
-    ).result_rows
+    rows = _rows(client, query.leading_sql(query.params.bind(scan, "UInt64"), None), query.params)
     every_row = len(rows) < scan
     if not every_row and (rows[need - 1][1], rows[need - 1][2]) == (rows[-1][1], rows[-1][2]):
         # The need-th passing row sorts between these two, so it ties with the last row read: "tied" below, or
@@ -582,9 +577,9 @@ def _scan(client: Client, query: _RunQuery, need: int) -> _Candidates | Literal[
     within = f" AND run_id IN {query.params.bind(ids, 'Array(String)')}"
     ordered = [
         (str(run_id), int(rank), value)
-        for run_id, rank, value in client.query(
-            query.sql(within, f"r.run_id, {query.leading_columns()}"), parameters=query.params.values, settings=JOINS
-        ).result_rows
+        for run_id, rank, value in _rows(
+            client, query.sql(within, f"r.run_id, {query.leading_columns()}"), query.params
+        )
     ]
     passing = {run_id for run_id, _, _ in ordered}
     kept = [row for row in rows if str(row[0]) in passing]
@@ -605,7 +600,7 @@ def _filtered(client: Client, query: _RunQuery, need: int) -> _Candidates | None
     # Ties may be many: beyond the cap, they are better sorted whole than sent to Python.
     cap = need + _MAX_LEADING_TIES
     statement = query.leading_sql(query.params.bind(need, "UInt64"), query.params.bind(cap, "UInt64"))
-    rows = client.query(statement, parameters=query.params.values, settings=JOINS).result_rows
+    rows = _rows(client, statement, query.params)
     if len(rows) >= cap:
         return None
     ids = list(dict.fromkeys(str(row[0]) for row in rows))
@@ -686,11 +681,17 @@ def _experiment_order(order_by: Sequence[str]) -> list[str]:
 JOINS = {"join_algorithm": "partial_merge"}
 
 
+def _rows(client: Client, statement: str, params: _Params) -> Sequence[Sequence[Any]]:
+    """A search statement's rows: every search statement runs with its bound parameters and JOINS."""
+    rows: Sequence[Sequence[Any]] = client.query(statement, parameters=params.values, settings=JOINS).result_rows
+    return rows
+
+
 def _page(client: Client, sql: str, params: _Params, offset: int, max_results: int) -> Page:
     # One row beyond the page tells whether another page follows.
     limit = params.bind(max_results + 1, "UInt64")
     skip = params.bind(offset, "UInt64")
-    rows = client.query(f"{sql} LIMIT {limit} OFFSET {skip}", parameters=params.values, settings=JOINS).result_rows
+    rows = _rows(client, f"{sql} LIMIT {limit} OFFSET {skip}", params)
     ids = [str(row[0]) for row in rows[:max_results]]
     return Page(ids, _token(offset + max_results) if len(rows) > max_results else None)
 
