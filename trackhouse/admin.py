@@ -1,6 +1,7 @@
 """Operator commands beside `serve`: `trackhouse auth ...` manages the users-and-tokens file, so nobody writes
 a hash by hand; `trackhouse check` reports whether a store is safe to serve, without serving it; `trackhouse repair`
-fills the copies a node of an older version did not write during a rolling upgrade."""
+fills the copies a node of an older version did not write during a rolling upgrade; `trackhouse rebuild` gives a
+store's run tables query.layout's fine granules, with every writer stopped."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from clickhouse_connect.driver.exceptions import ProgrammingError
+
 from trackhouse.ingest import auth
-from trackhouse.query import integrity, schema
+from trackhouse.query import integrity, layout, schema
 from trackhouse.query.cluster_ddl import NAME, ClusterDdlError
-from trackhouse.query.connection import DEFAULT_DATABASE, StoreConfig, connect
+from trackhouse.query.connection import DEFAULT_DATABASE, Client, StoreConfig, connect
 from trackhouse.query.redaction import Redactor, url_secrets
 from trackhouse.ranks_cli import add_ranks_command, run_ranks_command
 from trackhouse.replay import add_replay_command, run_replay
@@ -63,6 +66,18 @@ def add_admin_commands(commands: Any) -> None:
         default=os.environ.get("TRACKHOUSE_CLUSTER", ""),
         help="the cluster the schema was created ON (as serve's --cluster) [env TRACKHOUSE_CLUSTER]",
     )
+    rebuild = commands.add_parser(
+        "rebuild",
+        help=f"copy the tables a runs page reads into {layout.FINE_GRANULES}-row granules (serve does this itself for"
+        " a data directory); needs every writer stopped",
+    )
+    _add_store_arguments(rebuild)
+    rebuild.add_argument(
+        "--writers-stopped",
+        action="store_true",
+        help="confirm that no node writes to the ClickHouse server's store meanwhile (needed with --clickhouse-url:"
+        " a write during a table's exchange would be lost)",
+    )
     _add_schema_command(commands)
     add_replay_command(commands)
     add_ranks_command(commands)
@@ -78,6 +93,8 @@ def run_admin_command(args: argparse.Namespace) -> int:
             return _schema(args)
         if args.command == "repair":
             return _repair(args)
+        if args.command == "rebuild":
+            return _rebuild(args)
         if args.command == "replay":
             return run_replay(args)
         if args.command == "ranks":
@@ -85,6 +102,9 @@ def run_admin_command(args: argparse.Namespace) -> int:
     except (auth.AuthFileError, _BadStoreFlags) as exc:
         print(f"trackhouse: {exc}", file=sys.stderr)
         return 2
+    except _StoreInUse as exc:
+        print(f"trackhouse: {exc}", file=sys.stderr)
+        return 1
     raise AssertionError(args.command)
 
 
@@ -130,13 +150,56 @@ def _store(args: argparse.Namespace, cluster: str = "") -> StoreConfig:
         raise _BadStoreFlags(str(exc)) from None
 
 
+class _StoreInUse(Exception):
+    """An embedded store another process has open (chDB opens a directory in one process at a time)."""
+
+
+def _open(store: StoreConfig) -> Client:
+    try:
+        return connect(store)
+    except ProgrammingError as exc:
+        if store.embedded and "Unable to open the chdb engine" in str(exc):
+            raise _StoreInUse(
+                f"{store.display_url} cannot be opened: another process has it open (a running trackhouse serve?)"
+            ) from None
+        raise
+
+
+def _rebuild(args: argparse.Namespace) -> int:
+    """query.layout.rebuild on the store: exit 1 if it cannot run or found a writer, 2 without --writers-stopped."""
+    store = _store(args)
+    if not store.embedded and not args.writers_stopped:
+        print(
+            f"trackhouse: {store.display_url} is a ClickHouse server's store: stop every node that writes to it, then"
+            " run this again with --writers-stopped (a write during a table's exchange would be lost)",
+            file=sys.stderr,
+        )
+        return 2
+    if store.embedded and not store.directory.is_dir():
+        print(f"{store.display_url}: no data yet (serve creates fine granules itself)")
+        return 0
+    client = _open(store)
+    try:
+        rebuilt = layout.rebuild(client, store.resolved_database)
+    except layout.RebuildError as exc:
+        print(f"trackhouse: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    if rebuilt:
+        print(f"{store.display_url}: rebuilt {', '.join(rebuilt)} with {layout.FINE_GRANULES}-row granules")
+    else:
+        print(f"{store.display_url}: nothing to rebuild")
+    return 0
+
+
 def _repair(args: argparse.Namespace) -> int:
     """schema.repair on the store; a store whose schema is behind this version is refused (exit 1)."""
     store = _store(args, args.cluster)
     if store.embedded and not store.directory.is_dir():
         print(f"{store.display_url}: no data yet, nothing to repair")
         return 0
-    client = connect(store)
+    client = _open(store)
     try:
         repaired = schema.repair(client, store.resolved_database, store.cluster)
     except schema.OutdatedSchemaError as exc:
@@ -161,7 +224,7 @@ def _check(args: argparse.Namespace) -> int:
         return 0
     findings = integrity.inspect_directory(store.directory) if store.embedded else []
     if not findings:
-        client = connect(store)
+        client = _open(store)
         try:
             findings = integrity.inspect_store(client, store.resolved_database)
             if args.deep and not findings:

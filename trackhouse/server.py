@@ -39,7 +39,7 @@ from trackhouse.ingest.receiver_grpc import GrpcConfig, GrpcReceiver
 from trackhouse.ingest.receiver_kafka import KafkaReceiver
 from trackhouse.ingest.sink import ClickHouseSink
 from trackhouse.ingest.telemetry import Telemetry
-from trackhouse.query import integrity, schema
+from trackhouse.query import integrity, layout, schema
 from trackhouse.query.connection import Client, StoreConfig, connect
 from trackhouse.runs_service import runs_service
 
@@ -247,6 +247,7 @@ class Server:
         # time); an embedded store belongs to this process alone, so it renews between statements.
         renewer = None if store.embedded else functools.partial(connect, store)
         await asyncio.to_thread(schema.migrate, client, database, store.cluster, renewer)
+        await asyncio.to_thread(_apply_layout, client, store)
         return client
 
     async def stop(self) -> None:
@@ -271,6 +272,24 @@ class Server:
         if self._registry is not None:
             await asyncio.to_thread(self._registry.close)
             self._registry = None
+
+
+def _apply_layout(client: Client, store: StoreConfig) -> None:
+    """query.layout's fine granules: applied here to an embedded store, which nothing else can be writing to while
+    this process opens it; a server's store is only reported, since other nodes may be writing."""
+    database = store.resolved_database
+    if store.embedded:
+        rebuilt = layout.rebuild(client, database)
+        if rebuilt:
+            log.info("rebuilt %s with %d-row granules (once)", ", ".join(rebuilt), layout.FINE_GRANULES)
+        return
+    coarse = layout.coarse_tables(client, database)
+    if coarse:
+        log.warning(
+            "%s have coarse granules: run pages of large experiments read about 10%% faster once rebuilt, with"
+            " every node stopped: trackhouse rebuild --clickhouse-url URL --writers-stopped",
+            ", ".join(coarse),
+        )
 
 
 async def serve(config: ServerConfig) -> None:
