@@ -97,7 +97,10 @@ def latest_metrics_json(client: Client, database: str, run_ids: Sequence[str]) -
         " ',\"timestamp\":', toString(ts), ',\"step\":', toString(st), '}')"
     )
     rows = client.query(
-        "SELECT run_id, concat('[', arrayStringConcat(arrayMap(x -> x.2, arraySort(groupArray((key, m)))), ','), ']')"
+        # Sorted by key alone (a run's keys are distinct after FINAL): 10% faster than sorting (key, m) tuples over
+        # 50 runs of 5,000 keys, 99 -> 89 ms for the whole statement (measured in-process).
+        "SELECT run_id,"
+        " concat('[', arrayStringConcat(arraySort((m, k) -> k, groupArray(m), groupArray(key)), ','), ']')"
         f" FROM (SELECT run_id, key, {rendered} AS m"
         f" FROM (SELECT run_id, key, {step} AS st, {timestamp} AS ts, {value} AS v"
         # FINAL merges a key's rows as the table's own merges do (max): in sort-key order, it read 50 runs of
