@@ -25,13 +25,23 @@ from trackhouse.server import _apply_layout
 DB = "trackhouse"
 
 
-def granules(sql: Client, database: str = DB) -> dict[str, int]:
+def engines(sql: Client, expression: str, database: str = DB) -> dict[str, Any]:
+    """`expression` of each of the four tables' engine_full, by table."""
     rows = sql.query(
-        "SELECT name, extract(engine_full, 'index_granularity = (\\\\d+)') FROM system.tables"
-        " WHERE database = {db:String} AND name IN {names:Array(String)}",
-        parameters={"db": database, "names": list(layout.FINE_TABLES)},
+        f"SELECT name, {expression} FROM system.tables WHERE database = {{db:String}} AND name IN {{t:Array(String)}}",
+        parameters={"db": database, "t": list(layout.FINE_TABLES)},
     ).result_rows
-    return {name: int(value) for name, value in rows}
+    return dict(rows)
+
+
+def granules(sql: Client, database: str = DB) -> dict[str, int]:
+    found = engines(sql, "extract(engine_full, 'index_granularity = (\\\\d+)')", database)
+    return {name: int(value) for name, value in found.items()}
+
+
+def definitions(sql: Client, database: str = DB) -> dict[str, str]:
+    """Each table's definition with its granularity left out."""
+    return engines(sql, "replaceRegexpOne(engine_full, 'index_granularity = \\\\d+', '')", database)
 
 
 def stored_rows(sql: Client, database: str = DB) -> dict[str, list[tuple[Any, ...]]]:
@@ -40,16 +50,6 @@ def stored_rows(sql: Client, database: str = DB) -> dict[str, list[tuple[Any, ..
         table: sorted(map(tuple, sql.query(f"SELECT * FROM {database}.{table}").result_rows), key=repr)
         for table in layout.FINE_TABLES
     }
-
-
-def definitions(sql: Client, database: str = DB) -> dict[str, str]:
-    """Each table's definition with its granularity left out."""
-    rows = sql.query(
-        "SELECT name, replaceRegexpOne(engine_full, 'index_granularity = \\\\d+', '') FROM system.tables"
-        " WHERE database = {db:String} AND name IN {names:Array(String)}",
-        parameters={"db": database, "names": list(layout.FINE_TABLES)},
-    ).result_rows
-    return dict(rows)
 
 
 def fill(client: MlflowClient) -> list[str]:
