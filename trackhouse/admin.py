@@ -6,6 +6,7 @@ store's run tables query.layout's fine granules, with every writer stopped."""
 from __future__ import annotations
 
 import argparse
+import fcntl
 import getpass
 import os
 import sys
@@ -157,12 +158,25 @@ class _StoreInUse(Exception):
 def _open(store: StoreConfig) -> Client:
     try:
         return connect(store)
-    except ProgrammingError as exc:
-        if store.embedded and "Unable to open the chdb engine" in str(exc):
+    except ProgrammingError:
+        if store.embedded and _locked(store.directory):
             raise _StoreInUse(
                 f"{store.display_url} cannot be opened: another process has it open (a running trackhouse serve?)"
             ) from None
         raise
+
+
+def _locked(directory: Path) -> bool:
+    """Whether a process holds the directory's status file, as chDB (ClickHouse's StatusFile) does while open."""
+    try:
+        with (directory / "status").open("a") as status:
+            fcntl.flock(status, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(status, fcntl.LOCK_UN)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _rebuild(args: argparse.Namespace) -> int:
