@@ -62,7 +62,10 @@ def rebuild(
     tests: a write there stands for a writer that was not stopped)."""
     if not (1 <= granules <= 65536):
         raise ValueError(f"granules must be in [1, 65536], not {granules}")
-    existing = _granularity(client, database, [*FINE_TABLES, *(t + LOCAL_SUFFIX for t in FINE_TABLES)])
+    # One lookup for the tables, a cluster's, and leftover copies: `serve` runs this on every start of an embedded
+    # store, where it usually finds nothing to do.
+    names = [*FINE_TABLES, *(t + suffix for suffix in (LOCAL_SUFFIX, COPY_SUFFIX) for t in FINE_TABLES)]
+    existing = _granularity(client, database, names)
     clustered = sorted(t for t in existing if t.endswith(LOCAL_SUFFIX))
     if clustered:
         raise RebuildError(
@@ -72,7 +75,8 @@ def rebuild(
     for table in FINE_TABLES:
         # A copy left by an interrupted rebuild: either unfinished (the table is the original) or exchanged already
         # (it is the original, and the table the new one). Either way the table holds every row.
-        client.command(f"DROP TABLE IF EXISTS {database}.{table}{COPY_SUFFIX} SYNC")
+        if table + COPY_SUFFIX in existing:
+            client.command(f"DROP TABLE {database}.{table}{COPY_SUFFIX} SYNC")
         if table not in existing or existing[table] == granules:
             continue
         _rebuild_table(client, database, table, granules, copied)
