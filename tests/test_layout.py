@@ -1,10 +1,11 @@
-"""query.layout: the run tables' fine granules. `trackhouse serve` applies them to an embedded store as it opens it,
+"""query.layout: the run tables' fine layout. `trackhouse serve` applies them to an embedded store as it opens it,
 `trackhouse rebuild --writers-stopped` to a server's; every row and every answer survives, interrupted or not. On
 real chDB, behind tests/clickhouse_http.py for the server's path, with the real MLflow client for the answers."""
 
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -34,14 +35,24 @@ def engines(sql: Client, expression: str, database: str = DB) -> dict[str, Any]:
     return dict(rows)
 
 
-def granules(sql: Client, database: str = DB) -> dict[str, int]:
-    found = engines(sql, "extract(engine_full, 'index_granularity = (\\\\d+)')", database)
-    return {name: int(value) for name, value in found.items()}
+#: A store as versions before query.layout left it: ClickHouse's defaults.
+OLD = {"index_granularity": 8192, "min_compress_block_size": 0}
+FINE = dict(layout.FINE_SETTINGS)
+
+
+def layouts(sql: Client, database: str = DB) -> dict[str, dict[str, int]]:
+    """Each table's layout settings, as its definition names them (ClickHouse's defaults where it does not)."""
+    found = engines(sql, "engine_full", database)
+    return {
+        name: {key: int(m.group(1)) if (m := re.search(rf"\b{key} = (\d+)", engine)) else OLD[key] for key in OLD}
+        for name, engine in found.items()
+    }
 
 
 def definitions(sql: Client, database: str = DB) -> dict[str, str]:
-    """Each table's definition with its granularity left out."""
-    return engines(sql, "replaceRegexpOne(engine_full, 'index_granularity = \\\\d+', '')", database)
+    """Each table's definition with its layout settings left out."""
+    pattern = "(, )?(index_granularity|min_compress_block_size) = \\\\d+"
+    return engines(sql, f"replaceRegexpAll(engine_full, '{pattern}', '')", database)
 
 
 def stored_rows(sql: Client, database: str = DB) -> dict[str, list[tuple[Any, ...]]]:
@@ -95,24 +106,24 @@ def sql(tmp_path: Path) -> Iterator[Client]:
     client.close()
 
 
-def test_serve_gives_a_store_written_before_fine_granules_them_and_answers_as_before(tmp_path: Path) -> None:
+def test_serve_gives_a_store_written_before_the_fine_layout_it_and_answers_as_before(tmp_path: Path) -> None:
     data = tmp_path / "data"
     running = start_in_process(data)
     try:
         assert running.sql is not None
-        assert set(granules(running.sql).values()) == {layout.FINE_GRANULES}  # a fresh store: fine from the start
+        assert all(found == FINE for found in layouts(running.sql).values())  # a fresh store: fine from the start
         client = MlflowClient(running.http_url)
         experiments = fill(client)
-        # The store as an older version left it: ClickHouse's default granules.
-        assert layout.rebuild(running.sql, DB, granules=8192) == list(layout.FINE_TABLES)
-        assert set(granules(running.sql).values()) == {8192}
+        # The store as an older version left it: ClickHouse's defaults.
+        assert layout.rebuild(running.sql, DB, OLD) == list(layout.FINE_TABLES)
+        assert all(found == OLD for found in layouts(running.sql).values())
         before, rows, shapes = answers(client, experiments), stored_rows(running.sql), definitions(running.sql)
     finally:
         _stop(running)
     running = start_in_process(data)
     try:
         assert running.sql is not None
-        assert set(granules(running.sql).values()) == {layout.FINE_GRANULES}
+        assert all(found == FINE for found in layouts(running.sql).values())
         assert stored_rows(running.sql) == rows
         assert definitions(running.sql) == shapes  # the dedup window and every other setting kept
         client = MlflowClient(running.http_url)
@@ -158,7 +169,20 @@ def test_a_rebuild_is_idempotent_and_leaves_other_tables_alone(sql: Client) -> N
     assert layout.rebuild(sql, DB) == list(layout.FINE_TABLES)
     assert layout.rebuild(sql, DB) == []
     assert layout.coarse_tables(sql, DB) == []
+    # A store the previous version laid out (1,024-row granules, default blocks) differs in both, and in one.
+    for earlier in ({"index_granularity": 1024, "min_compress_block_size": 0}, {"min_compress_block_size": 65536}):
+        assert layout.rebuild(sql, DB, earlier) == list(layout.FINE_TABLES)
+        assert layout.coarse_tables(sql, DB) == list(layout.FINE_TABLES)
+        assert layout.rebuild(sql, DB) == list(layout.FINE_TABLES)
+        assert all(found == FINE for found in layouts(sql).values())
     assert other_tables(sql) == others
+
+
+def test_a_rebuild_takes_only_layout_settings(sql: Client) -> None:
+    for wrong in ({"index_granularity": 0}, {"non_replicated_deduplication_window": 1}):
+        with pytest.raises(ValueError):
+            layout.rebuild(sql, DB, wrong)
+    assert layout.coarse_tables(sql, DB) == list(layout.FINE_TABLES)
 
 
 class Interrupted(Exception):
@@ -176,8 +200,8 @@ def test_a_rebuild_interrupted_after_copying_loses_nothing_and_completes_next_ti
     with pytest.raises(Interrupted):
         layout.rebuild(sql, DB, copied=crash)
     # runs was rebuilt; params' copy is left beside the untouched original.
-    assert granules(sql)[schema.RUNS] == layout.FINE_GRANULES
-    assert granules(sql)[schema.PARAMS] == 8192
+    assert layouts(sql)[schema.RUNS] == FINE
+    assert layouts(sql)[schema.PARAMS] == OLD
     assert sql.command(f"EXISTS TABLE {DB}.params{layout.COPY_SUFFIX}") == 1
     assert stored_rows(sql) == rows
     assert layout.rebuild(sql, DB) == [schema.PARAMS, schema.TAGS, schema.LATEST_METRICS]
@@ -207,7 +231,7 @@ def test_a_write_during_the_copy_stops_the_rebuild_and_is_kept(sql: Client) -> N
 
     with pytest.raises(layout.RebuildError, match="changed while it was copied"):
         layout.rebuild(sql, DB, copied=writer)
-    assert granules(sql)[schema.TAGS] == 8192
+    assert layouts(sql)[schema.TAGS] == OLD
     assert sql.command(f"EXISTS TABLE {DB}.tags{layout.COPY_SUFFIX}") == 0
     assert sql.command(f"SELECT value FROM {DB}.tags WHERE run_id = 'r9'") == "v"
 
@@ -216,7 +240,7 @@ def test_a_clusters_tables_are_not_rebuilt(sql: Client) -> None:
     sql.command(f"CREATE TABLE {DB}.runs_local (run_id String) ENGINE = MergeTree ORDER BY run_id")
     with pytest.raises(layout.RebuildError, match="cluster"):
         layout.rebuild(sql, DB)
-    assert set(granules(sql).values()) == {8192}
+    assert all(found == OLD for found in layouts(sql).values())
 
 
 def test_rebuild_command_on_a_data_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -227,7 +251,7 @@ def test_rebuild_command_on_a_data_directory(tmp_path: Path, capsys: pytest.Capt
     with pytest.raises(SystemExit) as exited:
         main(["rebuild", "--data-dir", str(data)])
     assert exited.value.code == 0
-    assert "rebuilt runs, params, tags, metric_latest with 1024-row granules" in capsys.readouterr().out
+    assert f"rebuilt runs, params, tags, metric_latest with {layout.FINE_LAYOUT_TEXT}" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exited:
         main(["rebuild", "--data-dir", str(data)])
     assert exited.value.code == 0
@@ -260,7 +284,7 @@ def test_a_servers_store_is_rebuilt_only_when_the_writers_are_said_to_be_stopped
         # serve only reports a server's coarse tables: other nodes may be writing to them.
         with caplog.at_level(logging.WARNING, logger="trackhouse"):
             _apply_layout(client, store)
-        assert "runs, params, tags, metric_latest have coarse granules" in caplog.text
+        assert "runs, params, tags, metric_latest have an older layout" in caplog.text
         assert "trackhouse rebuild --clickhouse-url URL --writers-stopped" in caplog.text
         assert layout.coarse_tables(client, store.resolved_database) == list(layout.FINE_TABLES)
         secret = url.replace("http://", "http://admin:hunter2@")

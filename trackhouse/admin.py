@@ -1,7 +1,7 @@
 """Operator commands beside `serve`: `trackhouse auth ...` manages the users-and-tokens file, so nobody writes
 a hash by hand; `trackhouse check` reports whether a store is safe to serve, without serving it; `trackhouse repair`
 fills the copies a node of an older version did not write during a rolling upgrade; `trackhouse rebuild` gives a
-store's run tables query.layout's fine granules, with every writer stopped."""
+store's run tables query.layout's fine layout, with every writer stopped."""
 
 from __future__ import annotations
 
@@ -69,8 +69,8 @@ def add_admin_commands(commands: Any) -> None:
     )
     rebuild = commands.add_parser(
         "rebuild",
-        help=f"copy the tables a runs page reads into {layout.FINE_GRANULES}-row granules (serve does this itself for"
-        " a data directory); needs every writer stopped",
+        help=f"copy the tables a runs page reads into {layout.FINE_LAYOUT_TEXT} (serve does this itself for a data"
+        " directory); needs every writer stopped",
     )
     _add_store_arguments(rebuild)
     rebuild.add_argument(
@@ -190,7 +190,7 @@ def _rebuild(args: argparse.Namespace) -> int:
         )
         return 2
     if store.embedded and not store.directory.is_dir():
-        print(f"{store.display_url}: no data yet (serve creates fine granules itself)")
+        print(f"{store.display_url}: no data yet (serve creates the fine layout itself)")
         return 0
     client = _open(store)
     try:
@@ -201,7 +201,7 @@ def _rebuild(args: argparse.Namespace) -> int:
     finally:
         client.close()
     if rebuilt:
-        print(f"{store.display_url}: rebuilt {', '.join(rebuilt)} with {layout.FINE_GRANULES}-row granules")
+        print(f"{store.display_url}: rebuilt {', '.join(rebuilt)} with {layout.FINE_LAYOUT_TEXT}")
     else:
         print(f"{store.display_url}: nothing to rebuild")
     return 0

@@ -275,18 +275,18 @@ class Server:
 
 
 def _apply_layout(client: Client, store: StoreConfig) -> None:
-    """query.layout's fine granules: applied here to an embedded store, which nothing else can be writing to while
+    """query.layout's fine layout: applied here to an embedded store, which nothing else can be writing to while
     this process opens it; a server's store is only reported, since other nodes may be writing."""
     database = store.resolved_database
     if store.embedded:
         rebuilt = layout.rebuild(client, database)
         if rebuilt:
-            log.info("rebuilt %s with %d-row granules (once)", ", ".join(rebuilt), layout.FINE_GRANULES)
+            log.info("rebuilt %s with %s (once)", ", ".join(rebuilt), layout.FINE_LAYOUT_TEXT)
         return
     coarse = layout.coarse_tables(client, database)
     if coarse:
         log.warning(
-            "%s have coarse granules: run pages of large experiments read about 10%% faster once rebuilt, with"
+            "%s have an older layout: run pages of large experiments read faster once rebuilt, with"
             " every node stopped: trackhouse rebuild --clickhouse-url URL --writers-stopped",
             ", ".join(coarse),
         )
