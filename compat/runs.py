@@ -117,20 +117,10 @@ class RunsApi:
     async def get(self, request: Request) -> Response:
         message = await wire.parse(request, pb.GetRun())
         run_id = wire.required(message.run_id or message.run_uuid, "run_id")
-        found, params, tags, latest, inputs, models = await asyncio.gather(
-            self._backend.read(runs.infos, [run_id]),
-            self._backend.read(runs.params_of, [run_id]),
-            self._backend.read(runs.tags_of, [run_id]),
-            self._backend.read(runs.latest_metrics_json, [run_id]),
-            self._backend.read(datasets.inputs_of, [run_id]),
-            self._backend.read(logged_models.run_models, [run_id]),
-        )
-        if run_id not in found:
+        found = await self._wire_runs([run_id])
+        if not found:
             raise not_found(f"Run with id={run_id} not found")
-        (assembled,) = runs.assemble([run_id], found, params, tags, {}, inputs)
-        run = wire.run(assembled, latest[run_id])
-        with_run_models([run], models)
-        return wire.ok({"run": run})
+        return wire.ok({"run": found[0]})
 
     async def update(self, request: Request) -> Response:
         message = await wire.parse(request, pb.UpdateRun())
@@ -169,22 +159,30 @@ class RunsApi:
             list(message.order_by),
             message.page_token or None,
         )
-        # A search page holds up to 50,000 runs: its parts are read concurrently, on separate clients.
-        found, params, tags, latest, inputs, models = await asyncio.gather(
-            self._backend.read(runs.infos, page.ids),
-            self._backend.read(runs.params_of, page.ids),
-            self._backend.read(runs.tags_of, page.ids),
-            # Rendered by ClickHouse: a page of runs with thousands of keys each holds 10^5+ metrics.
-            self._backend.read(runs.latest_metrics_json, page.ids),
-            self._backend.read(datasets.inputs_of, page.ids),
-            self._backend.read(logged_models.run_models, page.ids),
-        )
-        matched = runs.assemble(page.ids, found, params, tags, {}, inputs)
-        payload: dict[str, Any] = {"runs": [wire.run(r, latest[r.info.run_id]) for r in matched]}
-        with_run_models(payload["runs"], models)
+        payload: dict[str, Any] = {"runs": await self._wire_runs(page.ids)}
         if page.next_page_token:
             payload["next_page_token"] = page.next_page_token
         return wire.ok(payload)
+
+    async def _wire_runs(self, run_ids: list[str]) -> list[dict[str, Any]]:
+        """The runs among `run_ids` that exist, in that order, in MLflow's wire shape (runs/get, runs/search).
+
+        A search page holds up to 50,000 runs: its six parts are read concurrently, on the backend's clients, which
+        take them in this order. The rendered metrics go first, as the heaviest read (ClickHouse renders them: a
+        page of runs with thousands of keys each holds 10^5+ metrics), so that the other five share the other
+        client meanwhile instead of leaving it idle at the end."""
+        latest, found, params, tags, inputs, models = await asyncio.gather(
+            self._backend.read(runs.latest_metrics_json, run_ids),
+            self._backend.read(runs.infos, run_ids),
+            self._backend.read(runs.params_of, run_ids),
+            self._backend.read(runs.tags_of, run_ids),
+            self._backend.read(datasets.inputs_of, run_ids),
+            self._backend.read(logged_models.run_models, run_ids),
+        )
+        matched = runs.assemble(run_ids, found, params, tags, {}, inputs)
+        shaped = [wire.run(run, latest[run.info.run_id]) for run in matched]
+        with_run_models(shaped, models)
+        return shaped
 
     async def log_batch(self, request: Request) -> Response:
         body = await wire.body(request, MAX_BATCH_LOG_REQUEST_SIZE)
