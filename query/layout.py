@@ -5,9 +5,10 @@ and `metric_latest` (all ordered by run) costs per granule touched, and per comp
 returned. With ClickHouse's defaults (8,192-row granules, blocks of at least 64 KiB) each of those reads decompressed
 most of its table over 10^5 runs. FINE_SETTINGS gives 256-row granules, and closes a compressed block at the first
 mark past 4 KiB, so that a granule is decompressed on its own (with short granules alone, a 64 KiB block of a narrow
-column still held dozens of them). Measured over the uimix `--full` store (10^5 runs), in-process: the six part reads
-of a sweep page took 44 ms of CPU against 67 with 1,024-row granules and default blocks; a page of the wide experiment
-(250,000 metric rows in runs' own ranges) read as fast as before. The tables grow by 1-17% on disk.
+column still held dozens of them). On the uimix `--full` store (10^5 runs), the six part reads of a sweep page took
+48 ms of CPU against 56-58 with 1,024-row granules and default blocks (`python -m benchmarks.page_parts`, in-process,
+alternated); a page of the wide experiment (250,000 metric rows in its runs' own ranges) read as fast as before. The
+four tables grow by 1-18% on disk.
 
 ClickHouse cannot change a table's granularity in place (`index_granularity` is read-only), and migrations may not
 edit a shipped CREATE, so the layout is applied by copying: each table is copied into a new one of the fine layout,
@@ -34,8 +35,8 @@ from trackhouse.query.cluster_ddl import LOCAL_SUFFIX
 from trackhouse.query.connection import Client
 from trackhouse.query.errors import QueryError
 
-#: The table settings of the fine layout. 128-row granules measured the same as 256 with twice the marks; 1,024 with
-#: 4 KiB blocks half-way between (in-process, the six part reads of a sweep page over 10^5 runs).
+#: The table settings of the fine layout. 128-row granules read as fast as 256 with twice the marks; 1,024 with 4 KiB
+#: blocks half-way between (in-process, the six part reads of a sweep page over 10^5 runs, one store per layout).
 FINE_SETTINGS: Mapping[str, int] = MappingProxyType({"index_granularity": 256, "min_compress_block_size": 4096})
 #: FINE_SETTINGS in words, for messages.
 FINE_LAYOUT_TEXT = (
