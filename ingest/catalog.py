@@ -194,6 +194,8 @@ class Catalog:
         the same winner (schema.PARAM_VALUE), so exactly one of the racing writers is told it succeeded."""
         try:
             await durable
+            # Until the rival inserts that began before ours have ended, an earlier-stamped claim may still land.
+            await asyncio.to_thread(catalog.settle_inserts, self._client, self._database, schema.PARAMS)
             runs, keys = {p.run_id for p in claims}, {p.key for p in claims}
             winners = await asyncio.to_thread(catalog.param_values, self._client, self._database, runs, keys)
         except (ch_errors.ClickHouseError, OSError) as exc:  # stored, not confirmed: a retry is idempotent

@@ -17,3 +17,8 @@ class NotFoundError(QueryError, LookupError):
 
 class ContendedError(QueryError):
     """Other writers kept winning a race for the same thing (an attempt number). The same call may succeed later."""
+
+
+class UnsettledError(ContendedError, TimeoutError):
+    """Inserts into a claims table that began before a claim's read-back still ran after the timeout
+    (query.catalog.settle_inserts): the claim is stored, but who won cannot be told yet. A retry is idempotent."""

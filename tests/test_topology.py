@@ -20,6 +20,7 @@ import sys
 import threading
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -210,6 +211,65 @@ def test_a_param_changed_from_two_nodes_at_once_is_refused(topology: Topology) -
         loser.log_param(run_id, key, winner)
         with pytest.raises(MlflowException, match="Changing param values is not allowed"):
             loser.log_param(run_id, key, "0.3")
+
+
+@contextmanager
+def _slow_rival_claim(topology: Topology, insert: str, run_id: str) -> Iterator[None]:
+    """Within: `insert` (a claim stamped with now64 as it begins) is running, and commits about two seconds later."""
+    rival = connect(StoreConfig(topology.clickhouse.url))  # its own session: the stand-in runs one query per session
+    thread = threading.Thread(target=lambda: rival.command(insert, parameters={"run": run_id}))
+    thread.start()
+    try:
+        wait_until(
+            lambda: (
+                topology.sql.command(
+                    "SELECT count() FROM system.processes WHERE query_kind = 'Insert' AND query LIKE '%sleepEachRow%'"
+                )
+                == 1
+            ),
+            timeout=10,
+            what="the rival insert to be running",
+        )
+        yield
+    finally:
+        thread.join(30)
+        rival.close()
+
+
+def test_a_param_claim_stamped_earlier_but_committed_later_still_wins(topology: Topology) -> None:
+    """The race two nodes logging one param at once can hit, forced: a rival insert is stamped (claimed_at, by
+    ClickHouse as it begins) before the writer's claim but commits after the writer's own insert. Reading back at
+    once, the writer saw only its own claim and was told it won while every read returned the rival's value (CI saw
+    both racing writers told "ok" once). It waits for the inserts begun before its read-back."""
+    writer, reader = topology.mlflow(topology.writer), topology.mlflow(topology.reader)
+    run_id = writer.create_run(writer.create_experiment("topology-late-claim")).info.run_id
+    rival = (
+        "INSERT INTO trackhouse.params (run_id, key, value, claimed_at)"
+        " SELECT {run:String}, 'lr', '0.1', now64(9) FROM numbers(1) WHERE sleepEachRow(2) = 0"
+    )
+    refused = pytest.raises(MlflowException, match="Changing param values is not allowed")
+    with _slow_rival_claim(topology, rival, run_id), refused:
+        writer.log_param(run_id, "lr", "0.2")
+    assert reader.get_run(run_id).data.params["lr"] == "0.1"
+    assert writer.get_run(run_id).data.params["lr"] == "0.1"
+    writer.log_param(run_id, "lr", "0.1")  # the writer's node learnt the winner
+
+
+def test_an_attempt_claim_stamped_earlier_but_committed_later_keeps_its_number(topology: Topology) -> None:
+    """The same race for attempt numbers: the rival's claim of attempt 1 is stamped first and commits last, so the
+    writer's resume, which claims 1 meanwhile, must lose it and take 2."""
+    writer = topology.mlflow(topology.writer)
+    run_id = writer.create_run(writer.create_experiment("topology-late-attempt")).info.run_id
+    rival = (
+        "INSERT INTO trackhouse.run_attempts (run_id, attempt, started_at, claimed_by, claimed_at)"
+        " SELECT {run:String}, 1, 0, 'rival', now64(9) FROM numbers(1) WHERE sleepEachRow(2) = 0"
+    )
+    with _slow_rival_claim(topology, rival, run_id):
+        answer = requests.post(
+            f"{topology.writer.http_url}/api/2.0/trackhouse/runs/resume", json={"run_id": run_id}, timeout=60
+        )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["attempt"] == 2
 
 
 def test_a_run_deleted_on_one_node_is_refused_by_another_nodes_writes_within_the_cache_bound(
