@@ -62,11 +62,7 @@ class RebuildError(QueryError):
 def coarse_tables(client: Client, database: str) -> list[str]:
     """The tables of FINE_TABLES that still have another layout, in FINE_TABLES' order."""
     layouts = _layouts(client, database, FINE_TABLES)
-    return [
-        table
-        for table in FINE_TABLES
-        if table in layouts and any(layouts[table][name] != value for name, value in FINE_SETTINGS.items())
-    ]
+    return [table for table in FINE_TABLES if table in layouts and _differs(layouts[table], FINE_SETTINGS)]
 
 
 def rebuild(
@@ -100,7 +96,7 @@ def rebuild(
         # (it is the original, and the table the new one). Either way the table holds every row.
         if table + COPY_SUFFIX in existing:
             client.command(f"DROP TABLE {database}.{table}{COPY_SUFFIX} SYNC")
-        if table not in existing or all(existing[table][name] == value for name, value in settings.items()):
+        if table not in existing or not _differs(existing[table], settings):
             continue
         _rebuild_table(client, database, table, settings, copied)
         rebuilt.append(table)
@@ -147,6 +143,11 @@ def _stored_columns(client: Client, database: str, table: str) -> list[str]:
         parameters={"db": database, "t": table},
     ).result_rows
     return [f"`{name}`" for name, kind in rows if kind not in ("MATERIALIZED", "ALIAS")]
+
+
+def _differs(found: Mapping[str, int], settings: Mapping[str, int]) -> bool:
+    """Whether a table's layout (from _layouts) differs from `settings` in any setting `settings` names."""
+    return any(found[name] != value for name, value in settings.items())
 
 
 def _with_settings(definition: str, source: str, copy: str, settings: Mapping[str, int]) -> str:
