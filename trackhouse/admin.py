@@ -169,7 +169,7 @@ def _open(store: StoreConfig) -> Client:
 def _locked(directory: Path) -> bool:
     """Whether a process holds the directory's status file, as chDB (ClickHouse's StatusFile) does while open."""
     try:
-        with (directory / "status").open("a") as status:
+        with (directory / "status").open("rb") as status:  # read-only: a check must not create the file
             fcntl.flock(status, fcntl.LOCK_EX | fcntl.LOCK_NB)
             fcntl.flock(status, fcntl.LOCK_UN)
     except BlockingIOError:
