@@ -38,6 +38,7 @@ from trackhouse.ingest.batch import ACTIVE, Batch, ExperimentRow, ParamRow, RunR
 from trackhouse.ingest.config import DEFAULT_CATALOG_CACHE_SECONDS
 from trackhouse.ingest.errors import InvalidArgumentError, RetryableError, UnavailableError, UnknownRunError
 from trackhouse.query import catalog, schema
+from trackhouse.query.claims import settle_inserts
 from trackhouse.query.connection import Client
 from trackhouse.query.runs import RUN_NAME_TAG
 
@@ -195,7 +196,7 @@ class Catalog:
         try:
             await durable
             # Until the rival inserts that began before ours have ended, an earlier-stamped claim may still land.
-            await asyncio.to_thread(catalog.settle_inserts, self._client, self._database, schema.PARAMS)
+            await asyncio.to_thread(settle_inserts, self._client, self._database, schema.PARAMS)
             runs, keys = {p.run_id for p in claims}, {p.key for p in claims}
             winners = await asyncio.to_thread(catalog.param_values, self._client, self._database, runs, keys)
         except (ch_errors.ClickHouseError, OSError) as exc:  # stored, not confirmed: a retry is idempotent

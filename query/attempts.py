@@ -23,7 +23,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from trackhouse.query import catalog, schema
+from trackhouse.query import claims, schema
 from trackhouse.query.connection import Client
 from trackhouse.query.errors import ContendedError
 
@@ -330,7 +330,7 @@ def start_attempt(client: Client, database: str, run_id: str, now_ms: int) -> in
             ["run_id", "attempt", "started_at", "claimed_by"],
             database=database,
         )
-        catalog.settle_inserts(client, database, schema.RUN_ATTEMPTS)  # a rival stamped earlier may still land
+        claims.settle_inserts(client, database, schema.RUN_ATTEMPTS)  # a rival stamped earlier may still land
         if attempt_holder(client, database, run_id, attempt) == claimant:
             forget(run_id)
             return attempt

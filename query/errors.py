@@ -21,4 +21,4 @@ class ContendedError(QueryError):
 
 class UnsettledError(ContendedError, TimeoutError):
     """Inserts into a claims table that began before a claim's read-back still ran after the timeout
-    (query.catalog.settle_inserts): the claim is stored, but who won cannot be told yet. A retry is idempotent."""
+    (query.claims.settle_inserts): the claim is stored, but who won cannot be told yet. A retry is idempotent."""

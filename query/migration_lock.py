@@ -8,15 +8,19 @@ Nodes that find nothing to apply (every start after the first) never touch it.
 
 ClickHouse has no lock, so the lease is claimed the way params are (schema.PARAM_VALUE). Each claim is a row stamped
 by the server's clock. Every node computes the same holder from the same rows: among the claimants that renewed
-within the lease and have not released, the one whose first claim is earliest (ties: the smaller token). A later
+within the lease and have not released, the one whose first claim is earliest (ties: the smaller token). A claim
+is stamped as its insert begins but visible once it commits, so a claimant reads the holder only after the inserts
+begun before its read have ended (query.claims.settle_inserts): otherwise a rival stamped earlier but committed
+later would hold the lease alongside it. A later
 claimant therefore never displaces a live holder. The holder renews from its own thread and client while statements
 run, so a long backfill keeps the lease. A holder that dies stops renewing, and the earliest waiter takes over one
 lease later. A waiter renews too, so its place in line does not lapse while it waits.
 
 On a cluster the table is replicated to every server (cluster_ddl.ClusterRenderer.preamble), claims are written
 with `insert_quorum` and read with `select_sequential_consistency`, so a claim is visible to every node once it is
-acknowledged. Servers' clocks still order claims made within their skew of each other; two nodes that both won
-would run the same idempotent migrations side by side, as every node did before this lease.
+acknowledged. Servers' clocks still order claims made within their skew of each other, and each server lists only
+its own running inserts, so settling narrows the window there without closing it; two nodes that both won would run
+the same idempotent migrations side by side, as every node did before this lease.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
+from trackhouse.query.claims import settle_inserts
 from trackhouse.query.connection import Client
 from trackhouse.query.errors import ContendedError
 
@@ -98,6 +103,9 @@ class MigrationLease:
         while still_needed():
             if self._due():
                 self._claim(self._client, released=False)
+                # A rival's claim stamped before ours may not have landed yet: read back before it does, each of
+                # us would see only its own claim, and both would migrate (query.claims).
+                settle_inserts(self._client, self._database, LOCKS_TABLE)
             holder = self.holder()
             if holder == self.token:
                 if self._renewer is not None:

@@ -1,4 +1,4 @@
-"""query.catalog.settle_inserts: a claim's read-back waits for the inserts into its table that began before it, and
+"""query.claims.settle_inserts: a claim's read-back waits for the inserts into its table that began before it, and
 only those, on real chDB (two clients on one engine, as two nodes on one server). tests/test_topology.py forces the
 race it closes through nodes of their own."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from trackhouse.query import catalog, schema
+from trackhouse.query import claims, schema
 from trackhouse.query.connection import Client, StoreConfig, connect
 from trackhouse.query.errors import ContendedError, UnsettledError
 
@@ -49,7 +49,7 @@ def test_a_read_back_waits_for_an_insert_begun_before_it(clients: tuple[Client, 
     rival, claimant = clients
     with slow_insert(rival, schema.PARAMS, 1.5):
         began = time.monotonic()
-        catalog.settle_inserts(claimant, DB, schema.PARAMS)
+        claims.settle_inserts(claimant, DB, schema.PARAMS)
         waited = time.monotonic() - began
     assert waited > 0.8
     # Once settled, the rival's claim is stored: a read-back now sees it.
@@ -61,13 +61,13 @@ def test_inserts_into_other_tables_are_not_waited_for(clients: tuple[Client, Cli
     # `params_by_key` begins with the claims table's name; it must not match.
     with slow_insert(rival, schema.PARAMS_BY_KEY, 1.5):
         began = time.monotonic()
-        catalog.settle_inserts(claimant, DB, schema.PARAMS)
+        claims.settle_inserts(claimant, DB, schema.PARAMS)
         assert time.monotonic() - began < 0.5
 
 
 def test_an_insert_running_past_the_timeout_is_a_retryable_contention(clients: tuple[Client, Client]) -> None:
     rival, claimant = clients
     with slow_insert(rival, schema.PARAMS, 2), pytest.raises(UnsettledError) as raised:
-        catalog.settle_inserts(claimant, DB, schema.PARAMS, timeout_s=0.3)
+        claims.settle_inserts(claimant, DB, schema.PARAMS, timeout_s=0.3)
     # compat answers it 503 (retry later), and the write path's confirm maps it to RetryableError (an OSError).
     assert isinstance(raised.value, ContendedError) and isinstance(raised.value, OSError)

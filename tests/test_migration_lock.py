@@ -193,3 +193,41 @@ def test_an_embedded_store_migrates_under_the_lease_without_a_renewer(sql: Clien
     assert schema.migrate(sql, "trackhouse") == LATEST
     # Nothing to apply, so the lease was not claimed again.
     assert sql.query(f"SELECT count() FROM trackhouse.{LOCKS_TABLE}").result_rows == [(2,)]
+
+
+def test_a_claim_stamped_earlier_but_committed_later_keeps_the_lease(
+    clients: Callable[[], Client], database: str
+) -> None:
+    """The race two nodes starting at once can hit, forced: a rival's claim is stamped (by ClickHouse, as its insert
+    begins) before ours but commits two seconds later. Reading the holder at once, a claimant saw only its own claim
+    and migrated while the rival, once its claim landed, held the lease too. It waits for the inserts begun before
+    its read, so the rival holds and the claimant takes over only once the rival's claim lapses."""
+    check = clients()
+    preamble(check, database)
+    lease = LeaseConfig(lease_seconds=5, renew_seconds=0.2, poll_seconds=0.05, wait_seconds=60)
+    rival = clients()  # its own session: the stand-in runs one query per session
+    landing, _ = in_thread(
+        lambda: rival.command(
+            f"INSERT INTO {database}.{LOCKS_TABLE} (claimed_by, released, claimed_at)"
+            " SELECT 'rival', 0, now64(9) FROM numbers(1) WHERE sleepEachRow(2) = 0"
+        )
+    )
+    wait_until(
+        lambda: (
+            check.command(
+                "SELECT count() FROM system.processes WHERE query_kind = 'Insert' AND query LIKE '%sleepEachRow%'"
+            )
+            == 1
+        ),
+        what="the rival's claim to be running",
+    )
+    claimant = MigrationLease(clients(), database, lease, renewer=clients())
+    acquiring, outcome = in_thread(lambda: claimant.acquire(lambda: True))
+    landing.join(30)
+    time.sleep(0.5)
+    # The rival's claim has landed, stamped first: it holds, and the claimant waits for it to lapse.
+    assert claimant.holder() == "rival"
+    assert acquiring.is_alive() and outcome == []
+    acquiring.join(30)
+    assert outcome == [True] and claimant.holder() == claimant.token
+    claimant.release()
