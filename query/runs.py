@@ -89,30 +89,50 @@ def latest_metrics_json(client: Client, database: str, run_ids: Sequence[str]) -
     """
     if not run_ids:
         return {}
-    step, timestamp, value = schema.latest_point_sql("latest")
-    rendered = (
-        "concat('{\"key\":', toJSONString(key), ',\"value\":',"
-        " multiIf(isNaN(v), '\"NaN\"', v = inf, '1.7976931348623157e308', v = -inf, '-1.7976931348623157e308',"
-        " v = 0, if(reinterpretAsUInt64(v) = 0, '0.0', '-0.0'), toString(v)),"
-        " ',\"timestamp\":', toString(ts), ',\"step\":', toString(st), '}')"
-    )
-    rows = client.query(
-        # Sorted by key alone (a run's keys are distinct after FINAL): 10% faster than sorting (key, m) tuples over
-        # 50 runs of 5,000 keys, 99 -> 89 ms for the whole statement (measured in-process).
-        "SELECT run_id,"
-        " concat('[', arrayStringConcat(arraySort((m, k) -> k, groupArray(m), groupArray(key)), ','), ']')"
-        f" FROM (SELECT run_id, key, {rendered} AS m"
-        f" FROM (SELECT run_id, key, {step} AS st, {timestamp} AS ts, {value} AS v"
-        # FINAL merges a key's rows as the table's own merges do (max): in sort-key order, it read 50 runs of
-        # 5,000 keys in 8 ms, where GROUP BY run_id, key hashed them in 130-220 ms (measured).
-        f" FROM {database}.{schema.LATEST_METRICS} FINAL WHERE run_id IN {{runs:Array(String)}}))"
-        " GROUP BY run_id",
-        parameters={"runs": list(run_ids)},
-    ).result_rows
+    rows = client.query(rendered_metrics_sql(database).statement, parameters={"runs": list(run_ids)}).result_rows
     found = {run_id: "[]" for run_id in run_ids}
     found.update((run_id, text) for run_id, text in rows)
     found.update(_lineage_metrics_json(client, database, run_ids))
     return found
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedMetricsSql:
+    """latest_metrics_json's statement, and the stages it is built from (benchmarks.wide_render times each).
+    Every stage reads the runs bound as `{runs:Array(String)}`."""
+
+    #: run_id, key, latest: the stored rows, merged.
+    stored: str
+    #: run_id, key, st, ts, v: each latest point decoded.
+    decoded: str
+    #: run_id, key, m: each point's JSON object.
+    rendered: str
+    #: run_id, json: each run's JSON array.
+    statement: str
+
+
+def rendered_metrics_sql(database: str) -> RenderedMetricsSql:
+    step, timestamp, value = schema.latest_point_sql("latest")
+    # FINAL merges a key's rows as the table's own merges do (max): in sort-key order, it read 50 runs of 5,000 keys
+    # in 8 ms, where GROUP BY run_id, key hashed them in 130-220 ms (measured).
+    table = f"{database}.{schema.LATEST_METRICS}"
+    stored = f"SELECT run_id, key, latest FROM {table} FINAL WHERE run_id IN {{runs:Array(String)}}"
+    decoded = f"SELECT run_id, key, {step} AS st, {timestamp} AS ts, {value} AS v FROM ({stored})"
+    rendered = (
+        "SELECT run_id, key, concat('{\"key\":', toJSONString(key), ',\"value\":',"
+        " multiIf(isNaN(v), '\"NaN\"', v = inf, '1.7976931348623157e308', v = -inf, '-1.7976931348623157e308',"
+        " v = 0, if(reinterpretAsUInt64(v) = 0, '0.0', '-0.0'), toString(v)),"
+        " ',\"timestamp\":', toString(ts), ',\"step\":', toString(st), '}') AS m"
+        f" FROM ({decoded})"
+    )
+    # Sorted by key alone (a run's keys are distinct after FINAL): 10% faster than sorting (key, m) tuples over
+    # 50 runs of 5,000 keys, 99 -> 89 ms for the whole statement (measured in-process).
+    statement = (
+        "SELECT run_id,"
+        " concat('[', arrayStringConcat(arraySort((m, k) -> k, groupArray(m), groupArray(key)), ','), ']') AS json"
+        f" FROM ({rendered}) GROUP BY run_id"
+    )
+    return RenderedMetricsSql(stored, decoded, rendered, statement)
 
 
 def _lineage_metrics_json(client: Client, database: str, run_ids: Sequence[str]) -> dict[str, str]:
