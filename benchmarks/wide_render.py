@@ -36,7 +36,13 @@ PAGES = {"sweep": "runs/search (metric filter, metric sort)", "wide": "runs/sear
 
 def page_ids(client: Client, scenario: uimix.Scenario, name: str) -> list[str]:
     body = next(call.body for call in uimix.calls(scenario) if call.name == name)
-    arguments = (body["experiment_ids"], body["filter"], ViewType.ACTIVE_ONLY, body["max_results"], body["order_by"])
+    arguments = (
+        body["experiment_ids"],
+        body.get("filter", ""),
+        ViewType.ACTIVE_ONLY,
+        body["max_results"],
+        body.get("order_by", []),
+    )
     return search.search_runs(client, uimix.DB, *arguments, None).ids
 
 
