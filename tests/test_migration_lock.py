@@ -204,7 +204,8 @@ def test_a_claim_stamped_earlier_but_committed_later_keeps_the_lease(
     its read, so the rival holds and the claimant takes over only once the rival's claim lapses."""
     check = clients()
     preamble(check, database)
-    lease = LeaseConfig(lease_seconds=5, renew_seconds=0.2, poll_seconds=0.05, wait_seconds=60)
+    # Long enough that the rival's claim is still live once it lands, under load too.
+    lease = LeaseConfig(lease_seconds=8, renew_seconds=0.2, poll_seconds=0.05, wait_seconds=60)
     rival = clients()  # its own session: the stand-in runs one query per session
     landing, _ = in_thread(
         lambda: rival.command(
@@ -222,12 +223,13 @@ def test_a_claim_stamped_earlier_but_committed_later_keeps_the_lease(
         what="the rival's claim to be running",
     )
     claimant = MigrationLease(clients(), database, lease, renewer=clients())
+    observer = MigrationLease(check, database, lease)  # reads the holder on a session of its own
     acquiring, outcome = in_thread(lambda: claimant.acquire(lambda: True))
     landing.join(30)
     time.sleep(0.5)
     # The rival's claim has landed, stamped first: it holds, and the claimant waits for it to lapse.
-    assert claimant.holder() == "rival"
+    assert observer.holder() == "rival"
     assert acquiring.is_alive() and outcome == []
     acquiring.join(30)
-    assert outcome == [True] and claimant.holder() == claimant.token
+    assert outcome == [True] and observer.holder() == claimant.token
     claimant.release()
