@@ -24,8 +24,8 @@ def settle_inserts(client: Client, database: str, table: str, timeout_s: float =
     earlier can commit after a rival's insert and read-back have both finished, and both writers would then be told
     they won (seen in CI: two nodes logging one param at once). A claim's insert has committed before this is
     called; read back after it, a rival stamped earlier has either committed (it is read back, and wins) or failed
-    (it never will be). The server's process list shows the inserts still running; a
-    cluster's servers each list only their own, so there it narrows the window without closing it.
+    (it never will be). The server's process list shows the inserts still running; a cluster's servers each list
+    only their own, so there it narrows the window without closing it.
     """
     began = time.monotonic()
     # clickhouse-connect writes `INSERT INTO db.table (columns) FORMAT ...`, with or without backquotes.

@@ -8,13 +8,13 @@ Nodes that find nothing to apply (every start after the first) never touch it.
 
 ClickHouse has no lock, so the lease is claimed the way params are (schema.PARAM_VALUE). Each claim is a row stamped
 by the server's clock. Every node computes the same holder from the same rows: among the claimants that renewed
-within the lease and have not released, the one whose first claim is earliest (ties: the smaller token). A claim
-is stamped as its insert begins but visible once it commits, so a claimant reads the holder only after the inserts
-begun before its read have ended (query.claims.settle_inserts): otherwise a rival stamped earlier but committed
-later would hold the lease alongside it. A later
-claimant therefore never displaces a live holder. The holder renews from its own thread and client while statements
-run, so a long backfill keeps the lease. A holder that dies stops renewing, and the earliest waiter takes over one
-lease later. A waiter renews too, so its place in line does not lapse while it waits.
+within the lease and have not released, the one whose first claim is earliest (ties: the smaller token). A later
+claimant therefore never displaces a live holder. A claim is stamped as its insert begins but visible once it
+commits, so a claimant reads the holder only after the inserts begun before its read have ended
+(query.claims.settle_inserts): otherwise a rival stamped earlier but committed later would hold the lease alongside
+it. The holder renews from its own thread and client while statements run, so a long backfill keeps the lease. A
+holder that dies stops renewing, and the earliest waiter takes over one lease later. A waiter renews too, so its
+place in line does not lapse while it waits.
 
 On a cluster the table is replicated to every server (cluster_ddl.ClusterRenderer.preamble), claims are written
 with `insert_quorum` and read with `select_sequential_consistency`, so a claim is visible to every node once it is
