@@ -1,15 +1,18 @@
-"""Where a wide page's rendered metrics spend their time: query.runs.latest_metrics_json stage by stage.
+"""Where a page's latest metrics spend their time: query.runs.latest_metrics_json stage by stage, and its two ways.
 
     python -m benchmarks.uimix --full --data-dir DIR --skip-stock --repeats 1   # loads DIR once
-    python -m benchmarks.wide_render --data-dir DIR [--repeats 15]
+    python -m benchmarks.wide_render --data-dir DIR [--repeats 25]
 
 The UI's runs table over benchmarks.uimix's wide experiment (1,000 runs x 5,000 keys at --full) asks for 50 runs at
 a time, and MLflow's wire shape carries every run's latest value of every key: 250,000 metric objects, 22 MB of
-JSON. ClickHouse renders them (query.runs.rendered_metrics_sql). Here each stage of that statement is timed on its
-own, in this process, for that page and for a page of the sweep (50 runs of 10 keys): the merged rows, decoded,
-rendered as JSON objects, grouped into one array per run (all counted inside ClickHouse), and the whole read as
-the server makes it, its arrays carried into Python. The stages alternate, --repeats times after one warm-up
-call each, so that load on a shared machine falls on all alike; medians of wall time are reported.
+JSON. Pages of many keys are rendered by ClickHouse (query.runs.rendered_metrics_sql); here each stage of that
+statement is timed on its own: the merged rows, decoded, rendered as JSON objects, grouped into one array per run
+(all counted inside ClickHouse), then the arrays carried into Python. Pages of few keys are rendered in Python from
+a plain read instead (query.runs.FEW_METRICS_ROWS): the last two rows time latest_metrics_json itself, on a page it
+has not read before (a plain read first, which a heavy page overflows) and on one it has (which it then knows).
+Four pages: the wide table's and the sweep's metric search (50 runs x 10 keys), and one run of each, as a run's
+page reads it. The calls alternate, --repeats times after one warm-up call each, so that load on a shared machine
+falls on all alike; medians of wall time are reported.
 """
 
 from __future__ import annotations
@@ -30,8 +33,13 @@ from benchmarks.provenance import provenance
 from trackhouse.query import runs, search
 from trackhouse.query.connection import Client, StoreConfig, connect
 
-#: Per scenario, the benchmarks.uimix call whose page is rendered.
-PAGES = {"sweep": "runs/search (metric filter, metric sort)", "wide": "runs/search (table, 50)"}
+#: Each page: its scenario, the benchmarks.uimix call that finds its runs, and how many of them it shows.
+PAGES = {
+    "wide: table of 50": ("wide", "runs/search (table, 50)", 50),
+    "wide: one run": ("wide", "runs/search (table, 50)", 1),
+    "sweep: metric search": ("sweep", "runs/search (metric filter, metric sort)", 50),
+    "sweep: one run": ("sweep", "runs/search (metric filter, metric sort)", 1),
+}
 
 
 def page_ids(client: Client, scenario: uimix.Scenario, name: str) -> list[str]:
@@ -47,7 +55,7 @@ def page_ids(client: Client, scenario: uimix.Scenario, name: str) -> list[str]:
 
 
 def stages(client: Client, ids: list[str]) -> dict[str, Callable[[], object]]:
-    """Each stage as a call; all but the last count their rows and bytes inside ClickHouse."""
+    """Each stage as a call; the first four count their rows and bytes inside ClickHouse."""
     sql = runs.rendered_metrics_sql(uimix.DB)
     counted = {
         "merged rows": f"SELECT count() FROM ({sql.stored})",
@@ -58,7 +66,14 @@ def stages(client: Client, ids: list[str]) -> dict[str, Callable[[], object]]:
     calls: dict[str, Callable[[], object]] = {
         name: partial(client.query, statement, parameters={"runs": ids}) for name, statement in counted.items()
     }
-    calls["into Python"] = lambda: runs.latest_metrics_json(client, uimix.DB, ids)
+    calls["ClickHouse's, into Python"] = partial(client.query, sql.statement, parameters={"runs": ids})
+
+    def unseen() -> object:
+        runs.forget_keys()
+        return runs.latest_metrics_json(client, uimix.DB, ids)
+
+    calls["as read, page unseen"] = unseen
+    calls["as read, page seen"] = partial(runs.latest_metrics_json, client, uimix.DB, ids)
     return calls
 
 
@@ -86,21 +101,15 @@ def main() -> None:
     client = connect(StoreConfig.for_data_dir(args.data_dir))
     results: dict[str, Any] = {"args": {**vars(args), "data_dir": str(args.data_dir)}, "pages": {}}
     try:
-        for scenario, name in PAGES.items():
-            ids = page_ids(client, scenarios[scenario], name)
+        for page, (scenario, name, shown) in PAGES.items():
+            ids = page_ids(client, scenarios[scenario], name)[:shown]
             rendered = runs.latest_metrics_json(client, uimix.DB, ids)
             medians = timed(stages(client, ids), args.repeats)
-            results["pages"][scenario] = {
-                "call": name,
-                "runs": len(ids),
-                "json_bytes": sum(len(text) for text in rendered.values()),
-                "median_ms": medians,
-            }
-            print(f"{scenario}: {name}, {len(ids)} runs, {results['pages'][scenario]['json_bytes']:,} bytes of JSON")
-            previous = 0.0
+            size = sum(len(text) for text in rendered.values())
+            results["pages"][page] = {"call": name, "runs": len(ids), "json_bytes": size, "median_ms": medians}
+            print(f"{page}: {len(ids)} runs of {name}, {size:,} bytes of JSON")
             for stage, ms in medians.items():
-                print(f"  {stage:20} {ms:7.1f} ms  (+{ms - previous:5.1f})", flush=True)
-                previous = ms
+                print(f"  {stage:28} {ms:7.1f} ms", flush=True)
     finally:
         client.close()
     print(f"results in {save_results('wide-render', results, started)}")

@@ -513,6 +513,18 @@ def _runs_in(run_column: npt.NDArray[Any]) -> list[tuple[str, int, int]]:
     return [(str(run_column[b]), b, e) for b, e in itertools.pairwise(bounds)]
 
 
+def unpack_latest(packed: Sequence[int]) -> list[Point]:
+    """metric_latest's packed points (schema.latest_point_sql in SQL) as (step, timestamp, value), decoded in numpy:
+    little-endian 64-bit words (0, value order, timestamp, step), the middle two with their sign bit flipped."""
+    if not packed:
+        return []
+    raw = b"".join(point.to_bytes(32, "little", signed=True) for point in packed)
+    words = np.frombuffer(raw, "<i8").reshape(-1, 4)
+    sign = np.int64(-(2**63))
+    values = _order_value(words[:, 1] ^ sign)
+    return list(zip(words[:, 3].tolist(), (words[:, 2] ^ sign).tolist(), values.tolist(), strict=True))
+
+
 def _order_value(order: Int64Array) -> Float64Array:
     """The inverse of _value_order (NaN for NaN's order)."""
     bits: Int64Array = np.where(order >= 0, order, order ^ np.int64(2**63 - 1))

@@ -89,11 +89,68 @@ def latest_metrics_json(client: Client, database: str, run_ids: Sequence[str]) -
     """
     if not run_ids:
         return {}
-    rows = client.query(rendered_metrics_sql(database).statement, parameters={"runs": list(run_ids)}).result_rows
-    found = {run_id: "[]" for run_id in run_ids}
-    found.update((run_id, text) for run_id, text in rows)
+    few = sum(_known_keys.get((database, run_id), 0) for run_id in run_ids) <= FEW_METRICS_ROWS
+    found = _few_metrics_json(client, database, run_ids) if few else None
+    if found is None:
+        rows = client.query(rendered_metrics_sql(database).statement, parameters={"runs": list(run_ids)}).result_rows
+        found = {run_id: "[]" for run_id in run_ids}
+        for run_id, text, keys in rows:
+            found[run_id] = text
+            _learn_keys(database, run_id, keys)
     found.update(_lineage_metrics_json(client, database, run_ids))
     return found
+
+
+#: Up to this many stored rows, runs' latest metrics are rendered in Python from a plain read; beyond, by
+#: ClickHouse. Rendering there has a fixed cost (planning the decode and render expressions) that dominates a light
+#: page, and here a cost per key (about 5 us) that dominates a heavy one (benchmarks.wide_render, README "Latest
+#: metrics rendered where it is cheaper").
+FEW_METRICS_ROWS = 1_000
+#: A lower bound on the metric keys of runs read before, by (database, run_id). A run's keys only ever grow (nothing
+#: deletes a metric), so a bound once learnt stays true and no write can make it stale: it lets a page it already
+#: puts over FEW_METRICS_ROWS skip the plain read that would find so. Either way the answer is the same.
+_known_keys: dict[tuple[str, str], int] = {}
+_KNOWN_RUNS = 100_000
+
+
+def forget_keys() -> None:
+    """Forget what earlier reads learnt of runs' keys, as a fresh process has (for benchmarks and tests)."""
+    _known_keys.clear()
+
+
+def _learn_keys(database: str, run_id: str, keys: int) -> None:
+    if len(_known_keys) >= _KNOWN_RUNS:
+        _known_keys.clear()  # a hint only: forgetting costs one plain read per page
+    _known_keys[database, run_id] = max(keys, _known_keys.get((database, run_id), 0))
+
+
+def _few_metrics_json(client: Client, database: str, run_ids: Sequence[str]) -> dict[str, str] | None:
+    """latest_metrics_json's answer when the runs' latest metrics are at most FEW_METRICS_ROWS stored rows, else
+    None. The read stops one row past the bound, so a heavy page costs one short read more than before."""
+    parameters = {"runs": list(run_ids), "limit": FEW_METRICS_ROWS + 1}
+    rows = client.query(few_metrics_sql(database), parameters=parameters).result_rows
+    if len(rows) > FEW_METRICS_ROWS:
+        return None  # stored rows, unmerged duplicates included: the caller's read learns the keys
+    newest: dict[tuple[str, str], int] = {}
+    for run_id, key, packed in rows:
+        known = newest.get((run_id, key))
+        if known is None or packed > known:
+            newest[run_id, key] = packed
+    by_run: dict[str, dict[str, metrics.Point]] = {run_id: {} for run_id in run_ids}
+    for (run_id, key), point in zip(newest, metrics.unpack_latest(list(newest.values())), strict=True):
+        by_run[run_id][key] = point
+    for run_id, points in by_run.items():
+        _learn_keys(database, run_id, len(points))
+    return {run_id: _metrics_json(points) for run_id, points in by_run.items()}
+
+
+def few_metrics_sql(database: str) -> str:
+    """The plain read of _few_metrics_json: the runs' stored latest rows, up to `{limit:UInt64}`. Without FINAL:
+    unmerged parts may hold older rows of a key, and the maximum taken in Python is the merge's answer."""
+    return (
+        f"SELECT run_id, key, latest FROM {database}.{schema.LATEST_METRICS} WHERE run_id IN {{runs:Array(String)}}"
+        " LIMIT {limit:UInt64}"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +164,7 @@ class RenderedMetricsSql:
     decoded: str
     #: run_id, key, m: each point's JSON object.
     rendered: str
-    #: run_id, json: each run's JSON array.
+    #: run_id, json, keys: each run's JSON array, and how many keys it holds.
     statement: str
 
 
@@ -129,29 +186,32 @@ def rendered_metrics_sql(database: str) -> RenderedMetricsSql:
     # 50 runs of 5,000 keys, 99 -> 89 ms for the whole statement (measured in-process).
     statement = (
         "SELECT run_id,"
-        " concat('[', arrayStringConcat(arraySort((m, k) -> k, groupArray(m), groupArray(key)), ','), ']') AS json"
+        " concat('[', arrayStringConcat(arraySort((m, k) -> k, groupArray(m), groupArray(key)), ','), ']') AS json,"
+        " count() AS keys"
         f" FROM ({rendered}) GROUP BY run_id"
     )
     return RenderedMetricsSql(stored, decoded, rendered, statement)
 
 
 def _lineage_metrics_json(client: Client, database: str, run_ids: Sequence[str]) -> dict[str, str]:
-    """Resumed and forked runs (query.attempts): their latest shown points, rendered the same way in Python
-    (such runs are few, and each read of them is already more than one query)."""
+    """Resumed and forked runs (query.attempts): their latest shown points, rendered in Python (such runs are few,
+    and each read of them is already more than one query)."""
     special = list(attempts.lineages(client, database, run_ids))
     if not special:
         return {}
-    shown = metrics.latest(client, database, special)
-    return {
-        run_id: json.dumps(
-            [
-                {"key": key, "value": _wire_number(value), "timestamp": timestamp, "step": step}
-                for key, (step, timestamp, value) in sorted(points.items())
-            ],
-            separators=(",", ":"),
-        )
-        for run_id, points in shown.items()
-    }
+    return {run_id: _metrics_json(points) for run_id, points in metrics.latest(client, database, special).items()}
+
+
+def _metrics_json(points: dict[str, metrics.Point]) -> str:
+    """A run's latest points as latest_metrics_json's array: by key (str order is UTF-8 byte order, as ClickHouse
+    sorts), numbers as Python writes them (the same floats as ClickHouse's text, sometimes spelled otherwise)."""
+    return json.dumps(
+        [
+            {"key": key, "value": _wire_number(value), "timestamp": timestamp, "step": step}
+            for key, (step, timestamp, value) in sorted(points.items())
+        ],
+        separators=(",", ":"),
+    )
 
 
 def _wire_number(value: float) -> float | str:

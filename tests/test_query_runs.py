@@ -1,7 +1,8 @@
-"""query.runs.latest_metrics_json: the metrics ClickHouse renders for runs/get and runs/search, on real chDB.
+"""query.runs.latest_metrics_json: the metrics rendered for runs/get and runs/search, on real chDB.
 
 The rendered array must be the JSON of exactly what compat.wire.metric builds from query.metrics.latest,
 for every special value, signed zero, large and tiny numbers, keys that need escaping, and runs without metrics.
+Every test runs on both renderings: in Python from a plain read (a page of few keys) and by ClickHouse.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +23,15 @@ from trackhouse.query.connection import Client
 
 DB = "trackhouse"
 SPECIAL = [1.0, math.nan, math.inf, -math.inf, 0.1 + 0.2, 0.0, -0.0, 1e-300, 5e-324, 2.5e16, -1.7976931348623157e308]
+
+
+@pytest.fixture(autouse=True, params=["here", "clickhouse"])
+def rendering(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Rendered in Python (the tests' pages are few keys) or, with no page counted as few, by ClickHouse."""
+    runs.forget_keys()  # earlier tests' runs share ids and the database name
+    if request.param == "clickhouse":
+        monkeypatch.setattr(runs, "FEW_METRICS_ROWS", 0)
+    return str(request.param)
 
 
 def _write(sql: Client, run_id: str, keys: list[str], values: list[float], steps: list[int]) -> None:
@@ -125,3 +136,42 @@ def test_a_page_of_runs_with_different_keys_renders_each_run_by_itself(sql: Clie
     for run_id in ("w1", "w2", "w3"):
         _same(json.loads(rendered[run_id]), expected[run_id])
     assert rendered["missing"] == "[]"
+
+
+class Recording:
+    """A real client that also keeps the statements it ran."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.statements: list[str] = []
+
+    def query(self, statement: str, **kwargs: object) -> object:
+        self.statements.append(statement)
+        return self.client.query(statement, **kwargs)
+
+
+def test_a_page_over_the_bound_is_rendered_by_clickhouse_and_known_as_heavy_next_time(
+    sql: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runs, "FEW_METRICS_ROWS", 5)  # whichever rendering the fixture chose
+    _write(sql, "heavy", [f"k{i}" for i in range(8)], [float(i) for i in range(8)], list(range(8)))
+    _write(sql, "light", ["loss"], [0.5], [1])
+    expected = _expected(sql, ["heavy", "light"])
+    rendered_sql = runs.rendered_metrics_sql(DB).statement
+    few_sql = runs.few_metrics_sql(DB)
+
+    def read(run_ids: list[str]) -> list[str]:
+        recording = Recording(sql)
+        rendered = runs.latest_metrics_json(recording, DB, run_ids)
+        for run_id in run_ids:
+            _same(json.loads(rendered[run_id]), expected[run_id])
+        reads = {rendered_sql: "rendered", few_sql: "plain"}
+        return [reads[statement] for statement in recording.statements if statement in reads]
+
+    # Over the bound: the plain read stops one row past it, and ClickHouse renders the page.
+    assert read(["heavy"]) == ["plain", "rendered"]
+    # Known as heavy from then on (its keys only grow): no plain read first.
+    assert read(["heavy"]) == ["rendered"]
+    assert read(["light", "heavy"]) == ["rendered"]
+    # A light page is rendered from the plain read alone.
+    assert read(["light"]) == ["plain"]
