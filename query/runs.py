@@ -79,13 +79,14 @@ def runs(client: Client, database: str, run_ids: Sequence[str]) -> list[Run]:
 
 
 def latest_metrics_json(client: Client, database: str, run_ids: Sequence[str]) -> dict[str, str]:
-    """Each run's latest metrics as the JSON array MLflow's wire carries them, rendered by ClickHouse, by key.
+    """Each run's latest metrics as the JSON array MLflow's wire carries them, by key.
 
     One object per key, as `compat.wire.metric` shapes it (key, value, timestamp, step; NaN as "NaN", infinities
     clamped as stock sends them, numbers in their shortest exact form). A search page of runs with thousands
-    of keys holds hundreds of thousands of these: rendered here, they cost no Python object each (profiled: a
-    50-run page of 5,000-key runs spent 4 s building and encoding per-metric dicts). Runs without metrics get
-    "[]". The latest point is `metrics.latest`'s: the maximum packed (step, timestamp, value order).
+    of keys holds hundreds of thousands of these: ClickHouse renders them, so they cost no Python object each
+    (profiled: a 50-run page of 5,000-key runs spent 4 s building and encoding per-metric dicts). A page of at most
+    FEW_METRICS_ROWS is rendered here instead, where it costs less. Runs without metrics get "[]". The latest point
+    is `metrics.latest`'s: the maximum packed (step, timestamp, value order).
     """
     if not run_ids:
         return {}
