@@ -42,6 +42,10 @@ class Backend:
         self._pipeline = pipeline
 
     @property
+    def database(self) -> str:
+        return self._config.database
+
+    @property
     def stores(self) -> bool:
         """Whether this node writes (a reader's writes are refused)."""
         return self._pipeline is not None
