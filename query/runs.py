@@ -107,9 +107,10 @@ def latest_metrics_json(client: Client, database: str, run_ids: Sequence[str]) -
 #: page, and here a cost per key (about 5 us) that dominates a heavy one (benchmarks.wide_render, README "Latest
 #: metrics rendered where it is cheaper").
 FEW_METRICS_ROWS = 1_000
-#: A lower bound on the metric keys of runs read before, by (database, run_id). A run's keys only ever grow (nothing
-#: deletes a metric), so a bound once learnt stays true and no write can make it stale: it lets a page it already
-#: puts over FEW_METRICS_ROWS skip the plain read that would find so. Either way the answer is the same.
+#: A lower bound on the metric keys of runs read before, by (database, run_id). A run's keys only ever grow (MLflow has
+#: no call that deletes a metric), so a bound once learnt stays true. It lets a page it already puts over
+#: FEW_METRICS_ROWS skip the plain read that would find so, and splits a heavy page (latest_metrics_reads). It picks
+#: the path only, never the answer, so the read threads update it without a lock: a lost update weakens a bound.
 _known_keys: dict[tuple[str, str], int] = {}
 _KNOWN_RUNS = 100_000
 
@@ -125,7 +126,8 @@ def latest_metrics_reads(database: str, run_ids: Sequence[str]) -> list[Sequence
     ClickHouse renders a heavy page's metrics on about one core, so two halves on two clients finish sooner; each
     statement also has a fixed cost (about 8 ms), which a light page does not win back. Simulated in-process with a
     page's other part reads on the backend's two clients: the wide table of 50 runs x 5,000 keys 113 -> 100 ms, of 100
-    runs 192 -> 168, and the sweep's 50 runs x 10 keys 33.5 -> 40 (so light pages stay whole)."""
+    runs 192 -> 168, and the sweep's 50 runs x 10 keys 33.5 -> 40 (so light pages stay whole). End to end, README
+    "A heavy page's latest metrics in two halves at once"."""
     known = sum(_known_keys.get((database, run_id), 0) for run_id in run_ids)
     if known <= SPLIT_METRICS_KEYS or len(run_ids) < 2:
         return [run_ids]
@@ -146,7 +148,7 @@ def _learn_keys(database: str, run_id: str, keys: int) -> None:
 
 def _few_metrics_json(client: Client, database: str, run_ids: Sequence[str]) -> dict[str, str] | None:
     """latest_metrics_json's answer when the runs' latest metrics are at most FEW_METRICS_ROWS stored rows, else
-    None. The read stops one row past the bound, so a heavy page costs one short read more than before."""
+    None. The read stops one row past the bound, so a heavy page not known as such costs one short read more."""
     parameters = {"runs": list(run_ids), "limit": FEW_METRICS_ROWS + 1}
     rows = client.query(few_metrics_sql(database), parameters=parameters).result_rows
     if len(rows) > FEW_METRICS_ROWS:
