@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,23 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 60, what: str = "
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@contextmanager
+def insert_running(
+    runner: Client, watcher: Client, statement: str, parameters: dict[str, Any] | None = None
+) -> Iterator[None]:
+    """Within: `statement`, a slow insert (`sleepEachRow`) that `runner` runs in a thread, has begun, as `watcher` sees
+    in the server's process list; on exit it has ended. The tests that force a claim race (query.claims) stamp a
+    rival's claim this way, before their own and committed after it."""
+    thread = threading.Thread(target=lambda: runner.command(statement, parameters=parameters))
+    thread.start()
+    try:
+        running = "SELECT count() FROM system.processes WHERE query_kind = 'Insert' AND query LIKE '%sleepEachRow%'"
+        wait_until(lambda: watcher.command(running) == 1, timeout=10, what="the slow insert to be running")
+        yield
+    finally:
+        thread.join(30)
 
 
 @pytest.fixture

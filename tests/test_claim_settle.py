@@ -4,14 +4,14 @@ race it closes through nodes of their own."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import insert_running
 from trackhouse.query import claims, schema
 from trackhouse.query.connection import Client, StoreConfig, connect
 from trackhouse.query.errors import ContendedError, UnsettledError
@@ -29,25 +29,18 @@ def clients(tmp_path: Path) -> Iterator[tuple[Client, Client]]:
     second.close()
 
 
-@contextmanager
-def slow_insert(client: Client, table: str, seconds: float) -> Iterator[None]:
-    """Within: an insert into `table` that has begun and ends about `seconds` later."""
+def slow_insert(rival: Client, watcher: Client, table: str, seconds: float) -> AbstractContextManager[None]:
+    """Within: `rival`'s insert into `table` has begun (as `watcher` sees) and ends about `seconds` later."""
     statement = (
         f"INSERT INTO {DB}.{table} (run_id, key, value) SELECT 'r', 'k', 'v' FROM numbers(1)"
         f" WHERE sleepEachRow({seconds}) = 0"
     )
-    thread = threading.Thread(target=client.command, args=(statement,))
-    thread.start()
-    time.sleep(0.2)  # begun: chDB has taken the statement
-    try:
-        yield
-    finally:
-        thread.join(30)
+    return insert_running(rival, watcher, statement)
 
 
 def test_a_read_back_waits_for_an_insert_begun_before_it(clients: tuple[Client, Client]) -> None:
     rival, claimant = clients
-    with slow_insert(rival, schema.PARAMS, 1.5):
+    with slow_insert(rival, claimant, schema.PARAMS, 1.5):
         began = time.monotonic()
         claims.settle_inserts(claimant, DB, schema.PARAMS)
         waited = time.monotonic() - began
@@ -59,7 +52,7 @@ def test_a_read_back_waits_for_an_insert_begun_before_it(clients: tuple[Client, 
 def test_inserts_into_other_tables_are_not_waited_for(clients: tuple[Client, Client]) -> None:
     rival, claimant = clients
     # `params_by_key` begins with the claims table's name; it must not match.
-    with slow_insert(rival, schema.PARAMS_BY_KEY, 1.5):
+    with slow_insert(rival, claimant, schema.PARAMS_BY_KEY, 1.5):
         began = time.monotonic()
         claims.settle_inserts(claimant, DB, schema.PARAMS)
         assert time.monotonic() - began < 0.5
@@ -67,7 +60,7 @@ def test_inserts_into_other_tables_are_not_waited_for(clients: tuple[Client, Cli
 
 def test_an_insert_running_past_the_timeout_is_a_retryable_contention(clients: tuple[Client, Client]) -> None:
     rival, claimant = clients
-    with slow_insert(rival, schema.PARAMS, 2), pytest.raises(UnsettledError) as raised:
+    with slow_insert(rival, claimant, schema.PARAMS, 2), pytest.raises(UnsettledError) as raised:
         claims.settle_inserts(claimant, DB, schema.PARAMS, timeout_s=0.3)
     # compat answers it 503 (retry later), and the write path's confirm maps it to RetryableError (an OSError).
     assert isinstance(raised.value, ContendedError) and isinstance(raised.value, OSError)

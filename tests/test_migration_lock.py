@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.clickhouse_http import ClickHouseHttp
-from tests.conftest import wait_until
+from tests.conftest import insert_running, wait_until
 from trackhouse.query import schema
 from trackhouse.query.connection import Client, StoreConfig, connect
 from trackhouse.query.errors import ContendedError
@@ -207,25 +207,14 @@ def test_a_claim_stamped_earlier_but_committed_later_keeps_the_lease(
     # Long enough that the rival's claim is still live once it lands, under load too.
     lease = LeaseConfig(lease_seconds=8, renew_seconds=0.2, poll_seconds=0.05, wait_seconds=60)
     rival = clients()  # its own session: the stand-in runs one query per session
-    landing, _ = in_thread(
-        lambda: rival.command(
-            f"INSERT INTO {database}.{LOCKS_TABLE} (claimed_by, released, claimed_at)"
-            " SELECT 'rival', 0, now64(9) FROM numbers(1) WHERE sleepEachRow(2) = 0"
-        )
-    )
-    wait_until(
-        lambda: (
-            check.command(
-                "SELECT count() FROM system.processes WHERE query_kind = 'Insert' AND query LIKE '%sleepEachRow%'"
-            )
-            == 1
-        ),
-        what="the rival's claim to be running",
-    )
     claimant = MigrationLease(clients(), database, lease, renewer=clients())
     observer = MigrationLease(check, database, lease)  # reads the holder on a session of its own
-    acquiring, outcome = in_thread(lambda: claimant.acquire(lambda: True))
-    landing.join(30)
+    rival_claim = (
+        f"INSERT INTO {database}.{LOCKS_TABLE} (claimed_by, released, claimed_at)"
+        " SELECT 'rival', 0, now64(9) FROM numbers(1) WHERE sleepEachRow(2) = 0"
+    )
+    with insert_running(rival, check, rival_claim):
+        acquiring, outcome = in_thread(lambda: claimant.acquire(lambda: True))
     time.sleep(0.5)
     # The rival's claim has landed, stamped first: it holds, and the claimant waits for it to lapse.
     assert observer.holder() == "rival"

@@ -31,7 +31,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from tests.clickhouse_http import ClickHouseHttp
-from tests.conftest import ROOT, wait_until
+from tests.conftest import ROOT, insert_running, wait_until
 from tests.serving import wait_until_ready
 from tests.tansu import KafkaBroker, free_port
 from trackhouse import Client, ClientConfig
@@ -217,22 +217,10 @@ def test_a_param_changed_from_two_nodes_at_once_is_refused(topology: Topology) -
 def _slow_rival_claim(topology: Topology, insert: str, run_id: str) -> Iterator[None]:
     """Within: `insert` (a claim stamped with now64 as it begins) is running, and commits about two seconds later."""
     rival = connect(StoreConfig(topology.clickhouse.url))  # its own session: the stand-in runs one query per session
-    thread = threading.Thread(target=lambda: rival.command(insert, parameters={"run": run_id}))
-    thread.start()
     try:
-        wait_until(
-            lambda: (
-                topology.sql.command(
-                    "SELECT count() FROM system.processes WHERE query_kind = 'Insert' AND query LIKE '%sleepEachRow%'"
-                )
-                == 1
-            ),
-            timeout=10,
-            what="the rival insert to be running",
-        )
-        yield
+        with insert_running(rival, topology.sql, insert, {"run": run_id}):
+            yield
     finally:
-        thread.join(30)
         rival.close()
 
 
