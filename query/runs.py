@@ -90,7 +90,7 @@ def latest_metrics_json(client: Client, database: str, run_ids: Sequence[str]) -
     """
     if not run_ids:
         return {}
-    few = sum(_known_keys.get((database, run_id), 0) for run_id in run_ids) <= FEW_METRICS_ROWS
+    few = _known_total(database, run_ids) <= FEW_METRICS_ROWS
     found = _few_metrics_json(client, database, run_ids) if few else None
     if found is None:
         rows = client.query(rendered_metrics_sql(database).statement, parameters={"runs": list(run_ids)}).result_rows
@@ -128,8 +128,7 @@ def latest_metrics_reads(database: str, run_ids: Sequence[str]) -> list[Sequence
     page's other part reads on the backend's two clients: the wide table of 50 runs x 5,000 keys 113 -> 100 ms, of 100
     runs 192 -> 168, and the sweep's 50 runs x 10 keys 33.5 -> 40 (so light pages stay whole). End to end, README
     "A heavy page's latest metrics in two halves at once"."""
-    known = sum(_known_keys.get((database, run_id), 0) for run_id in run_ids)
-    if known <= SPLIT_METRICS_KEYS or len(run_ids) < 2:
+    if _known_total(database, run_ids) <= SPLIT_METRICS_KEYS or len(run_ids) < 2:
         return [run_ids]
     middle = len(run_ids) // 2
     return [run_ids[:middle], run_ids[middle:]]
@@ -138,6 +137,11 @@ def latest_metrics_reads(database: str, run_ids: Sequence[str]) -> list[Sequence
 def forget_keys() -> None:
     """Forget what earlier reads learnt of runs' keys, as a fresh process has (for benchmarks and tests)."""
     _known_keys.clear()
+
+
+def _known_total(database: str, run_ids: Sequence[str]) -> int:
+    """The keys earlier reads showed `run_ids` to hold at least, together."""
+    return sum(_known_keys.get((database, run_id), 0) for run_id in run_ids)
 
 
 def _learn_keys(database: str, run_id: str, keys: int) -> None:
