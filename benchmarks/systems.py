@@ -191,12 +191,21 @@ class StockMlflow:
 
 
 def start_stock_mlflow(
-    workdir: Path, workers: int | None = None, artifact_root: bool = True, timeout_s: float = 600
+    workdir: Path,
+    workers: int | None = None,
+    artifact_root: bool = True,
+    timeout_s: float = 600,
+    settle: bool = True,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """A stock `mlflow server` on SQLite and a free port, healthy: (process, base URL). It can take minutes to start
     on a loaded 2-core machine. Without `artifact_root`, stock's default applies: artifacts proxied under
     `mlflow-artifacts:/`. One worker suits callers that send one request at a time: on a busy machine uvicorn's
-    health check kills a slowly starting worker of several (seen here)."""
+    health check kills a slowly starting worker of several (seen here).
+
+    With `settle`, it also waits until the server's processes are quiet (settled). MLflow 3.18's server answers
+    /health while its job runner is still starting seven huey consumers, each importing MLflow: here they kept both
+    cores busy for about 10 s after /health first answered (2.0 s of CPU per second, then about 25 ms idle). A
+    benchmark that measured in that window would charge stock for its own start-up; a test need not wait."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
@@ -213,11 +222,34 @@ def start_stock_mlflow(
     while time.monotonic() < deadline and process.poll() is None:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return process, url
+                break
         except OSError:
             time.sleep(0.25)
-    stop_stock_mlflow(process)
-    raise RuntimeError(f"stock mlflow server did not start:\n{log_path.read_text()[-2000:]}")
+    else:
+        stop_stock_mlflow(process)
+        raise RuntimeError(f"stock mlflow server did not start:\n{log_path.read_text()[-2000:]}")
+    if settle and not settled(process.pid, deadline - time.monotonic()):
+        stop_stock_mlflow(process)
+        raise RuntimeError(f"stock mlflow server did not settle in {timeout_s:.0f} s")
+    return process, url
+
+
+#: A server is settled once its processes use less than this share of one core over SETTLE_WINDOW_S (idle, stock
+#: MLflow's use about 0.025 and trackhouse's about 0.02).
+SETTLE_CPU_SHARE = 0.1
+SETTLE_WINDOW_S = 1.0
+
+
+def settled(pid: int, timeout_s: float) -> bool:
+    """Wait until process `pid` and its descendants are quiet (see SETTLE_CPU_SHARE); False if not within
+    `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = tree_cpu_seconds(pid)
+        time.sleep(SETTLE_WINDOW_S)
+        if tree_cpu_seconds(pid) - before < SETTLE_CPU_SHARE * SETTLE_WINDOW_S:
+            return True
+    return False
 
 
 def stop_stock_mlflow(process: subprocess.Popen[bytes]) -> None:
