@@ -7,7 +7,10 @@
 The calls are the ones MLflow 3.18's UI sends, recorded from its pages in Chromium (see CALLS): the home page
 and the experiments list, an experiment's runs table (and its chart view), a run's page and its charts, the
 single-metric page and the compare page. Each is sent --repeats times; the first call is reported apart from the
-p50/p95 of the rest, and every call is timed until its whole answer has arrived.
+p50/p95 of the rest, and every call is timed until its whole answer has arrived. Beside the times, the CPU the
+server's processes spent per repeated call (user + system, from /proc): divided by the machine's cores, it is the
+least wall time any schedule of that work could take here, so it tells a slow call from a call this machine cannot
+make fast.
 
 Two experiments are loaded through the real sink (trackhouse) and through MLflow's own SqlAlchemyStore into the
 SQLite file a stock `mlflow server` then serves (stock):
@@ -33,7 +36,7 @@ import requests
 
 from benchmarks.ingest import ServerUnderTest, save_results
 from benchmarks.provenance import provenance
-from benchmarks.systems import start_stock_mlflow, stop_stock_mlflow
+from benchmarks.systems import settled, start_stock_mlflow, stop_stock_mlflow, tree_cpu_seconds
 from trackhouse.ingest.batch import Batch, ExperimentRow, Metrics, ParamRow, RunRow, TagRow
 from trackhouse.ingest.sink import ClickHouseSink
 from trackhouse.query import schema
@@ -150,24 +153,36 @@ def send(session: requests.Session, base: str, call: Call) -> tuple[float, bytes
     return elapsed, body
 
 
-def measure(base: str, scenario: Scenario, repeats: int) -> dict[str, Any]:
-    """Per call: the first call's time, then p50/p95 of `repeats` more, and the answer's size."""
+def measure(base: str, server_pid: int, scenario: Scenario, repeats: int) -> dict[str, Any]:
+    """Per call: the first call's time, then p50/p95 of `repeats` more, the server's CPU per repeated call (process
+    `server_pid` and its children), and the answer's size."""
     session = requests.Session()
     results: dict[str, Any] = {}
     for call in calls(scenario):
         first, body = send(session, base, call)
         check(call, scenario, body)
+        cpu_before = tree_cpu_seconds(server_pid)
         samples = [send(session, base, call)[0] for _ in range(repeats)]
+        cpu = tree_cpu_seconds(server_pid) - cpu_before
         results[call.name] = {
             "page": call.page,
             "first_ms": first * 1000,
             "p50_ms": statistics.median(samples) * 1000,
             "p95_ms": float(np.percentile(samples, 95)) * 1000,
             "max_ms": max(samples) * 1000,
+            "server_cpu_ms": cpu / repeats * 1000,
             "bytes": len(body),
         }
         print(f"  {scenario.name:6} {call.name:42} {_row(results[call.name])}", flush=True)
     return results
+
+
+def idle_cpu(server_pid: int, seconds: float = 5.0) -> float:
+    """Milliseconds of CPU per second that the server's processes spend with no call to answer: the part of the
+    per-call CPU figures that is not the calls' own."""
+    before = tree_cpu_seconds(server_pid)
+    time.sleep(seconds)
+    return (tree_cpu_seconds(server_pid) - before) / seconds * 1000
 
 
 def check(call: Call, scenario: Scenario, body: bytes) -> None:
@@ -190,7 +205,10 @@ def check(call: Call, scenario: Scenario, body: bytes) -> None:
 
 
 def _row(r: dict[str, Any]) -> str:
-    return f"first {r['first_ms']:8.1f}  p50 {r['p50_ms']:8.1f}  p95 {r['p95_ms']:8.1f} ms  {r['bytes']:>10,} B"
+    return (
+        f"first {r['first_ms']:8.1f}  p50 {r['p50_ms']:8.1f}  p95 {r['p95_ms']:8.1f} ms"
+        f"  server CPU {r['server_cpu_ms']:7.1f} ms  {r['bytes']:>10,} B"
+    )
 
 
 # Loading. Run i starts at START_MS + i seconds, so the UI's default order (newest first) is known.
@@ -356,9 +374,14 @@ def main() -> None:
             print(f"trackhouse loaded in {results['trackhouse_load_seconds']:.0f} s", flush=True)
         server = ServerUnderTest(data)
         try:
+            # As stock is (start_stock_mlflow): the first calls measure serving, not the end of a start-up.
+            if not settled(server.process.pid, 120):
+                raise RuntimeError("trackhouse's server did not settle in 120 s")
+            results["trackhouse_idle_cpu_ms_per_s"] = idle_cpu(server.process.pid)
             for scenario in scenarios.values():
                 if scenario.name in args.scenarios.split(","):
-                    results["trackhouse"][scenario.name] = measure(server.http, scenario, args.repeats)
+                    found = measure(server.http, server.process.pid, scenario, args.repeats)
+                    results["trackhouse"][scenario.name] = found
         finally:
             server.stop()
         if not args.skip_stock:
@@ -368,13 +391,17 @@ def main() -> None:
             print(f"stock loaded in {results['stock_load_seconds']:.0f} s", flush=True)
             process, endpoint = start_stock_mlflow(Path(tmp) / "stock", workers=1, timeout_s=600)
             try:
+                results["stock_idle_cpu_ms_per_s"] = idle_cpu(process.pid)
                 for scenario in stock_scenarios.values():
                     if scenario.name in args.scenarios.split(","):
-                        results["stock"][scenario.name] = measure(endpoint, scenario, args.repeats)
+                        results["stock"][scenario.name] = measure(endpoint, process.pid, scenario, args.repeats)
             finally:
                 stop_stock_mlflow(process)
     out = save_results("uimix", results, started)
     print(table(results, args))
+    for system in ("trackhouse", "stock"):
+        if f"{system}_idle_cpu_ms_per_s" in results:
+            print(f"{system}'s server, idle: {results[f'{system}_idle_cpu_ms_per_s']:.1f} ms of CPU per second")
     print(f"results in {out}")
 
 
@@ -389,17 +416,22 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
             continue
         lines += [
             f"\n{name}: trackhouse {ours}; stock {theirs}",
-            "| page | call | trackhouse first | p50 | p95 | stock first | p50 | p95 | KB (trackhouse / stock) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| page | call | trackhouse first | p50 | p95 | CPU | stock first | p50 | p95 | CPU"
+            " | KB (trackhouse / stock) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         stock = results["stock"].get(name, {})
         for call, r in results["trackhouse"][name].items():
             s = stock.get(call)
-            theirs_cells = f"{s['first_ms']:.0f} | {s['p50_ms']:.0f} | {s['p95_ms']:.0f}" if s else "- | - | -"
+            theirs_cells = (
+                f"{s['first_ms']:.0f} | {s['p50_ms']:.0f} | {s['p95_ms']:.0f} | {s['server_cpu_ms']:.0f}"
+                if s
+                else "- | - | - | -"
+            )
             size = f"{r['bytes'] / 1000:,.1f} / {s['bytes'] / 1000:,.1f}" if s else f"{r['bytes'] / 1000:,.1f} / -"
             lines.append(
                 f"| {r['page']} | {call} | {r['first_ms']:.0f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f}"
-                f" | {theirs_cells} | {size} |"
+                f" | {r['server_cpu_ms']:.0f} | {theirs_cells} | {size} |"
             )
     return "\n".join(lines)
 
