@@ -9,6 +9,10 @@ experiment (1,000 runs x 5,000 keys at --full), or with --scenario sweep its two
 Each call is sent once to each (reported as "first"), then --repeats more times, alternating between the two so
 that load on a shared machine falls on both alike; every call is timed until its whole answer has arrived, and the
 two answers must be byte-identical.
+
+With --pages N, the runs table is then paged as the UI's "Load more" pages it: N pages of 50 runs after the first,
+each from the previous page's token, so that every page is one neither server has read before (first calls, as a
+user who scrolls meets them). The two servers alternate page by page.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import requests
 
 from benchmarks import uimix
@@ -86,6 +92,7 @@ def main() -> None:
     parser.add_argument("--wide-runs", type=int, default=1_000, help="runs of the store's wide experiment")
     parser.add_argument("--baseline", default="main", help="the revision to compare with")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--pages", type=int, default=0, help="then page the runs table this many pages, each unseen")
     args = parser.parse_args()
     started = provenance()
     scenarios = uimix.trackhouse_scenarios(
@@ -104,6 +111,8 @@ def main() -> None:
                 shutil.copytree(args.data_dir, work / name, symlinks=True)  # chDB links its metadata
                 servers[name] = Served(tree, work / name)
             results = measure(servers, calls, scenario, args.repeats)
+            if args.pages:
+                results["pages"] = measure_pages(servers, scenario, args.pages)
         finally:
             for server in servers.values():
                 server.stop()
@@ -143,6 +152,36 @@ def measure(servers: dict[str, Served], calls: list[uimix.Call], scenario: uimix
         cells = [f"{r['first_ms']:8.0f} {r['p50_ms']:8.0f} {r['p95_ms']:8.0f}" for r in row.values()]
         print(f"{call.name:42} {cells[0]:>28} {cells[1]:>28}  {len(bodies['this']):,}", flush=True)
     return results
+
+
+def measure_pages(servers: dict[str, Served], scenario: uimix.Scenario, pages: int) -> dict[str, Any]:
+    """The runs table's pages after its first, each sent once to each server: p50/p95 over the pages."""
+    table = next(c for c in uimix.calls(scenario) if c.name == "runs/search (table, 50)")
+    sessions = {name: requests.Session() for name in servers}
+    # The first page only gives the token to the second; the calls above may have read it already.
+    tokens = {
+        name: orjson.loads(uimix.send(sessions[name], server.http, table)[1])["next_page_token"]
+        for name, server in servers.items()
+    }
+    samples: dict[str, list[float]] = {name: [] for name in servers}
+    for page in range(1, pages + 1):
+        bodies: dict[str, bytes] = {}
+        for name, server in servers.items():
+            call = replace(table, body={**table.body, "page_token": tokens[name]})
+            took, bodies[name] = uimix.send(sessions[name], server.http, call)
+            samples[name].append(took * 1000)
+            answer = orjson.loads(bodies[name])
+            shown = [run["info"]["run_id"] for run in answer["runs"]]
+            assert shown == scenario.run_ids[page * 50 : (page + 1) * 50], f"page {page}: not the runs expected"
+            tokens[name] = answer.get("next_page_token", "")
+        assert bodies["baseline"] == bodies["this"], f"page {page}: the answers differ"
+    row = {
+        name: {"p50_ms": statistics.median(s), "p95_ms": float(np.percentile(s, 95)), "samples_ms": s}
+        for name, s in samples.items()
+    }
+    cells = [f"{r['p50_ms']:8.0f} {r['p95_ms']:8.0f}" for r in row.values()]
+    print(f"{f'runs/search (table, {pages} pages unseen)':42} {'p50 / p95':>10} {cells[0]:>17} {cells[1]:>28}")
+    return row
 
 
 if __name__ == "__main__":
