@@ -164,15 +164,18 @@ def measure_pages(servers: dict[str, Served], scenario: uimix.Scenario, pages: i
         for name, server in servers.items()
     }
     samples: dict[str, list[float]] = {name: [] for name in servers}
+    size = table.body["max_results"]
     for page in range(1, pages + 1):
         bodies: dict[str, bytes] = {}
         for name, server in servers.items():
+            if not tokens[name]:
+                raise SystemExit(f"--pages {pages}: the table has only {page} pages")
             call = replace(table, body={**table.body, "page_token": tokens[name]})
             took, bodies[name] = uimix.send(sessions[name], server.http, call)
             samples[name].append(took * 1000)
             answer = orjson.loads(bodies[name])
             shown = [run["info"]["run_id"] for run in answer["runs"]]
-            assert shown == scenario.run_ids[page * 50 : (page + 1) * 50], f"page {page}: not the runs expected"
+            assert shown == scenario.run_ids[page * size : (page + 1) * size], f"page {page}: not the runs expected"
             tokens[name] = answer.get("next_page_token", "")
         assert bodies["baseline"] == bodies["this"], f"page {page}: the answers differ"
     row = {
