@@ -202,7 +202,7 @@ def start_stock_mlflow(
     `mlflow-artifacts:/`. One worker suits callers that send one request at a time: on a busy machine uvicorn's
     health check kills a slowly starting worker of several (seen here).
 
-    With `settle`, it also waits until the server's processes are quiet (settled). MLflow 3.18's server answers
+    With `settle`, it also waits until the server's processes are quiet (settled). MLflow's server (3.17.2 here) answers
     /health while its job runner is still starting seven huey consumers, each importing MLflow: here they kept both
     cores busy for about 10 s after /health first answered (2.0 s of CPU per second, then about 25 ms idle). A
     benchmark that measured in that window would charge stock for its own start-up; a test need not wait."""
