@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -27,6 +26,7 @@ from typing import Any
 
 from benchmarks.ingest import ROOT, ServerUnderTest, save_results, send_bulk, spread_of
 from benchmarks.provenance import provenance
+from benchmarks.systems import tree_cpu_seconds
 from tests.tansu import KafkaBroker
 
 
@@ -59,9 +59,9 @@ def catch_up(tmp: Path, broker: KafkaBroker, points: int) -> dict[str, float]:
     produce_seconds = time.perf_counter() - started
     worker = ServerUnderTest(tmp / "catchup", "--role", "worker", *_kafka_args(broker, topic, "bench-catchup"))
     try:
-        started, cpu_started = time.perf_counter(), _cpu_seconds(worker.process.pid)
+        started, cpu_started = time.perf_counter(), tree_cpu_seconds(worker.process.pid)
         wait_for_inserted(worker, sent)
-        seconds, cpu = time.perf_counter() - started, _cpu_seconds(worker.process.pid) - cpu_started
+        seconds, cpu = time.perf_counter() - started, tree_cpu_seconds(worker.process.pid) - cpu_started
     finally:
         worker.stop()
     return {
@@ -71,12 +71,6 @@ def catch_up(tmp: Path, broker: KafkaBroker, points: int) -> dict[str, float]:
         "worker_cpu_seconds": cpu,
         "points_per_worker_cpu_second": sent / cpu,
     }
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid` and its threads so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _kafka_args(broker: KafkaBroker, topic: str, group: str) -> tuple[str, ...]:

@@ -240,14 +240,19 @@ SETTLE_CPU_SHARE = 0.1
 SETTLE_WINDOW_S = 1.0
 
 
+def cpu_share(pid: int, seconds: float) -> float:
+    """The cores process `pid` and its descendants kept busy over the next `seconds`, on average."""
+    before = tree_cpu_seconds(pid)
+    time.sleep(seconds)
+    return (tree_cpu_seconds(pid) - before) / seconds
+
+
 def settled(pid: int, timeout_s: float) -> bool:
     """Wait until process `pid` and its descendants are quiet (see SETTLE_CPU_SHARE); False if not within
     `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        before = tree_cpu_seconds(pid)
-        time.sleep(SETTLE_WINDOW_S)
-        if tree_cpu_seconds(pid) - before < SETTLE_CPU_SHARE * SETTLE_WINDOW_S:
+        if cpu_share(pid, SETTLE_WINDOW_S) < SETTLE_CPU_SHARE:
             return True
     return False
 

@@ -36,7 +36,7 @@ import requests
 
 from benchmarks.ingest import ServerUnderTest, save_results
 from benchmarks.provenance import provenance
-from benchmarks.systems import settled, start_stock_mlflow, stop_stock_mlflow, tree_cpu_seconds
+from benchmarks.systems import cpu_share, settled, start_stock_mlflow, stop_stock_mlflow, tree_cpu_seconds
 from trackhouse.ingest.batch import Batch, ExperimentRow, Metrics, ParamRow, RunRow, TagRow
 from trackhouse.ingest.sink import ClickHouseSink
 from trackhouse.query import schema
@@ -180,9 +180,7 @@ def measure(base: str, server_pid: int, scenario: Scenario, repeats: int) -> dic
 def idle_cpu(server_pid: int, seconds: float = 5.0) -> float:
     """Milliseconds of CPU per second that the server's processes spend with no call to answer: the part of the
     per-call CPU figures that is not the calls' own."""
-    before = tree_cpu_seconds(server_pid)
-    time.sleep(seconds)
-    return (tree_cpu_seconds(server_pid) - before) / seconds * 1000
+    return cpu_share(server_pid, seconds) * 1000
 
 
 def check(call: Call, scenario: Scenario, body: bytes) -> None:
